@@ -1,0 +1,1 @@
+"""keyportal: the lxcgpu portal service (SSH keys, snapshots, rebuilds, forwards)."""

@@ -1,0 +1,537 @@
+"""Async access to one LXD server, over pylxd, off the event loop.
+
+Every call runs on one bounded thread pool, has a timeout, and is retried
+with exponential backoff when the daemon is unreachable or busy.  Creating
+what exists and deleting what is gone are successes.
+
+Commands inside instances run with ``record-output`` and no websockets: it
+works the same over the unix socket and over HTTPS (where pylxd's websocket
+``execute()`` races on close), never hangs on a backgrounded child, and
+passes argv as a list: no shell.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import os
+import random
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence, TypeVar
+from urllib.parse import quote
+
+import pylxd
+import requests
+from pylxd import exceptions as pylxd_exc
+
+log = logging.getLogger("lxcspawner.lxd")
+
+T = TypeVar("T")
+
+DEFAULT_SOCKET_PATHS = ("/var/lib/lxd/unix.socket", "/var/snap/lxd/common/lxd/unix.socket")
+
+
+class LXDError(RuntimeError):
+    """An LXD request failed; ``status`` is LXD's HTTP status when known."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
+
+
+class LXDUnavailable(LXDError):
+    """The LXD daemon cannot be reached."""
+
+
+class LXDNotFound(LXDError):
+    """The thing asked for does not exist."""
+
+
+class LXDTimeout(LXDError):
+    """A call or an operation took longer than allowed."""
+
+
+class ImageNotFound(LXDNotFound):
+    """The template image is missing."""
+
+
+@dataclass(frozen=True)
+class ExecResult:
+    returncode: int
+    stdout: str
+    stderr: str
+
+    def check(self, argv: Sequence[str]) -> "ExecResult":
+        if self.returncode != 0:
+            raise LXDError(f"{argv[0]} exited {self.returncode}: "
+                           f"{(self.stderr or self.stdout).strip()[:500]}")
+        return self
+
+
+@dataclass(frozen=True)
+class InstanceState:
+    """What lxcgpu needs of an instance's state."""
+
+    name: str
+    status: str  # "running", "stopped", "missing", or LXD's other states lower-cased
+    addresses: tuple[str, ...] = ()
+    memory_bytes: int | None = None
+    pid: int | None = None
+    config: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def running(self) -> bool:
+        return self.status == "running"
+
+    @property
+    def ipv4(self) -> str | None:
+        return next((a for a in self.addresses if ":" not in a), None)
+
+
+def _status_of(exc: Exception) -> int | None:
+    resp = getattr(exc, "response", None)
+    return getattr(resp, "status_code", None)
+
+
+def _is_transient(exc: BaseException) -> bool:
+    """Worth retrying: the daemon is restarting, overloaded or unreachable."""
+    if isinstance(exc, (LXDUnavailable, requests.ConnectionError, requests.Timeout,
+                        pylxd_exc.ClientConnectionFailed, ConnectionError)):
+        return True
+    if isinstance(exc, LXDError):
+        return exc.status in (502, 503, 504)
+    return _status_of(exc) in (502, 503, 504)
+
+
+class LXD:
+    """One LXD server (unix socket or HTTPS), used from asyncio.
+
+    :param endpoint: a unix socket path or ``https://host:8443``; ``None``
+        finds the local socket.
+    :param cert: ``(cert_file, key_file)`` for HTTPS.
+    :param verify: the server certificate (file path) to pin for HTTPS.
+        The process environment's CA bundle variables never override it.
+    """
+
+    def __init__(self, endpoint: str | None = None, *, cert: tuple[str, str] | None = None,
+                 verify: str | bool = True, project: str | None = None,
+                 max_workers: int = 8, timeout: float = 60.0, retries: int = 4,
+                 executor: ThreadPoolExecutor | None = None):
+        self.endpoint = endpoint or next(
+            (p for p in DEFAULT_SOCKET_PATHS if os.path.exists(p)), DEFAULT_SOCKET_PATHS[0])
+        self.cert = cert
+        self.verify = verify
+        self.project = project
+        self.timeout = timeout
+        self.retries = retries
+        self._executor = executor or ThreadPoolExecutor(
+            max_workers=max_workers, thread_name_prefix="lxcgpu-lxd")
+        self._client: pylxd.Client | None = None
+
+    # ------------------------------------------------------------ plumbing
+
+    def __repr__(self) -> str:
+        return f"<LXD {self.endpoint}>"
+
+    def _hint(self) -> str:
+        if self.endpoint.startswith("/"):
+            return (f"LXD is not reachable at {self.endpoint}: start it with "
+                    "`setup/quickstart` (or `lxd --group root &` where systemd is absent, "
+                    "`systemctl start lxd` / `snap start lxd` elsewhere)")
+        return (f"LXD is not reachable at {self.endpoint}: check that the GPU server is up, "
+                "that `core.https_address` is set there and that this host's certificate "
+                "is trusted (docs/admin.md)")
+
+    def _connect(self) -> pylxd.Client:
+        if self._client is None:
+            session = None
+            if self.endpoint.startswith("https://"):
+                # requests honours REQUESTS_CA_BUNDLE over an explicit verify;
+                # pin the server certificate on a session that ignores it.
+                session = requests.Session()
+                session.trust_env = False
+                session.verify = self.verify
+                session.cert = self.cert
+            endpoint = self.endpoint
+            if endpoint.startswith("/"):
+                # pylxd turns a socket path into a URL only if it exists;
+                # do it always, so a missing socket reads as "not running".
+                endpoint = f"http+unix://{quote(endpoint, safe='')}"
+            try:
+                self._client = pylxd.Client(endpoint=endpoint, cert=self.cert,
+                                            verify=self.verify, timeout=self.timeout,
+                                            project=self.project, session=session)
+            except (pylxd_exc.ClientConnectionFailed, requests.ConnectionError,
+                    FileNotFoundError, ConnectionError) as e:
+                raise LXDUnavailable(f"{self._hint()} ({e})") from e
+        return self._client
+
+    def _api(self, path: str):
+        """The pylxd API node for an absolute ``/1.0/...`` path."""
+        node = self._connect().api
+        for seg in path.split("?")[0].strip("/").split("/")[1:]:
+            node = node[seg]
+        return node
+
+    def _translate(self, exc: Exception, what: str) -> LXDError:
+        if isinstance(exc, LXDError):
+            return exc
+        status = _status_of(exc)
+        msg = f"{what}: {exc}"
+        if isinstance(exc, pylxd_exc.NotFound) or status == 404:
+            return LXDNotFound(msg, 404)
+        if isinstance(exc, (requests.ConnectionError, pylxd_exc.ClientConnectionFailed,
+                            ConnectionError)):
+            self._client = None
+            return LXDUnavailable(f"{self._hint()} ({exc})")
+        if isinstance(exc, requests.Timeout):
+            return LXDTimeout(msg)
+        return LXDError(msg, status)
+
+    async def run(self, fn: Callable[..., T], *args, what: str = "LXD call",
+                  timeout: float | None = None, retry: bool = True, **kwargs) -> T:
+        """Run blocking ``fn(*args, **kwargs)`` on the executor, with a
+        timeout and retries with backoff for transient failures."""
+        loop = asyncio.get_running_loop()
+        timeout = timeout or self.timeout
+        attempts = self.retries + 1 if retry else 1
+        delay = 0.2
+        for attempt in range(1, attempts + 1):
+            fut = loop.run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
+            try:
+                return await asyncio.wait_for(fut, timeout)
+            except asyncio.TimeoutError:
+                err: LXDError = LXDTimeout(f"{what}: no answer in {timeout:.0f}s")
+            except Exception as e:  # noqa: BLE001 - translated and re-raised below
+                err = self._translate(e, what)
+            if attempt == attempts or not _is_transient(err):
+                raise err
+            log.warning("%s failed (%s); retry %d/%d in %.1fs", what, err, attempt,
+                        attempts - 1, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0) * (0.8 + 0.4 * random.random())
+        raise AssertionError("unreachable")
+
+    # Blocking helpers; they run on the executor.
+
+    def _request(self, method: str, path: str, *, params=None, json=None,
+                 data=None, headers=None, timeout=None, ok=(200, 201, 202)):
+        node = self._api(path)
+        kwargs: dict[str, Any] = {}
+        if params:
+            kwargs["params"] = params
+        if json is not None:
+            kwargs["json"] = json
+        if data is not None:
+            kwargs["data"] = data
+        if headers:
+            kwargs["headers"] = headers
+        if timeout is not None:
+            kwargs["timeout"] = timeout
+        try:
+            resp = getattr(node, method)(**kwargs)
+        except pylxd_exc.LXDAPIException as e:
+            status = _status_of(e)
+            if status == 404:
+                raise LXDNotFound(f"{method.upper()} {path}: {e}", 404) from e
+            raise LXDError(f"{method.upper()} {path}: {e}", status) from e
+        if resp.status_code not in ok:
+            raise LXDError(f"{method.upper()} {path}: HTTP {resp.status_code}",
+                           resp.status_code)
+        return resp
+
+    def _wait_op(self, op_path: str, timeout: float) -> dict:
+        """Wait for an LXD operation; raise if it failed."""
+        op_id = op_path.rstrip("/").rsplit("/", 1)[-1]
+        deadline = time.monotonic() + timeout
+        while True:
+            left = max(1, int(deadline - time.monotonic()))
+            resp = self._request("get", f"/1.0/operations/{op_id}/wait",
+                                 params={"timeout": min(left, 30)}, timeout=min(left, 30) + 10)
+            md = resp.json().get("metadata") or {}
+            if md.get("status") == "Success":
+                return md
+            if md.get("status") in ("Failure", "Cancelled"):
+                raise LXDError(md.get("err") or f"operation {op_id} failed",
+                               md.get("status_code"))
+            if time.monotonic() >= deadline:
+                raise LXDTimeout(f"operation {op_id} still running after {timeout:.0f}s")
+
+    def _async_request(self, method: str, path: str, *, timeout: float, **kw) -> dict:
+        resp = self._request(method, path, **kw)
+        body = resp.json()
+        if body.get("type") == "async":
+            return self._wait_op(body["operation"], timeout)
+        return body.get("metadata") or {}
+
+    # ------------------------------------------------------------ server
+
+    async def server_info(self) -> dict:
+        return await self.run(lambda: self._request("get", "/1.0").json()["metadata"],
+                              what="server info")
+
+    async def resources(self) -> dict:
+        return await self.run(lambda: self._request("get", "/1.0/resources").json()["metadata"],
+                              what="server resources")
+
+    async def gpu_count(self) -> int:
+        """GPUs LXD sees on this server (0 where there are none)."""
+        res = await self.resources()
+        return int((res.get("gpu") or {}).get("total") or 0)
+
+    async def image_by_alias(self, alias: str) -> dict:
+        """The image behind ``alias``; ImageNotFound names the command to run."""
+        def get():
+            try:
+                target = self._request("get", f"/1.0/images/aliases/{alias}").json()
+            except LXDNotFound:
+                raise ImageNotFound(
+                    f"template image {alias!r} not found in LXD at {self.endpoint}: "
+                    "build it with `setup/build-image` (or `lxcgpu-image`)", 404) from None
+            fp = target["metadata"]["target"]
+            return self._request("get", f"/1.0/images/{fp}").json()["metadata"]
+        return await self.run(get, what=f"image {alias}")
+
+    # ------------------------------------------------------------ instances
+
+    async def instance(self, name: str) -> dict | None:
+        """The instance's record (config, devices, profiles), or None."""
+        def get():
+            try:
+                return self._request("get", f"/1.0/instances/{name}").json()["metadata"]
+            except LXDNotFound:
+                return None
+        return await self.run(get, what=f"get {name}")
+
+    async def list_instances(self, *, config_key: str | None = None) -> list[dict]:
+        """All instances (recursion 1); optionally those that set ``config_key``."""
+        def get():
+            items = self._request("get", "/1.0/instances",
+                                  params={"recursion": 1}).json()["metadata"]
+            if config_key:
+                items = [i for i in items if config_key in (i.get("config") or {})]
+            return items
+        return await self.run(get, what="list instances")
+
+    async def create_instance(self, name: str, *, image_alias: str | None,
+                              config: Mapping[str, str] | None = None,
+                              devices: Mapping[str, Mapping[str, str]] | None = None,
+                              profiles: Sequence[str] = (), timeout: float = 300) -> dict:
+        """Create a container from a local image (``None``: an empty one);
+        an existing one is returned as is."""
+        existing = await self.instance(name)
+        if existing is not None:
+            return existing
+        if image_alias is not None:
+            await self.image_by_alias(image_alias)
+        body = {
+            "name": name, "type": "container",
+            "source": ({"type": "image", "alias": image_alias} if image_alias
+                       else {"type": "none"}),
+            "profiles": list(profiles), "config": dict(config or {}),
+            "devices": {k: dict(v) for k, v in (devices or {}).items()},
+        }
+
+        def create():
+            try:
+                self._async_request("post", "/1.0/instances", json=body, timeout=timeout)
+            except LXDError as e:
+                # Lost a race with another creator: theirs is ours.
+                if "already exists" not in str(e):
+                    raise
+        await self.run(create, what=f"create {name}", timeout=timeout + 30, retry=False)
+        created = await self.instance(name)
+        if created is None:
+            raise LXDError(f"create {name}: LXD reported success but it is missing")
+        return created
+
+    async def update_config(self, name: str, changes: Mapping[str, str | None]) -> None:
+        """Set (or, with None, remove) instance config keys in one PATCH-like PUT."""
+        def update():
+            inst = self._request("get", f"/1.0/instances/{name}")
+            etag = inst.headers.get("ETag")
+            md = inst.json()["metadata"]
+            cfg = dict(md["config"])
+            for k, v in changes.items():
+                if v is None:
+                    cfg.pop(k, None)
+                else:
+                    cfg[k] = v
+            if cfg == md["config"]:
+                return
+            body = {"config": cfg, "devices": md["devices"], "profiles": md["profiles"],
+                    "description": md.get("description", ""),
+                    "ephemeral": md.get("ephemeral", False)}
+            self._async_request("put", f"/1.0/instances/{name}", json=body,
+                                headers={"If-Match": etag} if etag else None,
+                                timeout=self.timeout)
+        await self.run(update, what=f"update {name}")
+
+    async def delete_instance(self, name: str, timeout: float = 120) -> None:
+        """Stop (forcefully) and delete; already gone is success."""
+        def delete():
+            try:
+                self._set_state(name, "stop", force=True, timeout=timeout)
+                self._async_request("delete", f"/1.0/instances/{name}", timeout=timeout)
+            except LXDNotFound:
+                pass
+        await self.run(delete, what=f"delete {name}", timeout=timeout + 30)
+
+    def _set_state(self, name: str, action: str, *, force: bool, timeout: float) -> None:
+        status = self._request("get", f"/1.0/instances/{name}/state").json()["metadata"]["status"]
+        if (action == "start" and status == "Running") or (action == "stop" and status == "Stopped"):
+            return
+        try:
+            self._async_request("put", f"/1.0/instances/{name}/state",
+                                json={"action": action, "timeout": int(timeout), "force": force},
+                                timeout=timeout + 30)
+        except LXDError as e:
+            # Someone else changed the state meanwhile: fine if it is what we want.
+            if "already running" in str(e) or "already stopped" in str(e) \
+                    or "not running" in str(e):
+                return
+            raise
+
+    async def start(self, name: str, timeout: float = 120) -> None:
+        """Start the instance; already running is success."""
+        await self.run(functools.partial(self._set_state, name, "start", force=False,
+                                         timeout=timeout),
+                       what=f"start {name}", timeout=timeout + 60)
+
+    async def stop(self, name: str, *, force: bool = False, timeout: float = 60) -> None:
+        """Stop cleanly (systemd shuts down); ``force`` kills at once.
+
+        A clean stop that does not finish in ``timeout`` seconds is forced."""
+        def stop():
+            try:
+                self._set_state(name, "stop", force=force, timeout=timeout)
+            except LXDError as e:
+                if force:
+                    raise
+                log.warning("clean stop of %s failed (%s); forcing", name, e)
+                self._set_state(name, "stop", force=True, timeout=timeout)
+        await self.run(stop, what=f"stop {name}", timeout=2 * timeout + 60)
+
+    async def state(self, name: str) -> InstanceState:
+        """Running / stopped / missing, the global addresses on eth0, memory."""
+        def get():
+            try:
+                md = self._request("get", f"/1.0/instances/{name}").json()["metadata"]
+                st = self._request("get", f"/1.0/instances/{name}/state").json()["metadata"]
+            except LXDNotFound:
+                return InstanceState(name, "missing")
+            addrs = []
+            for ifname, net in (st.get("network") or {}).items():
+                if ifname == "lo":
+                    continue
+                for a in net.get("addresses") or []:
+                    if a.get("scope") == "global" and a.get("family") in ("inet", "inet6"):
+                        addrs.append(a["address"])
+            mem = (st.get("memory") or {}).get("usage")
+            return InstanceState(name, str(st.get("status", "")).lower(), tuple(addrs),
+                                 mem, st.get("pid") or None, md.get("config") or {})
+        return await self.run(get, what=f"state of {name}")
+
+    async def wait_for_address(self, name: str, timeout: float = 60) -> str:
+        """Wait until the instance has a global IPv4 address and return it.
+
+        DHCP leases raise no LXD event, so this follows the instance state,
+        asking again after 50 ms, then less often (at most every 0.5 s)."""
+        deadline = time.monotonic() + timeout
+        delay = 0.05
+        while True:
+            st = await self.state(name)
+            if st.status == "missing":
+                raise LXDNotFound(f"instance {name} does not exist", 404)
+            if st.ipv4:
+                return st.ipv4
+            if st.status not in ("running", "starting"):
+                raise LXDError(f"instance {name} is {st.status}, it will not get an address")
+            if time.monotonic() > deadline:
+                raise LXDTimeout(f"instance {name} got no IPv4 address in {timeout:.0f}s "
+                                 "(is DHCP on the bridge working? see `lxc info --show-log`)")
+            await asyncio.sleep(delay)
+            delay = min(delay * 1.5, 0.5)
+
+    async def console_log(self, name: str) -> str:
+        """LXD's log of the instance (for diagnostics)."""
+        def get():
+            try:
+                return self._request("get", f"/1.0/instances/{name}/logs/lxc.log").text
+            except LXDError as e:
+                return f"(no log: {e})"
+        return await self.run(get, what=f"log of {name}", retry=False)
+
+    # ------------------------------------------------------------ inside
+
+    async def execute(self, name: str, argv: Sequence[str], *, env: Mapping[str, str] | None = None,
+                      user: int = 0, group: int = 0, cwd: str | None = None,
+                      timeout: float = 120) -> ExecResult:
+        """Run ``argv`` in the instance and collect its output.
+
+        ``env`` travels in the API request body, not on any command line.
+        The command must finish by itself: start long-lived processes with
+        ``systemd-run``."""
+        if not argv or not all(isinstance(a, str) for a in argv):
+            raise ValueError("argv must be a non-empty list of strings")
+        body: dict[str, Any] = {
+            "command": list(argv), "environment": dict(env or {}),
+            "wait-for-websocket": False, "record-output": True, "interactive": False,
+            "user": user, "group": group,
+        }
+        if cwd:
+            body["cwd"] = cwd
+
+        def run_exec():
+            md = self._async_request("post", f"/1.0/instances/{name}/exec", json=body,
+                                     timeout=timeout)
+            meta = md.get("metadata") or {}
+            out = {}
+            for fd, path in (meta.get("output") or {}).items():
+                out[fd] = self._request("get", path).content.decode("utf-8", "replace")
+                try:
+                    self._request("delete", path)
+                except LXDError:
+                    pass
+            return ExecResult(int(meta.get("return", -1)), out.get("1", ""), out.get("2", ""))
+        return await self.run(run_exec, what=f"exec {argv[0]} in {name}",
+                              timeout=timeout + 30, retry=False)
+
+    async def get_file(self, name: str, path: str) -> bytes | None:
+        """A file's contents, or None if it does not exist."""
+        def get():
+            try:
+                return self._request("get", f"/1.0/instances/{name}/files",
+                                     params={"path": path}).content
+            except LXDNotFound:
+                return None
+        return await self.run(get, what=f"read {path} in {name}")
+
+    async def put_file(self, name: str, path: str, data: bytes | str, *, mode: int = 0o644,
+                       uid: int = 0, gid: int = 0) -> None:
+        """Write a file through LXD's file API (it resolves the path inside the
+        container, so no host process ever follows a path the user controls)."""
+        if isinstance(data, str):
+            data = data.encode()
+        headers = {"X-LXD-type": "file", "X-LXD-mode": f"{mode:04o}", "X-LXD-uid": str(uid),
+                   "X-LXD-gid": str(gid), "X-LXD-write": "overwrite",
+                   "Content-Type": "application/octet-stream"}
+        await self.run(lambda: self._request("post", f"/1.0/instances/{name}/files",
+                                             params={"path": path}, data=data,
+                                             headers=headers),
+                       what=f"write {path} in {name}")
+
+    async def make_dir(self, name: str, path: str, *, mode: int = 0o755, uid: int = 0,
+                       gid: int = 0) -> None:
+        """Create a directory (or set the owner and mode of an existing one)."""
+        headers = {"X-LXD-type": "directory", "X-LXD-mode": f"{mode:04o}",
+                   "X-LXD-uid": str(uid), "X-LXD-gid": str(gid)}
+        await self.run(lambda: self._request("post", f"/1.0/instances/{name}/files",
+                                             params={"path": path}, headers=headers),
+                       what=f"mkdir {path} in {name}")
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,1 @@
+"""monitor: the lxcgpu node agent and load dashboard."""

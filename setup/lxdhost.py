@@ -1,0 +1,278 @@
+#!/usr/bin/env python3
+"""Bring up LXD on this machine for lxcgpu, without systemd.
+
+Standard library only: it runs before the project's virtualenv exists.
+
+    python3 setup/lxdhost.py up        # size sub-ids, start LXD, apply the preseed
+    python3 setup/lxdhost.py status
+    python3 setup/lxdhost.py stop      # `lxd shutdown`: stops containers cleanly
+
+Every step is idempotent: what exists already is left as it is.
+
+The pieces, all named here and nowhere else in setup/:
+- a btrfs storage pool on a loop file (``lxcgpu``),
+- a managed bridge on an IPv4 /24 that clashes with no route of this host
+  (``lxcgpubr0``),
+- a profile (``lxcgpu``) with eth0 on that bridge and the root disk on the pool.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+POOL = os.environ.get("LXCGPU_POOL", "lxcgpu")
+POOL_SIZE = os.environ.get("LXCGPU_POOL_SIZE", "30GiB")
+BRIDGE = os.environ.get("LXCGPU_BRIDGE", "lxcgpubr0")
+PROFILE = os.environ.get("LXCGPU_PROFILE", "lxcgpu")
+LOG_DIR = Path(os.environ.get("LXCGPU_LOG_DIR", "/var/log/lxcgpu"))
+LXD_DIR = Path(os.environ.get("LXD_DIR", "/var/lib/lxd"))
+
+# Candidate bridge subnets, tried in order; the first that overlaps no route
+# and no address of this host wins.  LXCGPU_BRIDGE_SUBNET overrides them.
+SUBNET_CANDIDATES = (
+    "10.213.87.1/24",
+    "10.231.40.1/24",
+    "172.29.83.1/24",
+    "192.168.213.1/24",
+    "10.97.61.1/24",
+)
+
+# Sub-ids for root (and Debian's _lxd user, which LXD also reads): one block of
+# 65536 host ids per user and a reserve for LXD's own allocations.  1e9 ids hold
+# ~15,000 users; lxcspawner pins user blocks from IDMAP_USER_FIRST upwards.
+SUBID_START = 100000
+SUBID_COUNT = 1_000_000_000
+SUBID_OWNERS = ("root", "_lxd")
+
+
+class SetupError(RuntimeError):
+    """A step failed; the message says what to do."""
+
+
+def run(argv: list[str], *, input: str | None = None, check: bool = True,
+        timeout: float = 120) -> subprocess.CompletedProcess:
+    proc = subprocess.run(argv, input=input, capture_output=True, text=True,
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        raise SetupError(f"{' '.join(argv)} failed ({proc.returncode}): "
+                         f"{(proc.stderr or proc.stdout).strip()}")
+    return proc
+
+
+# ---------------------------------------------------------------- sub-ids
+
+def subid_lines(text: str, owners=SUBID_OWNERS, start=SUBID_START,
+                count=SUBID_COUNT) -> tuple[str, bool]:
+    """Return /etc/subuid-style text where each owner's range covers
+    [start, start+count), and whether anything changed.
+
+    Ranges of other users are kept; an owner's existing ranges are replaced by
+    the one wide range (a narrower one would leave users without ids)."""
+    wanted = {o: f"{o}:{start}:{count}" for o in owners}
+    out, seen, changed = [], set(), False
+    for line in text.splitlines():
+        name = line.split(":", 1)[0]
+        if name in wanted:
+            if name in seen:
+                changed = True
+                continue
+            seen.add(name)
+            if line.strip() != wanted[name]:
+                changed = True
+            out.append(wanted[name])
+        elif line.strip():
+            out.append(line)
+    for o in owners:
+        if o not in seen:
+            out.append(wanted[o])
+            changed = True
+    return "\n".join(out) + "\n", changed
+
+
+def size_subids() -> bool:
+    """Make root's sub-uid/gid ranges wide enough; True if a file changed."""
+    changed_any = False
+    for path in (Path("/etc/subuid"), Path("/etc/subgid")):
+        text = path.read_text() if path.exists() else ""
+        new, changed = subid_lines(text)
+        if changed:
+            tmp = path.with_suffix(".lxcgpu-tmp")
+            tmp.write_text(new)
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
+            changed_any = True
+    return changed_any
+
+
+# ---------------------------------------------------------------- subnet
+
+def host_networks() -> list[ipaddress.IPv4Network]:
+    """Every IPv4 network this host routes to or has an address in."""
+    nets = []
+    routes = json.loads(run(["ip", "-j", "-4", "route", "show", "table", "all"]).stdout or "[]")
+    for r in routes:
+        dst = r.get("dst")
+        if not dst or dst == "default":
+            continue
+        try:
+            nets.append(ipaddress.ip_network(dst, strict=False))
+        except ValueError:
+            continue
+    addrs = json.loads(run(["ip", "-j", "-4", "addr"]).stdout or "[]")
+    for link in addrs:
+        for a in link.get("addr_info", []):
+            nets.append(ipaddress.ip_network(f"{a['local']}/{a['prefixlen']}", strict=False))
+    return [n for n in nets if n.version == 4 and not n.is_loopback]
+
+
+def choose_subnet(taken: list[ipaddress.IPv4Network],
+                  candidates=SUBNET_CANDIDATES) -> str:
+    """First candidate gateway/prefix whose network overlaps nothing taken."""
+    for cand in candidates:
+        net = ipaddress.ip_interface(cand).network
+        if not any(net.overlaps(t) for t in taken):
+            return cand
+    raise SetupError("every candidate bridge subnet clashes with a route here; "
+                     "set LXCGPU_BRIDGE_SUBNET=a.b.c.1/24 to a free one")
+
+
+# ---------------------------------------------------------------- daemon
+
+def lxd_running() -> bool:
+    if not (LXD_DIR / "unix.socket").exists():
+        return False
+    return run(["lxd", "waitready", "--timeout", "2"], check=False, timeout=10).returncode == 0
+
+
+def start_lxd() -> None:
+    if shutil.which("lxd") is None:
+        raise SetupError("lxd is not installed: run setup/quickstart "
+                         "(or apt-get install lxd lxd-client)")
+    LOG_DIR.mkdir(parents=True, exist_ok=True)
+    log = open(LOG_DIR / "lxd.log", "ab")
+    # Without systemd LXD runs as a plain daemon of ours; it keeps its own
+    # containers running across our restarts.
+    # lxcgpu uses local images only.  LXD still fetches instance types (and
+    # would refresh remote images) over HTTPS; point its proxy at a closed
+    # loopback port so it never sends traffic off this machine.
+    env = dict(os.environ)
+    if os.environ.get("LXCGPU_LXD_OFFLINE", "1") == "1":
+        env.update({k: "http://127.0.0.1:9" for k in
+                    ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY")})
+        env.pop("no_proxy", None)
+        env.pop("NO_PROXY", None)
+    subprocess.Popen(["lxd", "--group", "root", "--logfile", str(LOG_DIR / "lxd-daemon.log")],
+                     stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
+                     start_new_session=True, close_fds=True)
+    proc = run(["lxd", "waitready", "--timeout", "90"], check=False, timeout=120)
+    if proc.returncode != 0:
+        tail = (LOG_DIR / "lxd.log").read_text(errors="replace")[-2000:]
+        raise SetupError(f"LXD did not become ready: {proc.stderr.strip()}\n{tail}")
+
+
+def stop_lxd() -> None:
+    if lxd_running():
+        run(["lxd", "shutdown", "--timeout", "120"], check=False, timeout=180)
+
+
+# ---------------------------------------------------------------- preseed
+
+def exists(kind: str, name: str) -> bool:
+    return run(["lxc", kind, "show", name], check=False, timeout=30).returncode == 0
+
+
+def preseed(pool_exists: bool, net_exists: bool, profile_exists: bool,
+            subnet: str) -> dict:
+    """The parts of an `lxd init` preseed that are still missing."""
+    seed: dict = {}
+    if not pool_exists:
+        seed["storage_pools"] = [{
+            "name": POOL, "driver": "btrfs",
+            "config": {"size": POOL_SIZE},
+            "description": "lxcgpu containers (btrfs on a loop file)",
+        }]
+    if not net_exists:
+        seed["networks"] = [{
+            "name": BRIDGE, "type": "bridge",
+            "config": {"ipv4.address": subnet, "ipv4.nat": "true",
+                       "ipv6.address": "none"},
+            "description": "lxcgpu containers",
+        }]
+    if not profile_exists:
+        seed["profiles"] = [{
+            "name": PROFILE,
+            "description": "lxcgpu user containers",
+            "config": {},
+            "devices": {
+                "eth0": {"type": "nic", "name": "eth0", "network": BRIDGE},
+                "root": {"type": "disk", "path": "/", "pool": POOL},
+            },
+        }]
+    return seed
+
+
+def up() -> dict:
+    changed = size_subids()
+    if changed and lxd_running():
+        print("lxdhost: /etc/subuid and /etc/subgid widened; restarting LXD so it sees them")
+        stop_lxd()
+    if not lxd_running():
+        t = time.monotonic()
+        start_lxd()
+        print(f"lxdhost: LXD started in {time.monotonic() - t:.1f}s")
+    have = (exists("storage", POOL), exists("network", BRIDGE), exists("profile", PROFILE))
+    subnet = None
+    if not have[1]:
+        subnet = os.environ.get("LXCGPU_BRIDGE_SUBNET") or choose_subnet(host_networks())
+    # Our images are local; never poll remote image servers.
+    if run(["lxc", "config", "get", "images.auto_update_interval"]).stdout.strip() != "0":
+        run(["lxc", "config", "set", "images.auto_update_interval", "0"])
+    seed = preseed(*have, subnet=subnet or "")
+    if seed:
+        # JSON is YAML: no YAML library needed before the virtualenv exists.
+        run(["lxd", "init", "--preseed"], input=json.dumps(seed), timeout=300)
+        print(f"lxdhost: created {', '.join(k for k in seed)}")
+    return status()
+
+
+def status() -> dict:
+    info = {"running": lxd_running(), "pool": POOL, "bridge": BRIDGE, "profile": PROFILE}
+    if info["running"]:
+        net = run(["lxc", "network", "get", BRIDGE, "ipv4.address"], check=False)
+        info["subnet"] = net.stdout.strip() or None
+        info["version"] = run(["lxd", "--version"], check=False).stdout.strip()
+    return info
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("command", choices=("up", "status", "stop"))
+    args = ap.parse_args(argv)
+    if os.geteuid() != 0:
+        print("lxdhost: run as root", file=sys.stderr)
+        return 2
+    try:
+        if args.command == "up":
+            info = up()
+        elif args.command == "stop":
+            stop_lxd()
+            info = status()
+        else:
+            info = status()
+    except SetupError as e:
+        print(f"lxdhost: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(info))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

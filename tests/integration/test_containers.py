@@ -1,0 +1,253 @@
+"""User containers on the real LXD, from the real template image."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from lxcspawner import naming
+from lxcspawner.container import (
+    IDMAP_BLOCK, ContainerError, ContainerSpec, Mount, ensure_container, idmap_ranges,
+    start_container,
+)
+from lxcspawner.lxd import LXD, ImageNotFound, LXDUnavailable
+from lxcspawner.provision import provision
+
+pytestmark = pytest.mark.lxd
+
+
+def keypair(tmp: Path, name: str) -> tuple[Path, str]:
+    key = tmp / name
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"{name}@test",
+                    "-f", str(key)], check=True)
+    return key, (tmp / f"{name}.pub").read_text().strip()
+
+
+def ssh_banner(addr: str, timeout: float = 20) -> bytes:
+    """The SSH server's banner at addr:22, waiting for sshd to listen."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((addr, 22), timeout=2) as s:
+                return s.recv(64)
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("keys")
+    return {u: keypair(tmp, u) for u in ("alice", "bob")}
+
+
+@pytest.fixture(scope="module")
+def shared_dirs(tmp_path_factory):
+    base = tmp_path_factory.mktemp("shared")
+    data, scratch = base / "datasets", base / "scratch"
+    data.mkdir()
+    scratch.mkdir()
+    (data / "README").write_text("lab dataset\n")
+    os.chmod(base, 0o755)
+    os.chmod(data, 0o755)
+    os.chmod(scratch, 0o1777)  # like /tmp: every container's users may write
+    return data, scratch
+
+
+@pytest.fixture(scope="module")
+async def alice(lxd, user_containers, keys, shared_dirs):
+    data, scratch = shared_dirs
+    spec = await user_containers(
+        "alice", cpu="1", memory="1GiB", processes=2000,
+        mounts=(Mount(str(data), "/data"), Mount(str(scratch), "/scratch", readonly=False)))
+    addr = await start_container(lxd, spec.name)
+    await provision(lxd, spec.name, login=spec.posix_user, keys=[keys["alice"][1]],
+                    hostname=spec.hostname)
+    return spec, addr
+
+
+@pytest.fixture(scope="module")
+async def bob(lxd, user_containers, keys):
+    spec = await user_containers("bob")
+    addr = await start_container(lxd, spec.name)
+    await provision(lxd, spec.name, login=spec.posix_user, keys=[keys["bob"][1]],
+                    hostname=spec.hostname)
+    return spec, addr
+
+
+async def run_in(lxd: LXD, name: str, *argv: str, user: int = 0) -> str:
+    return (await lxd.execute(name, list(argv), user=user, group=user)).check(argv).stdout
+
+
+async def test_alice_container_runs_systemd_and_sshd(lxd, alice, logs_on_failure):
+    spec, addr = alice
+    logs_on_failure.append(spec.name)
+    st = await lxd.state(spec.name)
+    assert st.running and st.ipv4 == addr
+    res = await lxd.execute(spec.name, ["systemctl", "is-system-running", "--wait"],
+                            timeout=90)
+    assert res.stdout.strip() == "running", res.stdout + res.stderr
+    banner = await asyncio.to_thread(ssh_banner, addr)
+    assert banner.startswith(b"SSH-2.0-OpenSSH")
+
+
+async def test_alice_account_key_sudo_hostname(lxd, alice, keys, tmp_path, logs_on_failure):
+    spec, addr = alice
+    logs_on_failure.append(spec.name)
+    assert spec.posix_user == "alice"
+    passwd = await run_in(lxd, spec.name, "getent", "passwd", "alice")
+    uid = int(passwd.split(":")[2])
+    assert uid >= 1000 and passwd.strip().endswith(":/home/alice:/bin/bash")
+    ak = await lxd.get_file(spec.name, "/home/alice/.ssh/authorized_keys")
+    assert ak.decode() == keys["alice"][1] + "\n"
+    stat = await run_in(lxd, spec.name, "stat", "-c", "%a %U", "/home/alice/.ssh",
+                        "/home/alice/.ssh/authorized_keys")
+    assert stat.split("\n")[:2] == ["700 alice", "600 alice"]
+    assert (await run_in(lxd, spec.name, "sudo", "-n", "id", "-u", user=uid)).strip() == "0"
+    assert (await run_in(lxd, spec.name, "hostname")).strip() == "node1-alice"
+    # Real SSH with alice's key lands in her container, as her; password login is off.
+    key = keys["alice"][0]
+    out = subprocess.run(
+        ["ssh", "-i", str(key), "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no",
+         "-o", "UserKnownHostsFile=/dev/null", "-o", "ConnectTimeout=10",
+         f"alice@{addr}", "hostname; whoami"], capture_output=True, text=True, timeout=60)
+    assert out.stdout.split() == ["node1-alice", "alice"], out.stderr
+    refused = subprocess.run(
+        ["ssh", "-i", str(keys["bob"][0]), "-o", "BatchMode=yes", "-o",
+         "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+         f"alice@{addr}", "true"], capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 255 and "Permission denied" in refused.stderr
+
+
+async def test_second_user_has_a_disjoint_id_map(lxd, alice, bob, logs_on_failure):
+    (sa, _), (sb, _) = alice, bob
+    logs_on_failure.extend([sa.name, sb.name])
+    ranges = {}
+    for spec in (sa, sb):
+        inst = await lxd.instance(spec.name)
+        ranges[spec.name] = idmap_ranges(inst["config"])
+        assert ranges[spec.name], inst["config"]
+        assert all(host == spec.idmap_base and count == IDMAP_BLOCK
+                   for _, host, count in ranges[spec.name])
+    (a_host, a_n), (b_host, b_n) = [(r[0][1], r[0][2]) for r in ranges.values()]
+    assert a_host + a_n <= b_host or b_host + b_n <= a_host
+    # Seen from the host, each container's root runs as the first id of its block.
+    for spec in (sa, sb):
+        pid = (await lxd.state(spec.name)).pid
+        uids = Path(f"/proc/{pid}/status").read_text().split("Uid:")[1].split()[:1]
+        assert uids == [str(spec.idmap_base)]
+
+
+async def test_limits_and_shared_mounts(lxd, alice, logs_on_failure):
+    spec, _ = alice
+    logs_on_failure.append(spec.name)
+    assert (await run_in(lxd, spec.name, "nproc")).strip() == "1"
+    uid = int((await run_in(lxd, spec.name, "id", "-u", "alice")).strip())
+    assert (await run_in(lxd, spec.name, "cat", "/data/README", user=uid)) == "lab dataset\n"
+    denied = await lxd.execute(spec.name, ["touch", "/data/x"])
+    assert denied.returncode != 0 and "Read-only" in denied.stderr
+    await run_in(lxd, spec.name, "touch", "/scratch/alice-was-here", user=uid)
+    cfg = (await lxd.instance(spec.name))["config"]
+    assert cfg["limits.memory"] == "1GiB" and cfg["limits.processes"] == "2000"
+    assert cfg["user.lxcgpu.owner"] == "alice"
+    assert cfg["security.privileged"] == "false"
+
+
+async def test_provision_is_idempotent_and_replaces_keys(lxd, alice, keys, logs_on_failure):
+    spec, _ = alice
+    logs_on_failure.append(spec.name)
+    path = "/home/alice/.ssh/authorized_keys"
+    before = await run_in(lxd, spec.name, "stat", "-c", "%i %Y", path, "/etc/sudoers.d/lxcgpu")
+    t = time.perf_counter()
+    await provision(lxd, spec.name, login="alice", keys=[keys["alice"][1]],
+                    hostname=spec.hostname)
+    elapsed = time.perf_counter() - t
+    assert await run_in(lxd, spec.name, "stat", "-c", "%i %Y", path,
+                        "/etc/sudoers.d/lxcgpu") == before
+    print(f"provision with nothing to change: {elapsed * 1000:.0f} ms")
+    # Bad keys: a clear error, nothing changes.
+    for bad in ["not a key", "command=\"sh\" ssh-ed25519 AAAA", keys["alice"][1] + "\nssh-rsa x",
+                "ssh-ed25519 bm90LWEta2V5"]:
+        with pytest.raises(ValueError):
+            await provision(lxd, spec.name, login="alice", keys=[bad], hostname=spec.hostname)
+    assert (await lxd.get_file(spec.name, path)).decode() == keys["alice"][1] + "\n"
+    # Two keys, then back to one: the file holds exactly what was given.
+    await provision(lxd, spec.name, login="alice", keys=[keys["alice"][1], keys["bob"][1]],
+                    hostname=spec.hostname)
+    assert (await lxd.get_file(spec.name, path)).decode().splitlines() == [
+        keys["alice"][1], keys["bob"][1]]
+    await provision(lxd, spec.name, login="alice", keys=[keys["alice"][1]],
+                    hostname=spec.hostname)
+    assert (await lxd.get_file(spec.name, path)).decode() == keys["alice"][1] + "\n"
+
+
+async def test_ensure_is_idempotent_and_never_adopts_foreign(lxd, alice, logs_on_failure):
+    spec, _ = alice
+    logs_on_failure.append(spec.name)
+    again = await ensure_container(lxd, spec)
+    assert again["name"] == spec.name and again["status"] == "Running"
+    # An instance of that name belonging to someone else is refused.
+
+    class SameName(ContainerSpec):
+        @property
+        def name(self):
+            return spec.name
+
+    with pytest.raises(ContainerError, match="belongs to alice"):
+        await ensure_container(lxd, SameName(user="mallory", server=spec.server,
+                                             idmap_base=spec.idmap_base))
+
+
+async def test_stop_start_delete_lifecycle(lxd, user_containers, keys, logs_on_failure):
+    spec = await user_containers("carol")
+    logs_on_failure.append(spec.name)
+    assert (await lxd.state(spec.name)).status == "stopped"
+    addr = await start_container(lxd, spec.name)
+    assert (await lxd.state(spec.name)).ipv4 == addr
+    await start_container(lxd, spec.name)  # already running: fine
+    await lxd.stop(spec.name)
+    st = await lxd.state(spec.name)
+    assert st.status == "stopped" and not st.addresses
+    await lxd.stop(spec.name)  # already stopped: fine
+    addr2 = await start_container(lxd, spec.name)
+    assert addr2
+    await lxd.delete_instance(spec.name)
+    assert (await lxd.state(spec.name)).status == "missing"
+    await lxd.delete_instance(spec.name)  # already gone: fine
+
+
+async def test_edge_case_names_are_accepted_by_lxd(lxd, run_tag):
+    users = ["user--foo", "user", "Alice", "alice", "üser", "a" * 70, "9z9", "a.b", ""]
+    names = [naming.instance_name(u, "foo" if u == "user" else "node1", prefix=run_tag)
+             for u in users]
+    names.append(naming.instance_name("user", "node1", prefix=run_tag))
+    assert len(set(names)) == len(names)
+    try:
+        for n in names:
+            await lxd.create_instance(n, image_alias=None, profiles=["lxcgpu"],
+                                      config={"user.lxcgpu-test.run": run_tag})
+            assert (await lxd.instance(n))["name"] == n
+    finally:
+        await asyncio.gather(*(lxd.delete_instance(n) for n in names))
+
+
+async def test_lxd_not_running_says_what_to_run(tmp_path):
+    client = LXD(str(tmp_path / "unix.socket"), retries=1)
+    with pytest.raises(LXDUnavailable, match="setup/quickstart"):
+        await client.server_info()
+    client.close()
+
+
+async def test_missing_image_says_what_to_run(lxd, run_tag, idmap_blocks):
+    spec = ContainerSpec(user="dave", server="node1", prefix=run_tag,
+                         idmap_base=idmap_blocks(), image="lxcgpu/no-such-image")
+    with pytest.raises(ImageNotFound, match="setup/build-image"):
+        await ensure_container(lxd, spec)
+    assert await lxd.instance(spec.name) is None
