@@ -87,6 +87,7 @@ class ContainerSpec:
     processes: int | None = None   # LXD limits.processes
     mounts: tuple[Mount, ...] = ()
     gpus: int = 0                  # GPUs on the server; a gpu device only if > 0
+    pool: str | None = None        # storage pool for the root disk (default: the profile's)
     extra_config: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self):
@@ -148,6 +149,8 @@ class ContainerSpec:
 
     def devices(self) -> dict[str, dict[str, str]]:
         devs = {m.device_name: m.device() for m in self.mounts}
+        if self.pool:
+            devs["root"] = {"type": "disk", "path": "/", "pool": self.pool}
         if self.gpus > 0:
             devs["lxcgpu-gpu"] = {"type": "gpu", "gputype": "physical"}
         return devs

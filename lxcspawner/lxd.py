@@ -207,6 +207,8 @@ class LXD:
                 err: LXDError = LXDTimeout(f"{what}: no answer in {timeout:.0f}s")
             except Exception as e:  # noqa: BLE001 - translated and re-raised below
                 err = self._translate(e, what)
+                if err is not e:
+                    err.__cause__ = e
             if attempt == attempts or not _is_transient(err):
                 raise err
             log.warning("%s failed (%s); retry %d/%d in %.1fs", what, err, attempt,
@@ -218,9 +220,10 @@ class LXD:
     # Blocking helpers; they run on the executor.
 
     def _request(self, method: str, path: str, *, params=None, json=None,
-                 data=None, headers=None, timeout=None, ok=(200, 201, 202)):
+                 data=None, headers=None, timeout=None, ok=(200, 201, 202), raw=False):
         node = self._api(path)
-        kwargs: dict[str, Any] = {}
+        # raw: the body is file content, not an LXD JSON envelope.
+        kwargs: dict[str, Any] = {"is_api": False} if raw else {}
         if params:
             kwargs["params"] = params
         if json is not None:
@@ -460,7 +463,8 @@ class LXD:
         """LXD's log of the instance (for diagnostics)."""
         def get():
             try:
-                return self._request("get", f"/1.0/instances/{name}/logs/lxc.log").text
+                return self._request("get", f"/1.0/instances/{name}/logs/lxc.log",
+                                     raw=True).text
             except LXDError as e:
                 return f"(no log: {e})"
         return await self.run(get, what=f"log of {name}", retry=False)
@@ -491,7 +495,8 @@ class LXD:
             meta = md.get("metadata") or {}
             out = {}
             for fd, path in (meta.get("output") or {}).items():
-                out[fd] = self._request("get", path).content.decode("utf-8", "replace")
+                out[fd] = self._request("get", path, raw=True).content.decode(
+                    "utf-8", "replace")
                 try:
                     self._request("delete", path)
                 except LXDError:
@@ -505,7 +510,7 @@ class LXD:
         def get():
             try:
                 return self._request("get", f"/1.0/instances/{name}/files",
-                                     params={"path": path}).content
+                                     params={"path": path}, raw=True).content
             except LXDNotFound:
                 return None
         return await self.run(get, what=f"read {path} in {name}")

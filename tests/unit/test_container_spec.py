@@ -90,3 +90,8 @@ def test_idmap_ranges_reads_volatile_map():
         {"Isuid": False, "Isgid": True, "Hostid": BASE, "Nsid": 0, "Maprange": 65536},
     ])}
     assert idmap_ranges(cfg) == [("uid", BASE, 65536), ("gid", BASE, 65536)]
+
+
+def test_pool_overrides_the_root_disk():
+    assert "root" not in spec().devices()
+    assert spec(pool="fast").devices()["root"] == {"type": "disk", "path": "/", "pool": "fast"}
