@@ -33,7 +33,8 @@ POOL_SIZE = os.environ.get("LXCGPU_POOL_SIZE", "30GiB")
 BRIDGE = os.environ.get("LXCGPU_BRIDGE", "lxcgpubr0")
 PROFILE = os.environ.get("LXCGPU_PROFILE", "lxcgpu")
 LOG_DIR = Path(os.environ.get("LXCGPU_LOG_DIR", "/var/log/lxcgpu"))
-LXD_DIR = Path(os.environ.get("LXD_DIR", "/var/lib/lxd"))
+LXD_SOCKETS = tuple(Path(d) / "unix.socket" for d in (
+    os.environ.get("LXD_DIR", "/var/lib/lxd"), "/var/snap/lxd/common/lxd"))
 
 # Candidate bridge subnets, tried in order; the first that overlaps no route
 # and no address of this host wins.  LXCGPU_BRIDGE_SUBNET overrides them.
@@ -146,8 +147,13 @@ def choose_subnet(taken: list[ipaddress.IPv4Network],
 
 # ---------------------------------------------------------------- daemon
 
+def has_systemd() -> bool:
+    """systemd is PID 1 (then LXD is its service, not our process)."""
+    return Path("/run/systemd/system").is_dir()
+
+
 def lxd_running() -> bool:
-    if not (LXD_DIR / "unix.socket").exists():
+    if not any(p.exists() for p in LXD_SOCKETS):
         return False
     return run(["lxd", "waitready", "--timeout", "2"], check=False, timeout=10).returncode == 0
 
@@ -156,6 +162,11 @@ def start_lxd() -> None:
     if shutil.which("lxd") is None:
         raise SetupError("lxd is not installed: run setup/quickstart "
                          "(or apt-get install lxd lxd-client)")
+    if has_systemd():
+        unit = "snap.lxd.daemon" if Path("/snap/bin/lxd").exists() else "lxd"
+        run(["systemctl", "start", unit], timeout=120)
+        run(["lxd", "waitready", "--timeout", "90"], timeout=120)
+        return
     LOG_DIR.mkdir(parents=True, exist_ok=True)
     log = open(LOG_DIR / "lxd.log", "ab")
     # Without systemd LXD runs as a plain daemon of ours; it keeps its own
@@ -179,8 +190,12 @@ def start_lxd() -> None:
 
 
 def stop_lxd() -> None:
-    if lxd_running():
-        run(["lxd", "shutdown", "--timeout", "120"], check=False, timeout=180)
+    if not lxd_running():
+        return
+    if has_systemd():
+        unit = "snap.lxd.daemon" if Path("/snap/bin/lxd").exists() else "lxd"
+        run(["systemctl", "stop", unit, f"{unit}.socket"], check=False, timeout=180)
+    run(["lxd", "shutdown", "--timeout", "120"], check=False, timeout=180)
 
 
 # ---------------------------------------------------------------- preseed
