@@ -225,9 +225,10 @@ async def test_stop_start_delete_lifecycle(lxd, user_containers, keys, logs_on_f
 
 async def test_edge_case_names_are_accepted_by_lxd(lxd, run_tag):
     users = ["user--foo", "user", "Alice", "alice", "üser", "a" * 70, "9z9", "a.b", ""]
-    names = [naming.instance_name(u, "foo" if u == "user" else "node1", prefix=run_tag)
+    # Server "edge" keeps these apart from the other tests' containers on "node1".
+    names = [naming.instance_name(u, "foo--edge" if u == "user" else "edge", prefix=run_tag)
              for u in users]
-    names.append(naming.instance_name("user", "node1", prefix=run_tag))
+    names.append(naming.instance_name("user", "edge", prefix=run_tag))
     assert len(set(names)) == len(names)
     try:
         for n in names:
@@ -251,3 +252,17 @@ async def test_missing_image_says_what_to_run(lxd, run_tag, idmap_blocks):
     with pytest.raises(ImageNotFound, match="setup/build-image"):
         await ensure_container(lxd, spec)
     assert await lxd.instance(spec.name) is None
+
+
+async def test_config_keys_update_and_server_facts(lxd, alice, logs_on_failure):
+    spec, _ = alice
+    logs_on_failure.append(spec.name)
+    await lxd.update_config(spec.name, {"user.lxcgpu-test.extra": "1"})
+    assert (await lxd.instance(spec.name))["config"]["user.lxcgpu-test.extra"] == "1"
+    await lxd.update_config(spec.name, {"user.lxcgpu-test.extra": None})
+    cfg = (await lxd.instance(spec.name))["config"]
+    assert "user.lxcgpu-test.extra" not in cfg and cfg["user.lxcgpu.owner"] == "alice"
+    # The container keeps running through a config change.
+    assert (await lxd.state(spec.name)).running
+    # This machine has no GPU: LXD reports none, so specs get no gpu device.
+    assert await lxd.gpu_count() == 0
