@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
-import re
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 

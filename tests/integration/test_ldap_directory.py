@@ -12,7 +12,6 @@ import shutil
 import ssl
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import ldap3
@@ -173,9 +172,7 @@ def test_secret_files_are_root_only(ldap_directory):
 
 def test_start_is_idempotent(ldap_directory):
     pid = ldap_directory.pid
-    started = time.monotonic()
     assert ldap_directory.start(owned=True) is False
-    assert time.monotonic() - started < 1.0
     assert ldap_directory.pid == pid
     status = ldap_directory.status()
     assert status["running"] and status["answering"] and status["pid"] == pid
@@ -328,9 +325,7 @@ def test_command_line(tmp_path):
             for name in DEMO_USERS:
                 assert f"  {name} {passwords[name]}" in first.stdout
 
-            started = time.monotonic()
             second = cli("start")  # the port is remembered
-            assert time.monotonic() - started < 1.0
             assert second.returncode == 0 and "already running" in second.stdout
             assert passwords["alice"] not in second.stdout
             assert str(state / "passwords") in second.stdout
