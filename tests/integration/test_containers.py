@@ -266,3 +266,22 @@ async def test_config_keys_update_and_server_facts(lxd, alice, logs_on_failure):
     assert (await lxd.state(spec.name)).running
     # This machine has no GPU: LXD reports none, so specs get no gpu device.
     assert await lxd.gpu_count() == 0
+
+
+async def test_hostile_user_name_is_slugged_and_mapping_stored(lxd, user_containers, keys,
+                                                               logs_on_failure):
+    raw = "Dr. Müller; rm -rf / $(id)"
+    spec = await user_containers(raw)
+    logs_on_failure.append(spec.name)
+    assert naming.is_valid_lxd_name(spec.name) and spec.name.endswith("--node1")
+    await start_container(lxd, spec.name)
+    acct = await provision(lxd, spec.name, login=spec.posix_user, keys=[keys["bob"][1]],
+                           hostname=spec.hostname)
+    cfg = (await lxd.instance(spec.name))["config"]
+    assert cfg["user.lxcgpu.owner"] == raw
+    assert cfg["user.lxcgpu.posix-user"] == spec.posix_user == acct.name
+    assert spec.posix_user.startswith("dr-muller-rm-rf-id-")
+    out = await run_in(lxd, spec.name, "id", "-un", user=acct.uid)
+    assert out.strip() == spec.posix_user
+    # The root file system is intact: the name never reached a shell.
+    assert (await run_in(lxd, spec.name, "test", "-x", "/bin/sh")) == ""
