@@ -26,6 +26,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lxcspawner.container import IDMAP_BLOCK, IDMAP_USER_FIRST, ContainerSpec, ensure_container  # noqa: E402
 from lxcspawner.lxd import LXD, LXDError  # noqa: E402
+from lxcspawner.provision import provision  # noqa: E402
+
+# A well-formed ed25519 public key (its private half exists nowhere).
+BENCH_KEY = ("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGtra2tra2tra2tra2tra2tra2tra2tra2tra2tra2tr"
+             " bench@lxcgpu")
 
 BENCH_BLOCK_FIRST = 15050
 DIR_POOL = "lxcgpubench-dir"
@@ -109,11 +114,17 @@ async def bench_pool(lxd: LXD, pool: str, n: int, settle: float) -> dict:
                            idmap_base=IDMAP_USER_FIRST + (BENCH_BLOCK_FIRST + i) * IDMAP_BLOCK,
                            pool=pool)
              for i in range(n + 1)]
-    rows, restarts, stops, mems = [], [], [], []
+    rows, restarts, stops, mems, provs = [], [], [], [], {}
     try:
         cold = await one(lxd, specs[0])
         for spec in specs[1:]:
             rows.append(await one(lxd, spec))
+        for spec in specs[1:]:
+            for key in ("provision", "re-provision"):
+                t = time.perf_counter()
+                await provision(lxd, spec.name, login=spec.posix_user, keys=[BENCH_KEY],
+                                hostname=spec.hostname)
+                provs.setdefault(key, []).append(time.perf_counter() - t)
         mems.append(await idle_memory(lxd, specs[1].name, settle))
         if n > 1:
             mems.append(await idle_memory(lxd, specs[2].name, 0))
@@ -127,7 +138,8 @@ async def bench_pool(lxd: LXD, pool: str, n: int, settle: float) -> dict:
     finally:
         await asyncio.gather(*(lxd.delete_instance(s.name) for s in specs),
                              return_exceptions=True)
-    return {"cold": cold, "rows": rows, "restarts": restarts, "stop": stops, "mem": mems}
+    return {"cold": cold, "rows": rows, "restarts": restarts, "stop": stops, "mem": mems,
+            "provision": provs}
 
 
 async def main() -> None:
@@ -154,6 +166,10 @@ async def main() -> None:
             for step in ("create", "start", "address", "sshd"):
                 print(f"{step:>8}: {fmt([r[step] for r in res['rows']])}"
                       f"   (cold first container: {res['cold'][step]:.2f})")
+            print(f"{'provision':>10}: {fmt(res['provision']['provision'])}"
+                  "   (login, sudo, key, hostname in a new container)")
+            print(f"{'again':>10}: {fmt(res['provision']['re-provision'])}"
+                  "   (the same again: nothing to change)")
             print(f"{'stop':>8}: {fmt(res['stop'])}   (clean shutdown)")
             for step in ("start", "address", "sshd"):
                 print(f"{'re-' + step:>10}: {fmt([r[step] for r in res['restarts']])}"
