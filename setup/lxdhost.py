@@ -147,9 +147,12 @@ def choose_subnet(taken: list[ipaddress.IPv4Network],
 
 # ---------------------------------------------------------------- daemon
 
-def has_systemd() -> bool:
-    """systemd is PID 1 (then LXD is its service, not our process)."""
-    return Path("/run/systemd/system").is_dir()
+def systemd_unit() -> str | None:
+    """LXD's systemd unit where systemd is PID 1 (then LXD is its service,
+    not our process); None where there is no systemd."""
+    if not Path("/run/systemd/system").is_dir():
+        return None
+    return "snap.lxd.daemon" if Path("/snap/bin/lxd").exists() else "lxd"
 
 
 def lxd_running() -> bool:
@@ -162,8 +165,8 @@ def start_lxd() -> None:
     if shutil.which("lxd") is None:
         raise SetupError("lxd is not installed: run setup/quickstart "
                          "(or apt-get install lxd lxd-client)")
-    if has_systemd():
-        unit = "snap.lxd.daemon" if Path("/snap/bin/lxd").exists() else "lxd"
+    unit = systemd_unit()
+    if unit:
         run(["systemctl", "start", unit], timeout=120)
         run(["lxd", "waitready", "--timeout", "90"], timeout=120)
         return
@@ -192,8 +195,8 @@ def start_lxd() -> None:
 def stop_lxd() -> None:
     if not lxd_running():
         return
-    if has_systemd():
-        unit = "snap.lxd.daemon" if Path("/snap/bin/lxd").exists() else "lxd"
+    unit = systemd_unit()
+    if unit:
         run(["systemctl", "stop", unit, f"{unit}.socket"], check=False, timeout=180)
     run(["lxd", "shutdown", "--timeout", "120"], check=False, timeout=180)
 
