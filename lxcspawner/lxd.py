@@ -13,10 +13,13 @@ passes argv as a list: no shell.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import os
+import json
 import random
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -25,6 +28,7 @@ from urllib.parse import quote
 
 import pylxd
 import requests
+import urllib3
 from pylxd import exceptions as pylxd_exc
 
 log = logging.getLogger("lxcspawner.lxd")
@@ -160,6 +164,8 @@ class LXD:
                 # pylxd turns a socket path into a URL only if it exists;
                 # do it always, so a missing socket reads as "not running".
                 endpoint = f"http+unix://{quote(endpoint, safe='')}"
+                session = requests.Session()
+                session.mount("http+unix://", _UnixAdapter(self._executor._max_workers + 2))
             try:
                 self._client = pylxd.Client(endpoint=endpoint, cert=self.cert,
                                             verify=self.verify, timeout=self.timeout,
@@ -309,11 +315,14 @@ class LXD:
                 return None
         return await self.run(get, what=f"get {name}")
 
-    async def list_instances(self, *, config_key: str | None = None) -> list[dict]:
-        """All instances (recursion 1); optionally those that set ``config_key``."""
+    async def list_instances(self, *, config_key: str | None = None,
+                             with_state: bool = False) -> list[dict]:
+        """All instances; optionally only those that set ``config_key``.
+        ``with_state`` adds each one's ``state`` (status, network) in the
+        same single request (recursion 2)."""
         def get():
             items = self._request("get", "/1.0/instances",
-                                  params={"recursion": 1}).json()["metadata"]
+                                  params={"recursion": 2 if with_state else 1}).json()["metadata"]
             if config_key:
                 items = [i for i in items if config_key in (i.get("config") or {})]
             return items
@@ -538,5 +547,133 @@ class LXD:
                                              params={"path": path}, headers=headers),
                        what=f"mkdir {path} in {name}")
 
+    async def instance_with_state(self, name: str) -> dict | None:
+        """One instance's record with its ``state`` added, or None if it is gone."""
+        def get():
+            try:
+                md = self._request("get", f"/1.0/instances/{name}").json()["metadata"]
+                md["state"] = self._request("get", f"/1.0/instances/{name}/state").json()["metadata"]
+            except LXDNotFound:
+                return None
+            return md
+        return await self.run(get, what=f"state of {name}")
+
+    async def managed_bridges(self) -> list[str]:
+        """The bridges LXD manages (where containers get their addresses)."""
+        def get():
+            nets = self._request("get", "/1.0/networks", params={"recursion": 1}).json()["metadata"]
+            return sorted(n["name"] for n in nets if n.get("managed") and n.get("type") == "bridge")
+        return await self.run(get, what="list networks")
+
+    def follow_events(self, on_event: Callable[[dict], None], *,
+                      types: Sequence[str] = ("lifecycle",),
+                      on_connect: Callable[[], None] | None = None) -> "EventStream":
+        """Follow LXD's event stream in a thread of its own (see EventStream)."""
+        return EventStream(self, on_event, types=types, on_connect=on_connect).start()
+
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+class _UnixPool(pylxd.client._UnixSocketHTTPConnectionPool):
+    def __init__(self, socket_url: str, maxsize: int):
+        urllib3.HTTPConnectionPool.__init__(self, "localhost", maxsize=maxsize)
+        self.socket_path = socket_url
+
+
+class _UnixAdapter(pylxd.client._UnixAdapter):
+    """pylxd's unix-socket adapter keeps one connection; ours keeps one per
+    worker thread, so concurrent calls reuse connections instead of opening
+    and discarding new ones."""
+
+    def __init__(self, maxsize: int):
+        super().__init__()
+        self._maxsize = maxsize
+
+    def get_connection(self, url, proxies):
+        with self.pools.lock:
+            conn = self.pools.get(url)
+            if conn is None:
+                conn = self.pools[url] = _UnixPool(url, self._maxsize)
+            return conn
+
+
+class _EventSocket(pylxd.client._WebsocketClient):
+    """pylxd's events websocket (it handles the unix socket and the Origin
+    header LXD refuses), handing each message to a callback."""
+
+    on_event: Callable[[dict], None]
+
+    def received_message(self, message):
+        try:
+            event = json.loads(message.data.decode("utf-8"))
+        except ValueError:
+            log.warning("unreadable LXD event: %r", message.data[:200])
+            return
+        try:
+            self.on_event(event)
+        except Exception:  # noqa: BLE001 - a bad handler must not end the stream
+            log.exception("handling LXD event %s failed", event.get("metadata", {}).get("action"))
+
+
+class EventStream:
+    """LXD's event stream, followed in a daemon thread.
+
+    ``on_event(event)`` runs in that thread for every event (hand it over to
+    an event loop with ``call_soon_threadsafe``).  When the stream breaks
+    (LXD restarts) it reconnects with backoff and calls ``on_connect()``
+    each time it is connected again: events may have been missed meanwhile,
+    so that is the moment to resynchronise.
+    """
+
+    def __init__(self, lxd: "LXD", on_event: Callable[[dict], None], *,
+                 types: Sequence[str] = ("lifecycle",),
+                 on_connect: Callable[[], None] | None = None):
+        self.lxd = lxd
+        self.on_event = on_event
+        self.types = {pylxd.client.EventType(t) for t in types}
+        self.on_connect = on_connect
+        self.connected = threading.Event()
+        self._stop = threading.Event()
+        self._ws: _EventSocket | None = None
+        self._thread = threading.Thread(target=self._run, name="lxd-events", daemon=True)
+
+    def start(self) -> "EventStream":
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        delay = 0.2
+        while not self._stop.is_set():
+            try:
+                ws = self.lxd._connect().events(websocket_client=_EventSocket,
+                                                event_types=self.types)
+                ws.on_event = self.on_event
+                ws.connect()
+                self._ws = ws
+                self.connected.set()
+                delay = 0.2
+                log.info("following LXD events at %s", self.lxd.endpoint)
+                if self.on_connect:
+                    self.on_connect()
+                ws.run()
+            except Exception as e:  # noqa: BLE001 - any failure: reconnect
+                if not self._stop.is_set():
+                    log.warning("LXD event stream: %s", e)
+            finally:
+                self._ws = None
+                self.connected.clear()
+            if self._stop.wait(delay):
+                break
+            log.info("reconnecting to LXD events")
+            delay = min(delay * 2, 10.0)
+
+    def close(self, timeout: float = 2.0) -> None:
+        self._stop.set()
+        ws = self._ws
+        if ws is not None:
+            with contextlib.suppress(Exception):
+                ws.close()
+            with contextlib.suppress(Exception):
+                ws.terminate()
+        self._thread.join(timeout)

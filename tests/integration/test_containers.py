@@ -18,15 +18,9 @@ from lxcspawner.container import (
 )
 from lxcspawner.lxd import LXD, ImageNotFound, LXDUnavailable
 from lxcspawner.provision import provision
+from tests.fixtures.sshkeys import keypair
 
 pytestmark = pytest.mark.lxd
-
-
-def keypair(tmp: Path, name: str) -> tuple[Path, str]:
-    key = tmp / name
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"{name}@test",
-                    "-f", str(key)], check=True)
-    return key, (tmp / f"{name}.pub").read_text().strip()
 
 
 def ssh_banner(addr: str, timeout: float = 20) -> bytes:

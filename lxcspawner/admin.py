@@ -1,0 +1,497 @@
+"""``lxcgpu-admin``: the sysadmin's command for users, keys, forwards and
+containers, until the web portal lands.
+
+It reads the site settings (``--config`` or ``$LXCGPU_CONFIG``, else
+``/etc/lxcgpu/lxcgpu.toml``), works on the store they name and on this GPU
+server's LXD, and records every change in the audit log as
+``admin:<login>``.  Output is a table for people and JSON with ``--json``.
+Errors are one line on stderr and exit status 1 (2 for a bad command line).
+SSH keys are read from a file or stdin, never from the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import pwd
+import sys
+from dataclasses import asdict, dataclass, field, is_dataclass
+from datetime import datetime
+from typing import Any, Awaitable, Callable, Sequence, TypeVar
+
+from sqlalchemy.exc import SQLAlchemyError
+
+from . import lifecycle, naming
+from .lxd import LXD, LXDError, LXDUnavailable
+from .settings import Settings
+from .store import KeyRecord, Store, StoreError, key_fingerprint
+
+PROG = "lxcgpu-admin"
+T = TypeVar("T")
+
+
+class CommandError(Exception):
+    """A failure to report as one line, exit status 1."""
+
+
+def current_actor() -> str:
+    """``admin:<login>``: whoever ran sudo, else the effective user."""
+    login = os.environ.get("SUDO_USER")
+    if not login:
+        try:
+            login = pwd.getpwuid(os.geteuid()).pw_name
+        except KeyError:
+            login = str(os.geteuid())
+    return f"admin:{login}"
+
+
+# ---------------------------------------------------------------- output
+
+def _plain(value: Any) -> Any:
+    """Records and times as JSON values."""
+    if is_dataclass(value) and not isinstance(value, type):
+        return {k: _plain(v) for k, v in asdict(value).items()}
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, datetime):
+        return value.isoformat(timespec="seconds")
+    return value
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, datetime):
+        return value.strftime("%Y-%m-%d %H:%M:%S")
+    return str(value)
+
+
+def table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:
+    """Left-aligned columns under upper-case headers; '(none)' when empty."""
+    if not rows:
+        return "(none)"
+    cells = [list(headers)] + [[_cell(v) for v in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells)
+
+
+def fields(pairs: Sequence[tuple[str, Any]]) -> str:
+    width = max(len(k) for k, _ in pairs)
+    return "\n".join(f"{k.ljust(width)}  {_cell(v)}" for k, v in pairs)
+
+
+def key_type(rec: KeyRecord) -> str:
+    return rec.key.split(" ", 1)[0]
+
+
+# ---------------------------------------------------------------- context
+
+@dataclass
+class Context:
+    settings: Settings
+    json: bool
+    actor: str = field(default_factory=current_actor)
+    _store: Store | None = None
+
+    @property
+    def store(self) -> Store:
+        if self._store is None:
+            self._store = self.settings.open_store()
+        return self._store
+
+    def close(self) -> None:
+        if self._store is not None:
+            self._store.close()
+
+    def emit(self, data: Any, text: str) -> None:
+        print(json.dumps(_plain(data), indent=2) if self.json else text)
+
+    def note(self, text: str) -> None:
+        """Progress and hints: stderr, so stdout stays the result."""
+        if not self.json:
+            print(text, file=sys.stderr)
+
+    def with_lxd(self, fn: Callable[[LXD], Awaitable[T]]) -> T:
+        async def go() -> T:
+            # No retries: a one-shot command reports an unreachable LXD at once.
+            lxd = self.settings.open_lxd(retries=0)
+            try:
+                return await fn(lxd)
+            finally:
+                lxd.close()
+        return asyncio.run(go())
+
+
+def _server(ctx: Context, args) -> str:
+    return args.server or ctx.settings.server
+
+
+def _new_user_note(ctx: Context, user: str, existed: bool) -> None:
+    if not existed:
+        rec = ctx.store.user(user)
+        ctx.note(f"new user {user}: SSH port {rec.ssh_port}, id base {rec.idmap_base}")
+
+
+# ---------------------------------------------------------------- users
+
+def cmd_user_add(ctx: Context, args) -> None:
+    existed = ctx.store.get_user(args.name) is not None
+    rec = ctx.store.ensure_user(args.name, actor=ctx.actor)
+    login = naming.posix_name(rec.name)
+    ctx.emit({**_plain(rec), "login": login, "new": not existed}, fields([
+        ("user", rec.name), ("ssh port", rec.ssh_port), ("id base", rec.idmap_base),
+        ("login", login), ("created", rec.created),
+        ("status", "already registered" if existed else "added")]))
+
+
+def cmd_user_show(ctx: Context, args) -> None:
+    rec = ctx.store.user(args.name)
+    keys = ctx.store.list_keys(rec.name)
+    fwds = ctx.store.list_forwards(user=rec.name)
+    login = naming.posix_name(rec.name)
+    text = fields([("user", rec.name), ("ssh port", rec.ssh_port), ("id base", rec.idmap_base),
+                   ("login", login), ("created", rec.created),
+                   ("ssh", f"ssh -p {rec.ssh_port} {login}@<server>")])
+    text += "\n\nkeys:\n" + _keys_table(keys) + "\n\nforwards:\n" + _forwards_table(fwds)
+    ctx.emit({**_plain(rec), "login": login, "keys": keys, "forwards": fwds}, text)
+
+
+def cmd_user_list(ctx: Context, args) -> None:
+    users = ctx.store.list_users()
+    ctx.emit(users, table([(u.name, u.ssh_port, u.idmap_base, u.created) for u in users],
+                          ["USER", "SSH PORT", "ID BASE", "CREATED"]))
+
+
+# ---------------------------------------------------------------- keys
+
+def _read_keys(source: str) -> list[tuple[int, str]]:
+    """(line number, key line) for every key in ``source`` (a file or ``-``);
+    every one is validated before any is returned."""
+    if source == "-":
+        if sys.stdin.isatty():
+            print("paste the public key(s), one per line, then Ctrl-D", file=sys.stderr)
+        text, where = sys.stdin.read(), "stdin"
+    else:
+        try:
+            with open(source, encoding="utf-8") as f:
+                text = f.read()
+        except UnicodeDecodeError:
+            raise CommandError(f"{source}: not a text file of public keys") from None
+        except OSError as e:
+            raise CommandError(f"{source}: {e.strerror or e}") from None
+        where = source
+    keys = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        try:
+            key_fingerprint(line)
+        except StoreError as e:
+            # The line itself is never echoed: it may be a private key.
+            raise CommandError(f"{where} line {n}: {e} Nothing was added.") from None
+        keys.append((n, line))
+    if not keys:
+        raise CommandError(f"{where}: no public key found (one per line, as in a .pub file)")
+    return keys
+
+
+def _keys_table(keys: Sequence[KeyRecord]) -> str:
+    return table([(k.id, k.fingerprint, key_type(k), k.comment or None, k.created)
+                  for k in keys], ["ID", "FINGERPRINT", "TYPE", "COMMENT", "ADDED"])
+
+
+def cmd_key_add(ctx: Context, args) -> None:
+    lines = _read_keys(args.file)
+    existed = ctx.store.get_user(args.name) is not None
+    before = {k.fingerprint for k in ctx.store.list_keys(args.name)} if existed else set()
+    added: list[KeyRecord] = []
+    result = []
+    try:
+        for n, line in lines:
+            rec = ctx.store.add_key(args.name, line, actor=ctx.actor)
+            new = rec.fingerprint not in before and rec not in added
+            if new:
+                added.append(rec)
+            result.append({**_plain(rec), "line": n, "added": new})
+    except StoreError as e:
+        # All or nothing: take back what this run added.
+        for rec in added:
+            ctx.store.remove_key(args.name, rec.id, actor=ctx.actor)
+        raise CommandError(f"line {n}: {e} Nothing was added.") from None
+    _new_user_note(ctx, args.name, existed)
+    ctx.emit(result, table(
+        [(r["id"], r["fingerprint"], r["comment"] or None,
+          "added" if r["added"] else "already there") for r in result],
+        ["ID", "FINGERPRINT", "COMMENT", "STATUS"]))
+    if added:
+        ctx.note("keys reach running containers with "
+                 f"`{PROG} container sync {args.name}` (and at every container start)")
+
+
+def cmd_key_list(ctx: Context, args) -> None:
+    ctx.store.user(args.name)
+    keys = ctx.store.list_keys(args.name)
+    ctx.emit(keys, _keys_table(keys))
+
+
+def cmd_key_remove(ctx: Context, args) -> None:
+    rec = ctx.store.remove_key(args.name, args.key, actor=ctx.actor)
+    ctx.emit(rec, f"removed key {rec.id} {rec.fingerprint} {rec.comment}".rstrip())
+
+
+# ---------------------------------------------------------------- forwards
+
+def _forwards_table(fwds) -> str:
+    return table([(f.user, f.server, f.host_port, f.container_port, f.proto, f.created)
+                  for f in fwds], ["USER", "SERVER", "HOST PORT", "CONTAINER PORT", "PROTO",
+                                   "CREATED"])
+
+
+def _push_port_maps(ctx: Context, user: str, server: str) -> dict:
+    """Write the user's port maps into their container on this server, if it
+    is here; say what happened.  The store change stands either way."""
+    name = naming.instance_name(user, server, ctx.settings.instance_prefix)
+    if server != ctx.settings.server:
+        note = (f"{server} is not this server ({ctx.settings.server}): run "
+                f"`{PROG} container sync {user}` there, or the map is written at the "
+                "container's next start")
+        return {"name": name, "updated": None, "note": note}
+
+    async def sync(lxd: LXD):
+        if await lxd.instance(name) is None:
+            return None
+        return await lifecycle.sync_port_maps(lxd, ctx.store, user, server,
+                                              prefix=ctx.settings.instance_prefix)
+    try:
+        changed = ctx.with_lxd(sync)
+    except LXDUnavailable as e:
+        return {"name": name, "updated": None,
+                "note": f"container not updated: {e}; run `{PROG} container sync {user}` later"}
+    if changed is None:
+        note = f"{user} has no container on {server} yet; it gets the map when created"
+    elif changed:
+        note = f"container {name} updated; the node agent maps the port now"
+    else:
+        note = f"container {name} already had this map"
+    return {"name": name, "updated": changed, "note": note}
+
+
+def cmd_forward_add(ctx: Context, args) -> None:
+    server = _server(ctx, args)
+    existed = ctx.store.get_user(args.name) is not None
+    rec = ctx.store.add_forward(args.name, server, args.port, actor=ctx.actor)
+    _new_user_note(ctx, args.name, existed)
+    container = _push_port_maps(ctx, args.name, server)
+    ctx.emit({"forward": rec, "container": container},
+             f"{rec.user}: {rec.server}:{rec.host_port} -> container port "
+             f"{rec.container_port}/{rec.proto}\n{container['note']}")
+
+
+def cmd_forward_list(ctx: Context, args) -> None:
+    if args.name is not None:
+        ctx.store.user(args.name)
+    fwds = ctx.store.list_forwards(user=args.name, server=args.server)
+    ctx.emit(fwds, _forwards_table(fwds))
+
+
+def cmd_forward_remove(ctx: Context, args) -> None:
+    server = _server(ctx, args)
+    which = {"host_port": args.port} if args.host_port else {"container_port": args.port}
+    rec = ctx.store.remove_forward(args.name, server, actor=ctx.actor, **which)
+    container = _push_port_maps(ctx, args.name, server)
+    ctx.emit({"forward": rec, "container": container},
+             f"{rec.user}: removed {rec.server}:{rec.host_port} -> container port "
+             f"{rec.container_port}/{rec.proto}\n{container['note']}")
+
+
+# ---------------------------------------------------------------- containers
+
+def _audited(ctx: Context, action: str, user: str, detail: dict, fn: Callable[[], T]) -> T:
+    """Run ``fn`` and record it, failed or not, in the audit log."""
+    try:
+        result = fn()
+    except (LXDError, StoreError, ValueError) as e:
+        ctx.store.audit(ctx.actor, action, user, {**detail, "error": str(e)}, ok=False)
+        raise
+    ctx.store.audit(ctx.actor, action, user, detail)
+    return result
+
+
+def cmd_container_up(ctx: Context, args) -> None:
+    server = _server(ctx, args)
+
+    async def up(lxd: LXD) -> lifecycle.UserContainer:
+        return await lifecycle.ensure_user_container(
+            lxd, ctx.store, ctx.settings, args.name, server, actor=ctx.actor,
+            progress=lambda msg: ctx.note(f"{msg} ..."))
+    uc = _audited(ctx, "container.up", args.name, {"server": server},
+                  lambda: ctx.with_lxd(up))
+    text = fields([("container", uc.name), ("address", uc.address),
+                   ("ssh", uc.ssh_command)] +
+                  [(f"forward {h}", f"{uc.server}:{h} -> container port {p}")
+                   for h, p in sorted(uc.forwards.items())])
+    ctx.emit({**_plain(uc), "ssh_command": uc.ssh_command}, text)
+
+
+def cmd_container_sync(ctx: Context, args) -> None:
+    server = _server(ctx, args)
+
+    async def sync(lxd: LXD) -> lifecycle.SyncResult:
+        return await lifecycle.sync_user_container(lxd, ctx.store, args.name, server,
+                                                   prefix=ctx.settings.instance_prefix)
+    res = _audited(ctx, "container.sync", args.name, {"server": server},
+                   lambda: ctx.with_lxd(sync))
+    ctx.emit(res, fields([
+        ("container", res.name),
+        ("port maps", "updated" if res.ports_changed else "unchanged"),
+        ("keys", "pushed" if res.provisioned
+         else "not pushed: the container is stopped (they are at its next start)")]))
+
+
+# ---------------------------------------------------------------- audit
+
+def cmd_audit(ctx: Context, args) -> None:
+    entries = ctx.store.audit_log(user=args.user, limit=args.limit)
+    ctx.emit(entries, table([(e.time, e.actor, e.action, e.target, e.ok, e.detail)
+                             for e in entries],
+                            ["TIME", "ACTOR", "ACTION", "TARGET", "OK", "DETAIL"]))
+
+
+# ---------------------------------------------------------------- arguments
+
+def _port(text: str) -> int:
+    if not text.isascii() or not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"not a port number (1-65535): {text!r}")
+    return int(text)
+
+
+def _positive(text: str) -> int:
+    if not text.isascii() or not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"not a positive whole number: {text!r}")
+    return int(text)
+
+
+NAME = {"metavar": "NAME", "help": "the user's hub (LDAP) name"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    # --json and --config work before or after the subcommand: the leaves
+    # repeat them with SUPPRESS defaults, so they never overwrite the top's.
+    # (Parents share their action objects: the top gets its own.)
+    def global_options(default):
+        g = argparse.ArgumentParser(add_help=False)
+        g.add_argument("--json", action="store_true",
+                       default=False if default is None else default,
+                       help="print JSON for scripts instead of tables")
+        g.add_argument("--config", metavar="FILE", default=default,
+                       help="settings file (default: $LXCGPU_CONFIG, else "
+                            "/etc/lxcgpu/lxcgpu.toml)")
+        g.add_argument("-v", "--verbose", action="store_true",
+                       default=False if default is None else default,
+                       help="log what is done")
+        return g
+
+    common = global_options(argparse.SUPPRESS)
+    p = argparse.ArgumentParser(prog=PROG, parents=[global_options(None)], description=(
+        "Manage lxcgpu users, SSH keys, port forwards and containers."))
+    groups = p.add_subparsers(dest="group", metavar="COMMAND", required=True)
+
+    def leaf(sub, name, func, help):
+        q = sub.add_parser(name, parents=[common], help=help, description=help)
+        q.set_defaults(func=func)
+        return q
+
+    def server_opt(q):
+        q.add_argument("--server", metavar="S", help="GPU server name (default: this "
+                       "server, [server] name)")
+
+    user = groups.add_parser("user", help="users: SSH port and id block").add_subparsers(
+        dest="cmd", metavar="ACTION", required=True)
+    leaf(user, "add", cmd_user_add, "register a user: allocate their SSH port and "
+         "id block").add_argument("name", **NAME)
+    leaf(user, "show", cmd_user_show, "a user's ports, keys and forwards").add_argument(
+        "name", **NAME)
+    leaf(user, "list", cmd_user_list, "all users")
+
+    key = groups.add_parser("key", help="users' SSH public keys").add_subparsers(
+        dest="cmd", metavar="ACTION", required=True)
+    q = leaf(key, "add", cmd_key_add, "add public keys from FILE or stdin, one per line "
+             "(all or none)")
+    q.add_argument("name", **NAME)
+    q.add_argument("file", nargs="?", default="-", metavar="FILE",
+                   help="a .pub or authorized_keys file; - or nothing: stdin")
+    leaf(key, "list", cmd_key_list, "a user's keys").add_argument("name", **NAME)
+    q = leaf(key, "remove", cmd_key_remove, "remove a key")
+    q.add_argument("name", **NAME)
+    q.add_argument("key", metavar="FINGERPRINT|ID")
+
+    fwd = groups.add_parser("forward", help="port forwards to containers").add_subparsers(
+        dest="cmd", metavar="ACTION", required=True)
+    q = leaf(fwd, "add", cmd_forward_add, "forward a free host port to a container port")
+    q.add_argument("name", **NAME)
+    q.add_argument("port", type=_port, metavar="PORT", help="the port inside the container")
+    server_opt(q)
+    q = leaf(fwd, "list", cmd_forward_list, "forwards (of one user, on one server)")
+    q.add_argument("name", nargs="?", **NAME)
+    q.add_argument("--server", metavar="S", help="only this GPU server's")
+    q = leaf(fwd, "remove", cmd_forward_remove, "remove a forward")
+    q.add_argument("name", **NAME)
+    q.add_argument("port", type=_port, metavar="PORT",
+                   help="its container port (with --host-port: its host port)")
+    q.add_argument("--host-port", action="store_true", help="PORT is the host port")
+    server_opt(q)
+
+    ctr = groups.add_parser("container", help="users' containers on this server"
+                            ).add_subparsers(dest="cmd", metavar="ACTION", required=True)
+    q = leaf(ctr, "up", cmd_container_up, "create, start and prepare a user's container")
+    q.add_argument("name", **NAME)
+    server_opt(q)
+    q = leaf(ctr, "sync", cmd_container_sync, "push a user's keys and port maps into "
+             "their container")
+    q.add_argument("name", **NAME)
+    server_opt(q)
+
+    q = groups.add_parser("audit", parents=[common], help="the audit log, newest first",
+                          description="the audit log, newest first")
+    q.set_defaults(func=cmd_audit)
+    q.add_argument("--user", metavar="NAME", help="only entries about this user")
+    q.add_argument("--limit", type=_positive, default=50, metavar="N",
+                   help="at most N entries (default 50)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                            format=f"{PROG}: %(message)s")
+    ctx = None
+    try:
+        ctx = Context(Settings.load(args.config), json=args.json)
+        args.func(ctx, args)
+        return 0
+    except (CommandError, StoreError, LXDError, ValueError, OSError) as e:
+        print(f"{PROG}: {e}", file=sys.stderr)
+        return 1
+    except SQLAlchemyError as e:
+        url = ctx.settings.store_url if ctx else "?"
+        print(f"{PROG}: the store at {url} failed: {getattr(e, 'orig', None) or e}",
+              file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        if ctx is not None:
+            ctx.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,179 @@
+"""A user's container from start to ready: the steps the spawner and the
+admin command share.
+
+The store decides the numbers (the user's SSH port and id block, their
+forwards); LXD holds the container and, in its config, the port maps the
+node agent turns into DNAT rules.  Every step reconciles to the desired
+state, so running any of them again changes nothing.  The store is
+synchronous and runs in a thread; LXD calls are already off the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from . import naming
+from .container import KEY_PREFIX, ContainerError, ensure_container
+from .lxd import LXD, LXDNotFound
+from .portmap import config_changes
+from .provision import provision
+from .settings import Settings
+from .store import Store
+
+log = logging.getLogger("lxcspawner.lifecycle")
+
+Progress = Callable[[str], None]
+
+# ContainerSpec fields a caller may set over the site settings.
+SPEC_OVERRIDES = frozenset({"image", "profiles", "prefix", "cpu", "memory", "processes",
+                            "mounts", "gpus", "pool", "extra_config"})
+
+
+@dataclass(frozen=True)
+class UserContainer:
+    """A user's container on one GPU server, as the user reaches it."""
+
+    name: str                      # the LXD instance name
+    server: str                    # the GPU server, as users know it
+    user: str                      # the hub user name
+    posix_user: str                # the login inside
+    address: str | None            # IPv4 on the bridge; None while stopped
+    ssh_port: int                  # the user's port on the server (-> container:22)
+    forwards: dict[int, int] = field(default_factory=dict)  # host port -> container port
+
+    @property
+    def ssh_command(self) -> str:
+        return f"ssh -p {self.ssh_port} {self.posix_user}@{self.server}"
+
+
+async def _wanted_ports(store: Store, user: str, server: str) -> tuple[int, dict[int, int]]:
+    """The user's SSH port and their TCP forwards on ``server``, from the store."""
+    def read():
+        rec = store.user(user)
+        fwds = store.list_forwards(user=user, server=server)
+        return rec.ssh_port, fwds
+    ssh_port, fwds = await asyncio.to_thread(read)
+    forwards = {}
+    for f in fwds:
+        if f.proto != "tcp":
+            log.warning("forward %s of %s on %s is %s; only tcp is mapped", f.host_port,
+                        user, server, f.proto)
+            continue
+        forwards[f.host_port] = f.container_port
+    return ssh_port, forwards
+
+
+def _check_owner(inst: dict, user: str) -> None:
+    owner = (inst.get("config") or {}).get(f"{KEY_PREFIX}owner")
+    if owner != user:
+        raise ContainerError(f"instance {inst.get('name')} belongs to "
+                             f"{owner or 'no lxcgpu user'}, not {user!r}")
+
+
+async def _write_port_maps(lxd: LXD, name: str, config: dict, ssh_port: int,
+                           forwards: dict[int, int]) -> bool:
+    changes = config_changes(config, ssh_port, forwards)
+    if changes:
+        log.info("port maps of %s: %s", name, changes)
+        await lxd.update_config(name, changes)
+    return bool(changes)
+
+
+async def sync_port_maps(lxd: LXD, store: Store, user: str, server: str, *,
+                         prefix: str = "") -> bool:
+    """Write the user's SSH port and forwards on ``server`` into their
+    container's config, if that container exists; True if anything changed."""
+    name = naming.instance_name(user, server, prefix)
+    inst = await lxd.instance(name)
+    if inst is None:
+        return False
+    _check_owner(inst, user)
+    ssh_port, forwards = await _wanted_ports(store, user, server)
+    return await _write_port_maps(lxd, name, inst.get("config") or {}, ssh_port, forwards)
+
+
+@dataclass(frozen=True)
+class SyncResult:
+    """What :func:`sync_user_container` did."""
+
+    name: str
+    ports_changed: bool
+    provisioned: bool              # False: the container is not running
+
+
+async def sync_user_container(lxd: LXD, store: Store, user: str, server: str, *,
+                              prefix: str = "") -> SyncResult:
+    """Push the store's view (port maps; SSH keys if it runs) into the user's
+    existing container.  A missing container is an LXDNotFound error."""
+    name = naming.instance_name(user, server, prefix)
+    inst = await lxd.instance(name)
+    if inst is None:
+        raise LXDNotFound(f"{user} has no container on {server} (no instance {name})", 404)
+    _check_owner(inst, user)
+    ssh_port, forwards = await _wanted_ports(store, user, server)
+    changed = await _write_port_maps(lxd, name, inst.get("config") or {}, ssh_port, forwards)
+    if not (await lxd.state(name)).running:
+        return SyncResult(name, changed, False)
+    keys = await asyncio.to_thread(store.authorized_keys, user)
+    await provision(lxd, name, login=naming.posix_name(user), keys=keys,
+                    hostname=naming.hostname(user, server))
+    return SyncResult(name, changed, True)
+
+
+async def ensure_user_container(lxd: LXD, store: Store, settings: Settings, user: str,
+                                server: str | None = None, *, start: bool = True,
+                                progress: Progress | None = None, actor: str = "system",
+                                address_timeout: float = 60, **overrides: Any
+                                ) -> UserContainer:
+    """Make ``user``'s container on ``server`` (default: ``settings.server``)
+    exist, carry its port maps, run and be ready for SSH with the user's keys.
+
+    Image, profiles, prefix, limits and mounts come from ``settings``;
+    ``overrides`` replace any of :data:`SPEC_OVERRIDES` (``gpus`` defaults to
+    the GPUs LXD sees on the server).  ``progress`` gets a short message before
+    each step.  With ``start=False`` a stopped container is left stopped and
+    not provisioned.  Idempotent: a running, provisioned container is left
+    alone (no restart, no rewrite).
+    """
+    bad = set(overrides) - SPEC_OVERRIDES
+    if bad:
+        raise TypeError(f"unknown container setting(s): {', '.join(sorted(bad))}")
+    say = progress or (lambda msg: None)
+    server = server or settings.server
+
+    say("allocating SSH port and ids")
+    rec = await asyncio.to_thread(store.ensure_user, user, actor=actor)
+    spec = settings.container_spec(user, rec.idmap_base, server=server, **overrides)
+    inst = await lxd.instance(spec.name)
+    if inst is None:
+        say("creating container")
+        if "gpus" not in overrides:
+            spec = settings.container_spec(user, rec.idmap_base, server=server,
+                                           gpus=await lxd.gpu_count(), **overrides)
+    inst = await ensure_container(lxd, spec)
+
+    # Before the start, so the node agent maps the ports on the start event.
+    ssh_port, forwards = await _wanted_ports(store, user, server)
+    await _write_port_maps(lxd, spec.name, inst.get("config") or {}, ssh_port, forwards)
+
+    address = None
+    if start:
+        state = await lxd.state(spec.name)
+        if not state.running:
+            say("starting container")
+            await lxd.start(spec.name)
+        if state.ipv4:
+            address = state.ipv4
+        else:
+            say("waiting for network")
+            address = await lxd.wait_for_address(spec.name, timeout=address_timeout)
+        say("preparing user")
+        keys = await asyncio.to_thread(store.authorized_keys, user)
+        await provision(lxd, spec.name, login=spec.posix_user, keys=keys,
+                        hostname=spec.hostname)
+    else:
+        address = (await lxd.state(spec.name)).ipv4
+    return UserContainer(spec.name, server, user, spec.posix_user, address, ssh_port, forwards)

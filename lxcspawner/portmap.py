@@ -1,0 +1,121 @@
+"""The port maps a container asks for, kept in its LXD config.
+
+LXD is where the truth about a server's NAT lives (ARCHITECTURE.md): each
+container carries, in ``user.lxcgpu.*`` keys, the host ports it owns —
+
+- ``user.lxcgpu.ssh-port = 22031``: the owner's SSH port, mapped to the
+  container's port 22;
+- ``user.lxcgpu.forward.11003 = 8080``: one key per port forward, host port
+  in the key, container port in the value (TCP).
+
+The store allocates the numbers; the spawner and the portal write them here
+whenever they change; the node agent on the server reads them back, with the
+container's current address, into DNAT rules.  Nothing else is needed to
+rebuild a server's rules after a reboot.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Iterable, Mapping
+
+from .container import KEY_PREFIX
+
+log = logging.getLogger("lxcspawner.portmap")
+
+SSH_PORT_KEY = KEY_PREFIX + "ssh-port"
+FORWARD_PREFIX = KEY_PREFIX + "forward."
+SSH_CONTAINER_PORT = 22
+
+
+@dataclass(frozen=True, order=True)
+class PortMap:
+    """One DNAT: ``host_port`` on the server to ``address:port`` in ``instance``."""
+
+    host_port: int
+    address: str
+    port: int
+    instance: str = ""
+
+
+def _port(value: object) -> int:
+    text = str(value).strip()
+    if not text.isascii() or not text.isdigit():
+        raise ValueError(f"not a port number: {value!r}")
+    port = int(text)
+    if not 1 <= port <= 65535:
+        raise ValueError(f"port out of range 1-65535: {port}")
+    return port
+
+
+def wanted_ports(config: Mapping[str, str]) -> dict[int, int]:
+    """Host port -> container port, as a container's config asks.
+
+    A malformed key or value is logged and skipped: one bad entry written by
+    hand must not take the other containers' SSH down with it.
+    """
+    ports: dict[int, int] = {}
+    for key, value in config.items():
+        try:
+            if key == SSH_PORT_KEY:
+                ports[_port(value)] = SSH_CONTAINER_PORT
+            elif key.startswith(FORWARD_PREFIX):
+                ports[_port(key[len(FORWARD_PREFIX):])] = _port(value)
+        except ValueError as e:
+            log.warning("ignoring %s=%r: %s", key, value, e)
+    return ports
+
+
+def config_changes(config: Mapping[str, str], ssh_port: int | None,
+                   forwards: Mapping[int, int]) -> dict[str, str | None]:
+    """The smallest config update that makes ``config`` ask for exactly this
+    SSH port and these forwards (``None`` deletes a key); empty if nothing
+    changes."""
+    want = {}
+    if ssh_port is not None:
+        want[SSH_PORT_KEY] = str(_port(ssh_port))
+    for host_port, port in forwards.items():
+        want[f"{FORWARD_PREFIX}{_port(host_port)}"] = str(_port(port))
+    changes: dict[str, str | None] = {
+        k: None for k in config
+        if (k == SSH_PORT_KEY or k.startswith(FORWARD_PREFIX)) and k not in want}
+    changes.update({k: v for k, v in want.items() if config.get(k) != v})
+    return changes
+
+
+def maps_for(instances: Iterable[Mapping]) -> list[PortMap]:
+    """The DNAT rules a server needs, from its instances' records with state
+    (LXD ``/1.0/instances?recursion=2``): one per wanted port of each running
+    container with an IPv4 address on eth0; nothing for the others.
+
+    Two containers claiming the same host port (a config edited by hand, a
+    copied container) are both reported in the log; the first by name wins,
+    so the outcome never depends on the order LXD lists them in.
+    """
+    maps: dict[int, PortMap] = {}
+    for inst in sorted(instances, key=lambda i: i.get("name", "")):
+        name = inst.get("name", "")
+        state = inst.get("state") or {}
+        if str(state.get("status", inst.get("status", ""))).lower() != "running":
+            continue
+        address = ipv4_of(state)
+        if not address:
+            continue
+        for host_port, port in sorted(wanted_ports(inst.get("config") or {}).items()):
+            if host_port in maps:
+                log.warning("host port %d is claimed by %s and %s; keeping %s",
+                            host_port, maps[host_port].instance, name, maps[host_port].instance)
+                continue
+            maps[host_port] = PortMap(host_port, address, port, name)
+    return sorted(maps.values())
+
+
+def ipv4_of(state: Mapping) -> str | None:
+    """The global IPv4 address of eth0 (else of any interface but lo)."""
+    network = state.get("network") or {}
+    for ifname in ["eth0"] + sorted(n for n in network if n not in ("eth0", "lo")):
+        for addr in (network.get(ifname) or {}).get("addresses") or []:
+            if addr.get("family") == "inet" and addr.get("scope") == "global":
+                return addr.get("address")
+    return None

@@ -1,0 +1,698 @@
+"""The store: what must be unique across the lab, in one database.
+
+Each user's SSH port (the same on every GPU server) and id map base (a block
+of 65536 host ids), forwarded host ports (unique per GPU server), users' SSH
+public keys, and the audit log.  Allocation picks the lowest free value and
+never hands out one that is taken; nothing is ever deleted except a key or
+a forward removed on request (and those of a user whose row is deleted).
+
+The API is synchronous (SQLAlchemy): callers on an event loop run it in an
+executor.  Every mutation and its audit entry commit in one transaction; bad
+input raises a :class:`StoreError` subclass whose message is a sentence fit
+for the user, and changes nothing.
+
+Concurrency.  On SQLite (the default) every writing transaction starts with
+``BEGIN IMMEDIATE``, so allocators in different processes serialize on the
+database's write lock (WAL keeps readers unblocked, and a 30 s busy timeout
+makes writers wait rather than fail).  On other databases (PostgreSQL)
+allocation relies on the unique constraints: a transaction that loses a race
+gets an IntegrityError and is retried a few times.
+
+The schema is managed by alembic (``lxcspawner/migrations``); ``Store()``
+upgrades to the newest revision on start, inside the same kind of write
+transaction, so concurrent first starts are safe.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+import random
+import re
+import sqlite3
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import (
+    BigInteger, DateTime, ForeignKey, Integer, MetaData, String, Text, TypeDecorator,
+    UniqueConstraint, create_engine, event, func, select, text,
+)
+from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+from . import container
+from .provision import KEY_TYPES, normalize_public_key
+
+log = logging.getLogger("lxcspawner.store")
+
+DEFAULT_URL = "sqlite:////var/lib/lxcgpu/lxcgpu.sqlite"
+SSH_PORTS = (22000, 29999)
+FORWARD_PORTS = (11000, 11999)
+FORWARD_LIMIT = 10
+PROTOCOLS = ("tcp",)
+BUSY_TIMEOUT_S = 30
+KEY_MAX = 16384           # an RSA-16384 public key is about 2.8 KB
+NAME_MAX = 255
+MIGRATIONS = Path(__file__).parent / "migrations"
+# The write transaction's execution option that makes SQLite take the write
+# lock at BEGIN rather than at the first write.
+_WRITE = "lxcgpu_write"
+_ATTEMPTS = 8             # write attempts on a unique-constraint race
+_PG_UPGRADE_LOCK = 0x6C786367  # "lxcg": the advisory lock serializing upgrades
+
+_SERVER = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
+_PORT = re.compile(r"^[0-9]{1,5}$")
+_PORT_RANGE = re.compile(r"^\s*([0-9]{1,5})\s*-\s*([0-9]{1,5})\s*$")
+# A second key pasted on the same line ends up in the first one's comment.
+_ANOTHER_KEY = re.compile(
+    r"(?:^|\s)(?:%s)\s+AAAA[A-Za-z0-9+/]" % "|".join(re.escape(k) for k in sorted(KEY_TYPES)))
+
+T = TypeVar("T")
+
+
+class StoreError(ValueError):
+    """The store refuses a request; the message is a sentence for the user."""
+
+
+class NotFound(StoreError):
+    """The user, key or forward asked for does not exist."""
+
+
+class Exhausted(StoreError):
+    """A port range or the id range is used up."""
+
+
+class LimitReached(StoreError):
+    """The user already has as many forwards on that server as allowed."""
+
+
+class InvalidInput(StoreError):
+    """A bad port, key, name or setting."""
+
+
+# ---------------------------------------------------------------- records
+
+@dataclass(frozen=True)
+class UserRecord:
+    name: str
+    ssh_port: int
+    idmap_base: int
+    created: datetime
+
+
+@dataclass(frozen=True)
+class KeyRecord:
+    id: int
+    user: str
+    key: str              # the normalized line: ``type base64 [comment]``
+    fingerprint: str      # ``SHA256:...`` as ``ssh-keygen -l`` prints it
+    comment: str
+    created: datetime
+
+
+@dataclass(frozen=True)
+class ForwardRecord:
+    id: int
+    user: str
+    server: str
+    host_port: int
+    container_port: int
+    proto: str
+    created: datetime
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    id: int
+    time: datetime
+    actor: str
+    action: str
+    target: str
+    detail: str | None
+    ok: bool
+
+
+# ---------------------------------------------------------------- schema
+
+class _UTCDateTime(TypeDecorator):
+    """A UTC time, stored naive (SQLite has no time zones), read back aware."""
+
+    impl = DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value, dialect):
+        return None if value is None else value.astimezone(timezone.utc).replace(tzinfo=None)
+
+    def process_result_value(self, value, dialect):
+        return None if value is None else value.replace(tzinfo=timezone.utc)
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    # Named constraints, so later migrations (batch mode on SQLite) can
+    # address them.
+    metadata = MetaData(naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "ck": "ck_%(table_name)s_%(constraint_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    })
+
+
+class User(Base):
+    __tablename__ = "users"
+
+    name: Mapped[str] = mapped_column(String(NAME_MAX), primary_key=True)
+    ssh_port: Mapped[int] = mapped_column(Integer, unique=True)
+    idmap_base: Mapped[int] = mapped_column(BigInteger, unique=True)
+    created: Mapped[datetime] = mapped_column(_UTCDateTime, default=_now)
+
+
+class SSHKey(Base):
+    __tablename__ = "ssh_keys"
+    __table_args__ = (UniqueConstraint("user", "fingerprint"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user: Mapped[str] = mapped_column(ForeignKey("users.name", ondelete="CASCADE"))
+    key: Mapped[str] = mapped_column(Text)
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    comment: Mapped[str] = mapped_column(Text, default="")
+    created: Mapped[datetime] = mapped_column(_UTCDateTime, default=_now)
+
+
+class Forward(Base):
+    __tablename__ = "forwards"
+    __table_args__ = (UniqueConstraint("server", "host_port"),
+                      UniqueConstraint("user", "server", "container_port", "proto"))
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user: Mapped[str] = mapped_column(ForeignKey("users.name", ondelete="CASCADE"))
+    server: Mapped[str] = mapped_column(String(63))
+    host_port: Mapped[int] = mapped_column(Integer)
+    container_port: Mapped[int] = mapped_column(Integer)
+    proto: Mapped[str] = mapped_column(String(8), default="tcp")
+    created: Mapped[datetime] = mapped_column(_UTCDateTime, default=_now)
+
+
+class Audit(Base):
+    __tablename__ = "audit"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    time: Mapped[datetime] = mapped_column(_UTCDateTime, default=_now)
+    actor: Mapped[str] = mapped_column(String(NAME_MAX))
+    action: Mapped[str] = mapped_column(String(64))
+    target: Mapped[str] = mapped_column(String(NAME_MAX), index=True)
+    detail: Mapped[str | None] = mapped_column(Text)
+    ok: Mapped[bool] = mapped_column(default=True)
+
+
+def _user_record(r: User) -> UserRecord:
+    return UserRecord(r.name, r.ssh_port, r.idmap_base, r.created)
+
+
+def _key_record(r: SSHKey) -> KeyRecord:
+    return KeyRecord(r.id, r.user, r.key, r.fingerprint, r.comment, r.created)
+
+
+def _forward_record(r: Forward) -> ForwardRecord:
+    return ForwardRecord(r.id, r.user, r.server, r.host_port, r.container_port, r.proto,
+                         r.created)
+
+
+def _audit_record(r: Audit) -> AuditRecord:
+    return AuditRecord(r.id, r.time, r.actor, r.action, r.target, r.detail, r.ok)
+
+
+# ---------------------------------------------------------------- pure helpers
+
+def parse_port_range(text: str) -> tuple[int, int]:
+    """``"22000-29999"`` -> ``(22000, 29999)``; ports 1..65535, low <= high."""
+    m = _PORT_RANGE.fullmatch(text) if isinstance(text, str) else None
+    if m is None:
+        raise InvalidInput(f"Port range {text!r} should look like 22000-29999.")
+    return _check_range((int(m[1]), int(m[2])), repr(text))
+
+
+def _check_range(value: Any, what: str) -> tuple[int, int]:
+    if isinstance(value, str):
+        return parse_port_range(value)
+    try:
+        lo, hi = value
+    except (TypeError, ValueError):
+        raise InvalidInput(f"{what} should be a (low, high) pair of ports.") from None
+    if not all(isinstance(p, int) and not isinstance(p, bool) for p in (lo, hi)) \
+            or not 1 <= lo <= hi <= 65535:
+        raise InvalidInput(f"{what} {value!r} should be ports from 1 to 65535, low to high.")
+    return lo, hi
+
+
+def subuid_range(user: str = "root", path: str = "/etc/subuid") -> tuple[int, int] | None:
+    """``(first, count)`` of the largest range ``user`` is granted in ``path``
+    (the first of equal ones), or None if the file or a grant is missing."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except FileNotFoundError:
+        return None
+    names = {user, "0"} if user == "root" else {user}
+    best = None
+    for line in lines:
+        m = re.fullmatch(r"\s*([^:#\s]+):([0-9]+):([0-9]+)\s*", line)
+        if m and m[1] in names and (best is None or int(m[3]) > best[1]):
+            best = (int(m[2]), int(m[3]))
+    return best
+
+
+def _idmap_bases(first: int, last: int, grant: tuple[int, int] | None) -> range:
+    """The block bases users may get: aligned like ContainerSpec wants them,
+    inside ``first..last``, and each whole block inside root's grant."""
+    block = container.IDMAP_BLOCK
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (first, last)) \
+            or not container.IDMAP_USER_FIRST <= first <= last <= container.IDMAP_USER_LAST \
+            or (first - container.IDMAP_USER_FIRST) % block:
+        raise InvalidInput(
+            f"The id map range {first!r}..{last!r} must lie within "
+            f"{container.IDMAP_USER_FIRST}..{container.IDMAP_USER_LAST} and start on a "
+            f"{block}-id block from {container.IDMAP_USER_FIRST}.")
+    lo, hi = first, last
+    if grant is not None:
+        lo, hi = max(lo, grant[0]), min(hi, grant[0] + grant[1] - block)
+    start = first + -(-(lo - first) // block) * block
+    return range(start, max(hi + 1, start), block)
+
+
+def key_fingerprint(public_key: str) -> str:
+    """The SHA256 fingerprint of a public key line, as ``ssh-keygen -l`` prints it."""
+    return _parse_key(public_key)[1]
+
+
+def _fingerprint(blob: bytes) -> str:
+    return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
+
+
+def _parse_key(public_key: Any) -> tuple[str, str, str]:
+    """(normalized line, fingerprint, comment) of one public key."""
+    if not isinstance(public_key, str) or not public_key.strip():
+        raise InvalidInput("Paste an SSH public key, such as the contents of "
+                           "~/.ssh/id_ed25519.pub.")
+    if "PRIVATE KEY" in public_key:
+        raise InvalidInput("That is a private key, which must never leave your computer: "
+                           "paste the public key (the .pub file) instead.")
+    if len(public_key) > KEY_MAX:
+        raise InvalidInput(f"That key is longer than {KEY_MAX} characters; "
+                           "paste one public key.")
+    try:
+        # strip(): a key copied on Windows ends in CR LF.
+        line = normalize_public_key(public_key.strip())
+    except ValueError as e:
+        raise InvalidInput(f"That is not a valid SSH public key: {e}.") from None
+    kind, body, *rest = line.split(" ", 2)
+    comment = rest[0] if rest else ""
+    if _ANOTHER_KEY.search(comment):
+        raise InvalidInput("That text holds more than one key: add one key at a time.")
+    return line, _fingerprint(base64.b64decode(body)), comment
+
+
+def _check_name(name: Any, what: str = "user name") -> str:
+    if not isinstance(name, str) or not 0 < len(name) <= NAME_MAX or name != name.strip() \
+            or any(ord(c) < 32 or ord(c) == 127 for c in name):
+        raise InvalidInput(f"{name!r} is not a valid {what}.")
+    return name
+
+
+def _check_server(server: Any) -> str:
+    if not isinstance(server, str) or _SERVER.fullmatch(server) is None:
+        raise InvalidInput(f"{server!r} is not a GPU server name (lowercase letters, "
+                           "digits and hyphens).")
+    return server
+
+
+def _check_port(port: Any, what: str) -> int:
+    if isinstance(port, str) and _PORT.fullmatch(port.strip()):
+        port = int(port)
+    if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
+        raise InvalidInput(f"The {what} must be a number from 1 to 65535, not {port!r}.")
+    return port
+
+
+def _check_proto(proto: Any) -> str:
+    if proto not in PROTOCOLS:
+        raise InvalidInput(f"Only {', '.join(PROTOCOLS)} ports can be forwarded, not {proto!r}.")
+    return proto
+
+
+def _lowest_free(candidates: range, used: set[int]) -> int | None:
+    return next((c for c in candidates if c not in used), None)
+
+
+# ---------------------------------------------------------------- SQLite
+
+def _sqlite_connect(dbapi_connection, connection_record) -> None:
+    # Let SQLAlchemy's "begin" event emit BEGIN itself (pysqlite would
+    # otherwise begin lazily, before the first write only).
+    dbapi_connection.isolation_level = None
+    cur = dbapi_connection.cursor()
+    cur.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_S * 1000}")
+    deadline = time.monotonic() + BUSY_TIMEOUT_S
+    while True:
+        try:
+            cur.execute("PRAGMA journal_mode = WAL")
+            break
+        except sqlite3.OperationalError as e:
+            # Turning a new file to WAL takes an exclusive lock, and when
+            # processes race for it SQLite answers "locked" at once rather
+            # than wait (waiting would deadlock): step back and retry.
+            if "locked" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(random.uniform(0.005, 0.05))
+    cur.execute("PRAGMA foreign_keys = ON")
+    cur.close()
+
+
+def _sqlite_begin(conn: Connection) -> None:
+    conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get(_WRITE)
+                         else "BEGIN")
+
+
+def _make_engine(url: str) -> Engine:
+    u = make_url(url)
+    if u.get_backend_name() != "sqlite":
+        return create_engine(u, pool_pre_ping=True)
+    if u.database and u.database != ":memory:" and not u.query.get("uri"):
+        Path(u.database).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    engine = create_engine(u)
+    event.listen(engine, "connect", _sqlite_connect)
+    event.listen(engine, "begin", _sqlite_begin)
+    return engine
+
+
+# ---------------------------------------------------------------- the store
+
+class Store:
+    """Users' ports, id blocks, keys and forwards, and the audit log.
+
+    ``ssh_ports`` and ``forward_ports`` are (low, high) pairs or ``"low-high"``
+    strings and must not overlap.  Users' id blocks start at ``idmap_first``
+    plus a multiple of 65536, at most ``idmap_last``, and lie wholly inside
+    root's grant in ``subuid_file`` when that file grants root any ids.
+    """
+
+    def __init__(self, url: str = DEFAULT_URL, *,
+                 ssh_ports: tuple[int, int] | str = SSH_PORTS,
+                 forward_ports: tuple[int, int] | str = FORWARD_PORTS,
+                 forward_limit: int = FORWARD_LIMIT,
+                 idmap_first: int = container.IDMAP_USER_FIRST,
+                 idmap_last: int = container.IDMAP_USER_LAST,
+                 subuid_file: str = "/etc/subuid", upgrade: bool = True):
+        self.ssh_ports = _check_range(ssh_ports, "The SSH port range")
+        self.forward_ports = _check_range(forward_ports, "The forward port range")
+        if self.ssh_ports[0] <= self.forward_ports[1] and \
+                self.forward_ports[0] <= self.ssh_ports[1]:
+            raise InvalidInput(f"The SSH port range {self.ssh_ports} and the forward port "
+                               f"range {self.forward_ports} overlap.")
+        if not isinstance(forward_limit, int) or isinstance(forward_limit, bool) \
+                or forward_limit < 0:
+            raise InvalidInput(f"The forward limit must be a whole number >= 0, "
+                               f"not {forward_limit!r}.")
+        self.forward_limit = forward_limit
+        self.subuid_grant = subuid_range("root", subuid_file)
+        self.idmap_bases = _idmap_bases(idmap_first, idmap_last, self.subuid_grant)
+        self._engine = _make_engine(url)
+        self._writer = self._engine.execution_options(**{_WRITE: True})
+        if upgrade:
+            self.upgrade()
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def upgrade(self) -> None:
+        """Bring the schema to the newest revision (a no-op when it is)."""
+        with self._writer.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_UPGRADE_LOCK})
+            cfg = Config()
+            cfg.set_main_option("script_location", str(MIGRATIONS).replace("%", "%%"))
+            cfg.set_main_option("path_separator", "os")
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "head")
+
+    def close(self) -> None:
+        self._engine.dispose()
+
+    # -- transactions
+
+    def _read(self, fn: Callable[[Session], T]) -> T:
+        with Session(self._engine) as s:
+            return fn(s)
+
+    def _write(self, fn: Callable[[Session], T]) -> T:
+        """Run ``fn`` in one write transaction, retried when it loses a race
+        on a unique constraint (never on SQLite, where writers serialize)."""
+        for attempt in range(_ATTEMPTS):
+            try:
+                with Session(self._writer, expire_on_commit=False) as s, s.begin():
+                    return fn(s)
+            except IntegrityError as e:
+                if attempt == _ATTEMPTS - 1:
+                    raise StoreError("The store is busy with a conflicting change; "
+                                     "please try again.") from e
+                log.debug("retrying after a conflicting write: %s", e)
+                time.sleep(random.uniform(0, 0.01 * 2 ** attempt))
+        raise AssertionError("unreachable")
+
+    # -- audit
+
+    @staticmethod
+    def _audit(s: Session, actor: str, action: str, target: str, detail: Any = None,
+               ok: bool = True) -> None:
+        if detail is not None and not isinstance(detail, str):
+            detail = json.dumps(detail, sort_keys=True, default=str)
+        s.add(Audit(time=_now(), actor=actor, action=action, target=target, detail=detail,
+                    ok=bool(ok)))
+
+    def audit(self, actor: str, action: str, target: str, detail: Any = None,
+              ok: bool = True) -> None:
+        """Record an action (also a failed one, with ``ok=False``).  ``detail``
+        is text or anything JSON can encode."""
+        actor, target = _check_name(actor, "actor"), _check_name(target, "audit target")
+        if not isinstance(action, str) or not 0 < len(action) <= 64:
+            raise InvalidInput(f"{action!r} is not a valid audit action.")
+        self._write(lambda s: self._audit(s, actor, action, target, detail, ok))
+
+    def audit_log(self, *, user: str | None = None, limit: int = 100) -> list[AuditRecord]:
+        """The newest ``limit`` entries, newest first; only ``user``'s if given."""
+        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+            raise InvalidInput(f"The limit must be a positive whole number, not {limit!r}.")
+        q = select(Audit).order_by(Audit.id.desc()).limit(limit)
+        if user is not None:
+            q = q.where(Audit.target == _check_name(user))
+        return self._read(lambda s: [_audit_record(r) for r in s.scalars(q)])
+
+    # -- users
+
+    def _ensure_user(self, s: Session, name: str, actor: str) -> User:
+        row = s.get(User, name)
+        if row is not None:
+            return row
+        lo, hi = self.ssh_ports
+        # Ports of forwards count as used too, in case the ranges were moved.
+        used = set(s.scalars(select(User.ssh_port).where(User.ssh_port.between(lo, hi))))
+        used |= set(s.scalars(select(Forward.host_port).where(Forward.host_port.between(lo, hi))))
+        port = _lowest_free(range(lo, hi + 1), used)
+        if port is None:
+            raise Exhausted(f"All {hi - lo + 1} SSH ports ({lo}-{hi}) are taken, so no new "
+                            "user can be added; ask an administrator to widen the range.")
+        bases, block = self.idmap_bases, container.IDMAP_BLOCK
+        base = _lowest_free(bases, set(s.scalars(select(User.idmap_base))))
+        if base is None:
+            why = (f"all {len(bases)} blocks of {block} host ids ({bases[0]}-"
+                   f"{bases[-1] + block - 1}) are taken" if bases else
+                   "root's /etc/subuid grant leaves no room for a block of host ids")
+            raise Exhausted(f"No new user can be added: {why}; ask an administrator to "
+                            "grant root more ids.")
+        row = User(name=name, ssh_port=port, idmap_base=base, created=_now())
+        s.add(row)
+        s.flush()
+        self._audit(s, actor, "user.create", name, {"ssh_port": port, "idmap_base": base})
+        log.info("user %s: SSH port %d, id block %d", name, port, base)
+        return row
+
+    def ensure_user(self, name: str, *, actor: str = "system") -> UserRecord:
+        """The user's record, allocating their SSH port and id block the first
+        time (the lowest free ones)."""
+        name, actor = _check_name(name), _check_name(actor, "actor")
+        existing = self.get_user(name)
+        if existing is not None:
+            return existing
+        return self._write(lambda s: _user_record(self._ensure_user(s, name, actor)))
+
+    def get_user(self, name: str) -> UserRecord | None:
+        name = _check_name(name)
+
+        def txn(s: Session) -> UserRecord | None:
+            row = s.get(User, name)
+            return None if row is None else _user_record(row)
+        return self._read(txn)
+
+    def user(self, name: str) -> UserRecord:
+        """The user's record; NotFound if they have none yet."""
+        rec = self.get_user(name)
+        if rec is None:
+            raise NotFound(f"There is no lxcgpu user {name!r}.")
+        return rec
+
+    def list_users(self) -> list[UserRecord]:
+        return self._read(lambda s: [_user_record(r) for r in
+                                     s.scalars(select(User).order_by(User.name))])
+
+    # -- keys
+
+    def add_key(self, user: str, public_key: str, *, actor: str) -> KeyRecord:
+        """Add one public key; adding a key the user already has returns it."""
+        user, actor = _check_name(user), _check_name(actor, "actor")
+        line, fingerprint, comment = _parse_key(public_key)
+
+        def txn(s: Session) -> KeyRecord:
+            self._ensure_user(s, user, actor)
+            row = s.scalar(select(SSHKey).where(SSHKey.user == user,
+                                                SSHKey.fingerprint == fingerprint))
+            if row is None:
+                row = SSHKey(user=user, key=line, fingerprint=fingerprint, comment=comment,
+                             created=_now())
+                s.add(row)
+                s.flush()
+                self._audit(s, actor, "key.add", user,
+                            {"id": row.id, "fingerprint": fingerprint, "comment": comment})
+            return _key_record(row)
+        return self._write(txn)
+
+    def list_keys(self, user: str) -> list[KeyRecord]:
+        q = select(SSHKey).where(SSHKey.user == _check_name(user)).order_by(SSHKey.id)
+        return self._read(lambda s: [_key_record(r) for r in s.scalars(q)])
+
+    def authorized_keys(self, user: str) -> list[str]:
+        """The user's key lines, oldest first."""
+        return [k.key for k in self.list_keys(user)]
+
+    def remove_key(self, user: str, fingerprint_or_id: str | int, *, actor: str) -> KeyRecord:
+        """Remove one of the user's keys, named by fingerprint or id."""
+        user, actor = _check_name(user), _check_name(actor, "actor")
+        which = fingerprint_or_id.strip() if isinstance(fingerprint_or_id, str) \
+            else fingerprint_or_id
+        if isinstance(which, str) and which.isascii() and which.isdigit():
+            which = int(which)
+        if isinstance(which, int) and not isinstance(which, bool):
+            cond = SSHKey.id == which
+        elif isinstance(which, str) and which.startswith("SHA256:"):
+            cond = SSHKey.fingerprint == which
+        else:
+            raise InvalidInput(f"Name a key by its fingerprint (SHA256:...) or its id, "
+                               f"not {fingerprint_or_id!r}.")
+
+        def txn(s: Session) -> KeyRecord:
+            row = s.scalar(select(SSHKey).where(SSHKey.user == user, cond))
+            if row is None:
+                raise NotFound(f"{user} has no key {fingerprint_or_id}.")
+            rec = _key_record(row)
+            s.delete(row)
+            self._audit(s, actor, "key.remove", user,
+                        {"id": rec.id, "fingerprint": rec.fingerprint, "comment": rec.comment})
+            return rec
+        return self._write(txn)
+
+    # -- forwards
+
+    def add_forward(self, user: str, server: str, container_port: int | str, *, actor: str,
+                    proto: str = "tcp") -> ForwardRecord:
+        """Forward a free host port of ``server`` (the lowest) to the user's
+        ``container_port``; the same request again returns the same forward."""
+        user, actor = _check_name(user), _check_name(actor, "actor")
+        server, proto = _check_server(server), _check_proto(proto)
+        container_port = _check_port(container_port, "container port")
+        same = select(Forward).where(Forward.user == user, Forward.server == server,
+                                     Forward.container_port == container_port,
+                                     Forward.proto == proto)
+
+        def txn(s: Session) -> ForwardRecord:
+            self._ensure_user(s, user, actor)
+            row = s.scalar(same)
+            if row is not None:
+                return _forward_record(row)
+            count = s.scalar(select(func.count()).select_from(Forward).where(
+                Forward.user == user, Forward.server == server))
+            if count >= self.forward_limit:
+                raise LimitReached(f"{user} may have at most {self.forward_limit} port "
+                                   f"forwards on {server} and already has {count}; "
+                                   "remove one first.")
+            lo, hi = self.forward_ports
+            used = set(s.scalars(select(Forward.host_port).where(
+                Forward.server == server, Forward.host_port.between(lo, hi))))
+            # SSH ports are open on every server, in case the ranges were moved.
+            used |= set(s.scalars(select(User.ssh_port).where(User.ssh_port.between(lo, hi))))
+            port = _lowest_free(range(lo, hi + 1), used)
+            if port is None:
+                raise Exhausted(f"All {hi - lo + 1} forward ports on {server} ({lo}-{hi}) "
+                                "are taken; try another server or ask an administrator.")
+            row = Forward(user=user, server=server, host_port=port,
+                          container_port=container_port, proto=proto, created=_now())
+            s.add(row)
+            s.flush()
+            self._audit(s, actor, "forward.add", user,
+                        {"id": row.id, "server": server, "host_port": port,
+                         "container_port": container_port, "proto": proto})
+            return _forward_record(row)
+        return self._write(txn)
+
+    def list_forwards(self, user: str | None = None,
+                      server: str | None = None) -> list[ForwardRecord]:
+        q = select(Forward).order_by(Forward.server, Forward.host_port)
+        if user is not None:
+            q = q.where(Forward.user == _check_name(user))
+        if server is not None:
+            q = q.where(Forward.server == _check_server(server))
+        return self._read(lambda s: [_forward_record(r) for r in s.scalars(q)])
+
+    def remove_forward(self, user: str, server: str, *, container_port: int | str | None = None,
+                       host_port: int | str | None = None, actor: str,
+                       proto: str = "tcp") -> ForwardRecord:
+        """Remove one of the user's forwards on ``server``, named by exactly
+        one of its container port (with ``proto``) and its host port."""
+        user, actor, server = _check_name(user), _check_name(actor, "actor"), _check_server(server)
+        if (container_port is None) == (host_port is None):
+            raise InvalidInput("Name the forward by its container port or by its host port.")
+        if container_port is not None:
+            port = _check_port(container_port, "container port")
+            cond = (Forward.container_port == port) & (Forward.proto == _check_proto(proto))
+            what = f"of container port {port}/{proto}"
+        else:
+            port = _check_port(host_port, "host port")
+            cond = Forward.host_port == port
+            what = f"on host port {port}"
+
+        def txn(s: Session) -> ForwardRecord:
+            row = s.scalar(select(Forward).where(Forward.user == user,
+                                                 Forward.server == server, cond))
+            if row is None:
+                raise NotFound(f"{user} has no forward {what} on {server}.")
+            rec = _forward_record(row)
+            s.delete(row)
+            self._audit(s, actor, "forward.remove", user,
+                        {"id": rec.id, "server": server, "host_port": rec.host_port,
+                         "container_port": rec.container_port, "proto": rec.proto})
+            return rec
+        return self._write(txn)
+

@@ -1,0 +1,274 @@
+"""lxcgpu-node: the agent on each GPU server.
+
+It keeps the server's DNAT chain equal to what LXD's instance config asks for
+(``user.lxcgpu.ssh-port``, ``user.lxcgpu.forward.*``; see
+:mod:`lxcspawner.portmap`): one rule per wanted port of every running
+container, to the container's current address.  It needs nothing but the
+local LXD, so a rebooted server gets its rules back from LXD alone.
+
+- At start it sets up our chains and loopback access, and rebuilds the rules
+  from LXD (a full reconcile).
+- It follows LXD's lifecycle events: a started container is mapped as soon as
+  it has an address (DHCP raises no event: its state is followed, 50 ms then
+  less often), a stopped or deleted one is unmapped, a config change is
+  applied.
+- Every ``--interval`` seconds, and whenever the event stream reconnects
+  (events may have been missed), it reconciles everything again.
+
+Stopping the agent leaves the rules in place: SSH keeps working while it
+restarts.  ``--remove-rules`` takes them out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import re
+import signal
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from lxcspawner.dnat import DNATTable, SyncResult, XtablesUnavailable
+from lxcspawner.lxd import LXD, LXDError
+from lxcspawner.portmap import PortMap, maps_for, wanted_ports
+
+log = logging.getLogger("lxcgpu.node")
+
+DEFAULT_INTERVAL = 60.0
+ADDRESS_TIMEOUT = 120.0
+_PREFIX = re.compile(r"^[A-Z][A-Z0-9_]{0,15}$")
+
+
+class NodeAgent:
+    """Reconciles one server's DNAT chain with its LXD (see the module docstring)."""
+
+    def __init__(self, lxd: LXD, table: DNATTable, *, interval: float = DEFAULT_INTERVAL,
+                 address_timeout: float = ADDRESS_TIMEOUT):
+        self.lxd = lxd
+        self.table = table
+        self.interval = interval
+        self.address_timeout = address_timeout
+        self.maps: dict[str, list[PortMap]] = {}
+        self.ready = asyncio.Event()
+        self.last_sync: SyncResult | None = None
+        self._resync = asyncio.Event()
+        self._refreshing: dict[str, asyncio.Task] = {}
+        self._apply_lock = asyncio.Lock()
+        # python-iptables is blocking and not thread-safe: one thread of its own.
+        self._iptables = ThreadPoolExecutor(max_workers=1, thread_name_prefix="iptables")
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def _in_iptables_thread(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._iptables, fn, *args)
+
+    # ------------------------------------------------------------ reconcile
+
+    async def reconcile(self, reason: str) -> SyncResult:
+        """Everything again, from LXD: chains and jumps, then every map."""
+        t0 = time.perf_counter()
+        bridges = await self.lxd.managed_bridges()
+        await self._in_iptables_thread(self.table.setup, bridges)
+        instances = await self.lxd.list_instances(with_state=True)
+        maps: dict[str, list[PortMap]] = {}
+        for m in maps_for(instances):
+            maps.setdefault(m.instance, []).append(m)
+        self.maps = maps
+        # A container that runs and wants ports but has no address yet gets
+        # followed until it has one.
+        for inst in instances:
+            name = inst.get("name", "")
+            status = str((inst.get("state") or {}).get("status", "")).lower()
+            if (name not in maps and status == "running"
+                    and wanted_ports(inst.get("config") or {})):
+                self._schedule_refresh(name, "no address yet")
+        result = await self._apply()
+        log.info("reconciled (%s): %d containers, %d rules, +%d -%d in %.0f ms", reason,
+                 len(maps), sum(map(len, maps.values())), result.added, result.removed,
+                 (time.perf_counter() - t0) * 1000)
+        return result
+
+    async def _apply(self) -> SyncResult:
+        async with self._apply_lock:
+            wanted = [m for ms in self.maps.values() for m in ms]
+            result = await self._in_iptables_thread(self.table.sync, wanted)
+            self.last_sync = result
+            return result
+
+    async def refresh(self, name: str, why: str) -> None:
+        """One container again: map it once it runs with an address, unmap it otherwise."""
+        t0 = time.monotonic()
+        delay = 0.05
+        while True:
+            inst = await self.lxd.instance_with_state(name)
+            maps = maps_for([inst]) if inst else []
+            status = str(((inst or {}).get("state") or {}).get("status", "")).lower()
+            if maps or status != "running" or not wanted_ports((inst or {}).get("config") or {}):
+                break
+            if time.monotonic() - t0 > self.address_timeout:
+                log.warning("%s runs but got no IPv4 address in %.0f s; not mapped", name,
+                            self.address_timeout)
+                break
+            await asyncio.sleep(delay)
+            delay = min(delay * 1.5, 0.5)
+        if maps:
+            self.maps[name] = maps
+        elif self.maps.pop(name, None) is None:
+            return
+        result = await self._apply()
+        if result.changed:
+            log.info("%s (%s): %s; +%d -%d rules", name, why,
+                     ", ".join(f"{m.host_port}->{m.address}:{m.port}" for m in maps) or "unmapped",
+                     result.added, result.removed)
+
+    def _schedule_refresh(self, name: str, why: str) -> None:
+        # A newer event for the same container supersedes an older one.
+        old = self._refreshing.pop(name, None)
+        if old is not None:
+            old.cancel()
+        task = asyncio.ensure_future(self._guarded(name, why))
+        self._refreshing[name] = task
+        task.add_done_callback(lambda t: self._refreshing.get(name) is t
+                               and self._refreshing.pop(name, None))
+
+    async def _guarded(self, name: str, why: str) -> None:
+        try:
+            await self.refresh(name, why)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the periodic reconcile repairs it
+            log.warning("updating %s failed: %s; the next reconcile retries", name, e)
+            self._resync.set()
+
+    # ------------------------------------------------------------ events
+
+    def _on_event(self, event: dict) -> None:
+        """From the event thread: hand the event to the loop."""
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._handle_event, event)
+
+    def _handle_event(self, event: dict) -> None:
+        md = event.get("metadata") or {}
+        action = str(md.get("action", ""))
+        if not action.startswith("instance-"):
+            return
+        source = str(md.get("source", "")).split("?", 1)[0].split("/")
+        if len(source) < 4 or source[1:3] != ["1.0", "instances"] or not source[3]:
+            return
+        self._schedule_refresh(source[3], action)
+        old = (md.get("context") or {}).get("old_name")
+        if old:
+            self._schedule_refresh(str(old), action)
+
+    # ------------------------------------------------------------ run
+
+    async def run(self) -> None:
+        """Until cancelled: follow events, reconcile at start and periodically."""
+        self._loop = asyncio.get_running_loop()
+        stream = self.lxd.follow_events(
+            self._on_event, on_connect=lambda: self._loop.call_soon_threadsafe(self._resync.set))
+        delay = 1.0
+        try:
+            while True:
+                try:
+                    await self.reconcile("start" if not self.ready.is_set() else "periodic")
+                    self.ready.set()
+                    delay = 1.0
+                except LXDError as e:
+                    log.warning("cannot reconcile: %s; retrying in %.0f s", e, delay)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 30.0)
+                    continue
+                try:
+                    await asyncio.wait_for(self._resync.wait(), self.interval)
+                except asyncio.TimeoutError:
+                    pass
+                self._resync.clear()
+        finally:
+            stream.close()
+            for task in list(self._refreshing.values()):
+                task.cancel()
+            self._iptables.shutdown(wait=True)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="lxcgpu-node",
+        description="Keep this GPU server's DNAT rules (SSH ports, port forwards) equal to "
+                    "what its LXD containers ask for.")
+    p.add_argument("--lxd", metavar="ENDPOINT", default=os.environ.get("LXCGPU_LXD"),
+                   help="LXD unix socket or https:// URL (default: the local socket)")
+    p.add_argument("--interval", type=float, default=DEFAULT_INTERVAL, metavar="SECONDS",
+                   help="full reconcile period (default %(default)s)")
+    p.add_argument("--chain-prefix", default="LXCGPU", metavar="NAME",
+                   help="our chains are NAME-DNAT and NAME-POSTROUTING (default %(default)s)")
+    p.add_argument("--once", action="store_true", help="reconcile once and exit")
+    p.add_argument("--remove-rules", action="store_true",
+                   help="remove our chains and jumps, and exit")
+    p.add_argument("--pidfile", metavar="FILE", help="write the process id here")
+    p.add_argument("--log-level", default="INFO",
+                   choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not _PREFIX.match(args.chain_prefix):
+        print(f"lxcgpu-node: --chain-prefix must be 1-16 capitals, digits or _: "
+              f"{args.chain_prefix!r}", file=sys.stderr)
+        return 2
+    if args.interval <= 0:
+        print("lxcgpu-node: --interval must be positive", file=sys.stderr)
+        return 2
+    try:
+        table = DNATTable(chain=f"{args.chain_prefix}-DNAT",
+                          post_chain=f"{args.chain_prefix}-POSTROUTING")
+    except XtablesUnavailable as e:
+        print(f"lxcgpu-node: {e}", file=sys.stderr)
+        return 3
+    if args.remove_rules:
+        table.teardown()
+        print(f"removed {table.chain}, {table.post_chain} and their jumps")
+        return 0
+    if args.pidfile:
+        Path(args.pidfile).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.pidfile).write_text(f"{os.getpid()}\n")
+    lxd = LXD(args.lxd)
+    agent = NodeAgent(lxd, table, interval=args.interval)
+
+    async def run() -> int:
+        if args.once:
+            await agent.reconcile("once")
+            return 0
+        task = asyncio.ensure_future(agent.run())
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, task.cancel)
+        try:
+            await task
+        except asyncio.CancelledError:
+            log.info("stopping; the rules stay in place")
+        return 0
+
+    try:
+        return asyncio.run(run())
+    except LXDError as e:
+        print(f"lxcgpu-node: {e}", file=sys.stderr)
+        return 1
+    finally:
+        lxd.close()
+        if args.pidfile:
+            try:
+                if Path(args.pidfile).read_text().strip() == str(os.getpid()):
+                    Path(args.pidfile).unlink()
+            except OSError:
+                pass
+
+
+if __name__ == "__main__":
+    sys.exit(main())

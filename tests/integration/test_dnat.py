@@ -1,0 +1,125 @@
+"""Our DNAT chain against the host's real legacy nat table (python-iptables)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lxcspawner.dnat import DNATTable
+from lxcspawner.portmap import PortMap
+from tests.fixtures.netns import sh
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def table(run_tag):
+    prefix = "LXCD" + run_tag[1:].upper()
+    t = DNATTable(chain=f"{prefix}-DNAT", post_chain=f"{prefix}-POST")
+    t.teardown()
+    yield t
+    t.teardown()
+
+
+def rules(chain: str, table: str = "nat") -> list[str]:
+    p = sh("iptables-legacy", "-w", "-t", table, "-S", chain, check=False)
+    return [line for line in p.stdout.splitlines() if line.startswith("-A ")]
+
+
+def maps(n: int, addr_base: int = 2) -> list[PortMap]:
+    return [PortMap(22000 + i, f"10.213.87.{addr_base + i}", 22, f"u{i}--node1")
+            for i in range(n)]
+
+
+def test_setup_is_idempotent_and_jumps_once(table):
+    table.setup(["lxcgpubr0"])
+    table.setup(["lxcgpubr0"])
+    for builtin in ("PREROUTING", "OUTPUT"):
+        jumps = [r for r in rules(builtin) if f"-j {table.chain}" in r]
+        assert jumps == [f"-A {builtin} -m addrtype --dst-type LOCAL -j {table.chain}"]
+    assert [r for r in rules("POSTROUTING") if table.post_chain in r] == [
+        f"-A POSTROUTING -j {table.post_chain}"]
+    assert rules(table.post_chain) == [
+        f"-A {table.post_chain} -s 127.0.0.0/8 -o lxcgpubr0 -j MASQUERADE"]
+    assert Path("/proc/sys/net/ipv4/conf/lxcgpubr0/route_localnet").read_text().strip() == "1"
+
+
+def test_setup_refuses_bad_interface_names(table):
+    for bad in ["br0; rm -rf /", "../all", "a" * 16, ""]:
+        with pytest.raises(ValueError):
+            table.setup([bad])
+
+
+def test_sync_writes_reads_back_and_changes_only_what_differs(table):
+    want = maps(5)
+    res = table.sync(want)
+    assert (res.added, res.removed) == (5, 0)
+    assert table.current() == want
+    assert rules(table.chain)[0] == (
+        f"-A {table.chain} -p tcp -m tcp --dport 22000 -m comment --comment \"lxcgpu:u0--node1\" "
+        "-j DNAT --to-destination 10.213.87.2:22")
+    assert not table.sync(want).changed
+    moved = want[:2] + [PortMap(22002, "10.213.87.99", 22, "u2--node1")] + want[3:]
+    res = table.sync(moved)
+    assert (res.added, res.removed, res.rebuilt) == (1, 1, False)
+    assert sorted(table.current()) == sorted(moved)
+    res = table.sync(moved[:1])
+    assert (res.added, res.removed) == (0, 4)
+    assert table.current() == moved[:1]
+    assert table.sync([]).removed == 1 and rules(table.chain) == []
+
+
+def test_one_rule_per_host_port(table):
+    res = table.sync([PortMap(22000, "10.213.87.3", 22, "b"), PortMap(22000, "10.213.87.2", 22, "a")])
+    assert res.added == 1
+    assert table.current() == [PortMap(22000, "10.213.87.2", 22, "a")]
+
+
+def test_foreign_rules_in_our_chain_are_replaced(table):
+    table.sync(maps(3))
+    sh("iptables-legacy", "-w", "-t", "nat", "-A", table.chain, "-p", "udp", "--dport", "53",
+       "-j", "RETURN")
+    sh("iptables-legacy", "-w", "-t", "nat", "-I", table.chain, "-p", "tcp", "--dport", "22001",
+       "-j", "DNAT", "--to-destination", "10.213.87.200:22")
+    assert None in table.current()
+    res = table.sync(maps(3))
+    assert res.rebuilt
+    assert table.current() == maps(3)
+
+
+def test_rules_outside_our_chains_survive_sync_and_teardown(table, run_tag):
+    comment = f"lxcgpu-test-keep-{run_tag}"
+    keep = ["-p", "tcp", "--dport", "7", "-m", "comment", "--comment", comment, "-j", "RETURN"]
+    sh("iptables-legacy", "-w", "-t", "nat", "-A", "PREROUTING", *keep)
+    try:
+        before = [r for r in rules("PREROUTING") if table.chain not in r]
+        table.setup(["lxcgpubr0"])
+        table.sync(maps(50))
+        table.sync(maps(10))
+        table.teardown()
+        assert [r for r in rules("PREROUTING") if table.chain not in r] == before
+        assert not any(table.chain in r for r in sh("iptables-legacy-save").stdout.splitlines())
+    finally:
+        sh("iptables-legacy", "-w", "-t", "nat", "-D", "PREROUTING", *keep, check=False)
+
+
+def test_agent_without_xtables_stops_with_a_clear_message():
+    # Without CAP_NET_ADMIN (dropped from the bounding set) x_tables refuses us,
+    # as on a host whose kernel lacks them.
+    p = subprocess.run(["setpriv", "--bounding-set=-net_admin", "--", sys.executable, "-m",
+                        "monitor.node", "--once", "--chain-prefix", "LXCGPUNOCAP"],
+                       cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 3, p.stderr
+    assert "legacy iptables (x_tables) is not usable on this host" in p.stderr
+    assert "Traceback" not in p.stderr
+
+
+@pytest.mark.parametrize("args", [["--chain-prefix", "lower"], ["--chain-prefix", "A" * 17],
+                                  ["--chain-prefix", "X; reboot"], ["--interval", "0"]])
+def test_agent_refuses_bad_options(args):
+    p = subprocess.run([sys.executable, "-m", "monitor.node", "--once", *args], cwd=REPO,
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "lxcgpu-node:" in p.stderr and "Traceback" not in p.stderr

@@ -1,0 +1,209 @@
+"""A user's container from the store to SSH, on the real LXD: the steps the
+spawner and ``lxcgpu-admin`` share.  One container serves the module."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from lxcspawner import lifecycle
+from lxcspawner.container import IDMAP_BLOCK, IDMAP_USER_FIRST
+from lxcspawner.portmap import FORWARD_PREFIX, SSH_PORT_KEY
+from lxcspawner.settings import Settings
+from tests.fixtures.lxd import REPO, TEST_KEY
+from tests.fixtures.sshkeys import keypair
+
+pytestmark = pytest.mark.lxd
+
+SERVER = "life"                     # keeps these names apart from other tests' servers
+# Id blocks of their own, above those of the idmap_blocks fixture (15000...)
+# and of the benchmarks (15050...), below the top of the users' range.
+BLOCK_FIRST, BLOCK_LAST = 15080, 15099
+# Ports away from a quickstart's defaults and from the NAT tests' ranges.
+SSH_PORTS, FORWARD_PORTS = "28000-28099", "11800-11899"
+USER = "erin"
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory, run_tag):
+    """A settings file for this module: temp store, this run's prefix."""
+    tmp = tmp_path_factory.mktemp("lifecycle")
+    config = tmp / "lxcgpu.toml"
+    config.write_text(f"""
+[store]
+url = "sqlite:///{tmp / 'lxcgpu.sqlite'}"
+[ports]
+ssh = "{SSH_PORTS}"
+forward = "{FORWARD_PORTS}"
+[server]
+name = "{SERVER}"
+[containers]
+prefix = "{run_tag}"
+cpu = 1
+memory = "1GiB"
+""")
+    return config, Settings.load(config)
+
+
+@pytest.fixture(scope="module")
+def store(site):
+    s = site[1].open_store(idmap_first=IDMAP_USER_FIRST + BLOCK_FIRST * IDMAP_BLOCK,
+                           idmap_last=IDMAP_USER_FIRST + BLOCK_LAST * IDMAP_BLOCK)
+    yield s
+    s.close()
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("lifekeys")
+    return {n: keypair(tmp, n) for n in ("erin", "erin2")}
+
+
+@pytest.fixture(scope="module")
+async def erin(lxd, template_image, store, site, keys, run_tag):
+    """Erin's container, made by ensure_user_container with her key from the
+    store; (UserContainer, progress messages).  Tagged for the sweep."""
+    await asyncio.to_thread(store.add_key, USER, keys["erin"][1], actor="test")
+    steps: list[str] = []
+    uc = await lifecycle.ensure_user_container(
+        lxd, store, site[1], USER, progress=steps.append, actor="test",
+        extra_config={TEST_KEY: run_tag})
+    yield uc, steps
+    await lxd.delete_instance(uc.name)
+
+
+def ssh(key, addr: str, *command: str) -> subprocess.CompletedProcess:
+    """``command`` over SSH as the user, once sshd listens (it starts with the container)."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            socket.create_connection((addr, 22), timeout=2).close()
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+    return subprocess.run(
+        ["ssh", "-i", str(key), "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no",
+         "-o", "UserKnownHostsFile=/dev/null", "-o", "ConnectTimeout=10",
+         f"{USER}@{addr}", *command], capture_output=True, text=True, timeout=60)
+
+
+async def test_creates_starts_and_provisions(lxd, erin, store, keys, run_tag,
+                                             logs_on_failure):
+    uc, steps = erin
+    logs_on_failure.append(uc.name)
+    rec = store.user(USER)
+    assert steps == ["allocating SSH port and ids", "creating container", "starting container",
+                     "waiting for network", "preparing user"]
+    assert (uc.name, uc.server, uc.user, uc.posix_user) == (
+        f"{run_tag}-erin--{SERVER}", SERVER, USER, USER)
+    assert uc.ssh_port == rec.ssh_port == 28000 and uc.forwards == {}
+    assert uc.ssh_command == f"ssh -p 28000 erin@{SERVER}"
+    st = await lxd.state(uc.name)
+    assert st.running and st.ipv4 == uc.address
+    cfg = st.config
+    assert cfg[SSH_PORT_KEY] == "28000"
+    assert cfg["security.idmap.base"] == str(rec.idmap_base)
+    assert rec.idmap_base == IDMAP_USER_FIRST + BLOCK_FIRST * IDMAP_BLOCK
+    assert (cfg["limits.cpu"], cfg["limits.memory"]) == ("1", "1GiB")
+    assert cfg[TEST_KEY] == run_tag
+    # SSH as erin, with the key the store holds.
+    out = await asyncio.to_thread(ssh, keys["erin"][0], uc.address, "hostname; whoami")
+    assert out.stdout.split() == [f"{SERVER}-erin", "erin"], out.stderr
+
+
+async def test_second_call_changes_nothing(lxd, erin, store, site, run_tag, logs_on_failure):
+    uc, _ = erin
+    logs_on_failure.append(uc.name)
+    ak = "/home/erin/.ssh/authorized_keys"
+    stat = ["stat", "-c", "%i %Y", ak, "/etc/hostname"]
+    pid = (await lxd.state(uc.name)).pid
+    files = (await lxd.execute(uc.name, stat)).check(stat).stdout
+    steps: list[str] = []
+    again = await lifecycle.ensure_user_container(
+        lxd, store, site[1], USER, progress=steps.append, actor="test",
+        extra_config={TEST_KEY: run_tag})
+    assert again == uc
+    assert steps == ["allocating SSH port and ids", "preparing user"]
+    assert (await lxd.state(uc.name)).pid == pid  # not restarted
+    assert (await lxd.execute(uc.name, stat)).check(stat).stdout == files
+
+
+async def test_forwards_reach_the_config(lxd, erin, store, run_tag, logs_on_failure):
+    uc, _ = erin
+    logs_on_failure.append(uc.name)
+    pid = (await lxd.state(uc.name)).pid
+    fwd = await asyncio.to_thread(store.add_forward, USER, SERVER, 8888, actor="test")
+    key = f"{FORWARD_PREFIX}{fwd.host_port}"
+    assert await lifecycle.sync_port_maps(lxd, store, USER, SERVER, prefix=run_tag)
+    cfg = (await lxd.instance(uc.name))["config"]
+    assert cfg[key] == "8888" and cfg[SSH_PORT_KEY] == "28000"
+    assert not await lifecycle.sync_port_maps(lxd, store, USER, SERVER, prefix=run_tag)
+    await asyncio.to_thread(store.remove_forward, USER, SERVER, container_port=8888,
+                            actor="test")
+    assert await lifecycle.sync_port_maps(lxd, store, USER, SERVER, prefix=run_tag)
+    cfg = (await lxd.instance(uc.name))["config"]
+    assert key not in cfg and cfg[SSH_PORT_KEY] == "28000"
+    assert (await lxd.state(uc.name)).pid == pid
+    # No container for this user on another server: nothing to write.
+    assert not await lifecycle.sync_port_maps(lxd, store, USER, "elsewhere",
+                                              prefix=run_tag)
+
+
+async def test_sync_pushes_key_changes(lxd, erin, store, keys, run_tag, logs_on_failure):
+    uc, _ = erin
+    logs_on_failure.append(uc.name)
+    k2 = await asyncio.to_thread(store.add_key, USER, keys["erin2"][1], actor="test")
+    res = await lifecycle.sync_user_container(lxd, store, USER, SERVER, prefix=run_tag)
+    assert res == lifecycle.SyncResult(uc.name, False, True)
+    ak = (await lxd.get_file(uc.name, "/home/erin/.ssh/authorized_keys")).decode()
+    assert ak.splitlines() == [keys["erin"][1], keys["erin2"][1]]
+    await asyncio.to_thread(store.remove_key, USER, k2.fingerprint, actor="test")
+    await lifecycle.sync_user_container(lxd, store, USER, SERVER, prefix=run_tag)
+    ak = (await lxd.get_file(uc.name, "/home/erin/.ssh/authorized_keys")).decode()
+    assert ak == keys["erin"][1] + "\n"
+
+
+def admin_cli(config, *args) -> subprocess.CompletedProcess:
+    """The installed command's code, as a separate process."""
+    env = {**os.environ, "LXCGPU_CONFIG": str(config), "SUDO_USER": "sysadm"}
+    return subprocess.run([sys.executable, "-m", "lxcspawner.admin", *args], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=300)
+
+
+async def test_admin_command_end_to_end(lxd, erin, store, site, logs_on_failure):
+    uc, _ = erin
+    logs_on_failure.append(uc.name)
+    config = site[0]
+    pid = (await lxd.state(uc.name)).pid
+    up = await asyncio.to_thread(admin_cli, config, "container", "up", USER, "--json")
+    assert up.returncode == 0, up.stderr
+    data = json.loads(up.stdout)
+    assert (data["name"], data["address"], data["ssh_command"]) == (
+        uc.name, uc.address, "ssh -p 28000 erin@life")
+    assert (await lxd.state(uc.name)).pid == pid
+    # A forward added with the command lands in the container's config at once.
+    add = await asyncio.to_thread(admin_cli, config, "forward", "add", USER, "6006")
+    assert add.returncode == 0, add.stderr
+    host_port = int(add.stdout.split(f"{SERVER}:")[1].split()[0])
+    assert f"container {uc.name} updated" in add.stdout
+    cfg = (await lxd.instance(uc.name))["config"]
+    assert cfg[f"{FORWARD_PREFIX}{host_port}"] == "6006"
+    rm = await asyncio.to_thread(admin_cli, config, "forward", "remove", USER, "6006")
+    assert rm.returncode == 0 and f"container {uc.name} updated" in rm.stdout
+    assert f"{FORWARD_PREFIX}{host_port}" not in (await lxd.instance(uc.name))["config"]
+    sync = await asyncio.to_thread(admin_cli, config, "container", "sync", USER)
+    assert sync.returncode == 0 and "pushed" in sync.stdout, sync.stderr
+    actions = [(e.actor, e.action, e.ok) for e in store.audit_log(user=USER, limit=4)]
+    assert actions == [("admin:sysadm", "container.sync", True),
+                       ("admin:sysadm", "forward.remove", True),
+                       ("admin:sysadm", "forward.add", True),
+                       ("admin:sysadm", "container.up", True)]

@@ -1,0 +1,287 @@
+"""SSH and port forwards through the per-user NAT ports, end to end.
+
+Real LXD, the real template image, real legacy iptables rules written by a
+real ``lxcgpu-node`` process, and a client in a network namespace of its own
+that reaches the host like an outside machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import secrets
+import subprocess
+import threading
+import time
+
+import pytest
+
+from lxcspawner.portmap import FORWARD_PREFIX, SSH_PORT_KEY, config_changes
+from lxcspawner.provision import provision
+from lxcspawner.store import InvalidInput, Store
+from tests.fixtures.netns import sh
+from tests.fixtures.sshkeys import keypair
+
+pytestmark = pytest.mark.lxd
+
+SERVER = "nat1"
+SSH_RANGE = (29000, 29999)        # far from the defaults a quickstart on this host uses
+FORWARD_RANGE = (11900, 11999)
+
+
+def _normalised(save: str) -> list[str]:
+    """An iptables-save dump without comments and counters, to compare."""
+    return [re.sub(r"\[\d+:\d+\]", "", line) for line in save.splitlines()
+            if line and not line.startswith("#")]
+
+
+@pytest.fixture(scope="module")
+def sentinels(run_tag):
+    """Rules of someone else's, in legacy and nft tables, added before our agent starts."""
+    comment = f"lxcgpu-test-sentinel-{run_tag}"
+    rules = [("iptables-legacy", "nat", "PREROUTING", "RETURN"),
+             ("iptables-legacy", "nat", "OUTPUT", "RETURN"),
+             ("iptables-legacy", "nat", "POSTROUTING", "RETURN"),
+             ("iptables-legacy", "filter", "INPUT", "ACCEPT"),
+             ("iptables-nft", "nat", "PREROUTING", "RETURN")]
+    for tool, table, chain, target in rules:
+        sh(tool, "-w", "-t", table, "-A", chain, "-p", "tcp", "--dport", "9", "-m", "comment",
+           "--comment", comment, "-j", target)
+
+    def snapshot() -> dict[str, list[str]]:
+        return {tool: [line for line in _normalised(sh(tool + "-save").stdout) if "LXCT" not in line]
+                for tool in ("iptables-legacy", "iptables-nft")}
+    try:
+        yield snapshot
+    finally:
+        for tool, table, chain, target in rules:
+            sh(tool, "-w", "-t", table, "-D", chain, "-p", "tcp", "--dport", "9", "-m", "comment",
+               "--comment", comment, "-j", target, check=False)
+
+
+@pytest.fixture(scope="module")
+def before(sentinels):
+    return sentinels()
+
+
+@pytest.fixture(scope="module")
+def agent(before, node_agent):
+    return node_agent
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    s = Store(f"sqlite:///{tmp_path_factory.mktemp('store') / 'lxcgpu.sqlite'}",
+              ssh_ports=SSH_RANGE, forward_ports=FORWARD_RANGE)
+    yield s
+    s.close()
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("natkeys")
+    return {u: keypair(tmp, u) for u in ("alice", "bob")}
+
+
+async def push_maps(lxd, store, user: str, name: str) -> None:
+    """What the spawner and the portal do: the store's numbers into the config."""
+    rec = await asyncio.to_thread(store.user, user)
+    fwd = {f.host_port: f.container_port
+           for f in await asyncio.to_thread(store.list_forwards, user, SERVER)}
+    inst = await lxd.instance(name)
+    changes = config_changes(inst["config"], rec.ssh_port, fwd)
+    if changes:
+        await lxd.update_config(name, changes)
+
+
+@pytest.fixture(scope="module")
+async def alice(lxd, user_containers, store, keys, agent):
+    """Alice's running container on SERVER, her key from the store, her port mapped."""
+    await asyncio.to_thread(store.add_key, "alice", keys["alice"][1], actor="test")
+    spec = await user_containers("alice", server=SERVER)
+    await push_maps(lxd, store, "alice", spec.name)
+    await lxd.start(spec.name)
+    await lxd.wait_for_address(spec.name)
+    await provision(lxd, spec.name, login=spec.posix_user,
+                    keys=await asyncio.to_thread(store.authorized_keys, "alice"),
+                    hostname=spec.hostname)
+    return spec
+
+
+def ssh_port(store, user="alice") -> int:
+    return store.user(user).ssh_port
+
+
+def wait_for_rules(agent, want: int, pattern: str, timeout: float = 10) -> list[str]:
+    deadline = time.monotonic() + timeout
+    while True:
+        rules = [r for r in agent.rules() if re.search(pattern, r)]
+        if len(rules) == want or time.monotonic() > deadline:
+            return rules
+        time.sleep(0.05)
+
+
+async def test_ssh_lands_in_own_container(lxd, alice, store, keys, client_netns, agent,
+                                          logs_on_failure):
+    logs_on_failure.append(alice.name)
+    port = ssh_port(store)
+    assert SSH_RANGE[0] <= port <= SSH_RANGE[1]
+    ok, banner = await asyncio.to_thread(client_netns.probe, port, 30)
+    assert ok and "SSH-2.0" in banner, banner
+    p = await asyncio.to_thread(client_netns.ssh, keys["alice"][0], "alice", port,
+                                "hostname; whoami; echo $SSH_CLIENT")
+    assert p.returncode == 0, p.stderr
+    hostname, whoami, ssh_client = p.stdout.split("\n")[:3]
+    assert (hostname, whoami) == (alice.hostname, "alice")
+    # No masquerading for outside clients: the container sees the real client.
+    assert ssh_client.split()[0] == client_netns.client_ip
+    p = await asyncio.to_thread(client_netns.ssh, keys["bob"][0], "alice", port, "true")
+    assert p.returncode == 255 and "Permission denied" in p.stderr
+    rules = agent.rules()
+    assert any(f"--dport {port} " in r and "lxcgpu:" + alice.name in r for r in rules), rules
+
+
+async def test_restart_with_new_address_remaps(lxd, alice, store, keys, client_netns, agent,
+                                               logs_on_failure):
+    logs_on_failure.append(alice.name)
+    port = ssh_port(store)
+    old = (await lxd.state(alice.name)).ipv4
+    await lxd.stop(alice.name)
+    assert wait_for_rules(agent, 0, f"--dport {port} ") == [], "stopped container still mapped"
+    # A new MAC makes the bridge's DHCP hand out another address.
+    mac = "00:16:3e:" + ":".join(secrets.token_hex(1) for _ in range(3))
+    await lxd.update_config(alice.name, {"volatile.eth0.hwaddr": mac})
+    await lxd.start(alice.name)
+    new = await lxd.wait_for_address(alice.name)
+    assert new != old
+    # The container's own sshd answering is the start line; the NAT path
+    # must follow within 2 s of it.
+    ok, _ = await asyncio.to_thread(_direct_banner, new, 30)
+    assert ok
+    ok, banner = await asyncio.to_thread(client_netns.probe, port, 2)
+    assert ok and "SSH-2.0" in banner, (banner, agent.log_text()[-2000:])
+    p = await asyncio.to_thread(client_netns.ssh, keys["alice"][0], "alice", port, "hostname")
+    assert p.returncode == 0 and p.stdout.strip() == alice.hostname, p.stderr
+    assert any(f"--to-destination {new}:22" in r for r in agent.rules())
+
+
+def _direct_banner(addr: str, timeout: float) -> tuple[bool, bytes]:
+    import socket
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((addr, 22), timeout=1) as s:
+                s.settimeout(2)
+                return True, s.recv(64)
+        except OSError:
+            time.sleep(0.05)
+    return False, b""
+
+
+async def test_agent_rebuilds_flushed_chain_at_start(lxd, alice, store, keys, client_netns,
+                                                     agent, logs_on_failure):
+    logs_on_failure.append(alice.name)
+    port = ssh_port(store)
+    agent.kill()
+    sh("iptables-legacy", "-w", "-t", "nat", "-F", agent.chain)
+    assert agent.rules() == []
+    ok, out = await asyncio.to_thread(client_netns.probe, port, 1)
+    assert not ok, f"still reachable without rules: {out}"
+    agent.start()
+    ok, banner = await asyncio.to_thread(client_netns.probe, port, 10)
+    assert ok, banner
+    p = await asyncio.to_thread(client_netns.ssh, keys["alice"][0], "alice", port, "whoami")
+    assert p.returncode == 0 and p.stdout.strip() == "alice", p.stderr
+
+
+@pytest.fixture(scope="module")
+async def web(lxd, alice):
+    """Two small web servers inside alice's container, on ports 80 and 8080."""
+    for port in (80, 8080):
+        await lxd.make_dir(alice.name, f"/srv/www{port}")
+        await lxd.put_file(alice.name, f"/srv/www{port}/index.html", f"hello from {port}\n")
+        res = await lxd.execute(alice.name, [
+            "systemd-run", f"--unit=lxcgpu-test-web{port}", "--", "python3", "-m", "http.server",
+            str(port), "--bind", "0.0.0.0", "--directory", f"/srv/www{port}"], timeout=30)
+        res.check(["systemd-run"])
+    addr = (await lxd.state(alice.name)).ipv4
+    for port in (80, 8080):
+        deadline = time.monotonic() + 20
+        while subprocess.run(["python3", "-c", "import socket,sys; socket.create_connection("
+                              "(sys.argv[1], int(sys.argv[2])), timeout=1)", addr, str(port)],
+                             capture_output=True).returncode != 0:
+            assert time.monotonic() < deadline, f"web server on {port} did not start"
+            time.sleep(0.1)
+    return alice
+
+
+async def test_forward_answers_and_stops_when_removed(lxd, web, store, client_netns, agent,
+                                                      logs_on_failure):
+    logs_on_failure.append(web.name)
+    f80 = await asyncio.to_thread(store.add_forward, "alice", SERVER, 80, actor="test")
+    f8080 = await asyncio.to_thread(store.add_forward, "alice", SERVER, "8080", actor="test")
+    assert FORWARD_RANGE[0] <= f80.host_port <= FORWARD_RANGE[1]
+    assert f80.host_port != f8080.host_port
+    await push_maps(lxd, store, "alice", web.name)
+    cfg = (await lxd.instance(web.name))["config"]
+    assert cfg[f"{FORWARD_PREFIX}{f80.host_port}"] == "80"
+    for f in (f80, f8080):
+        assert wait_for_rules(agent, 1, f"--dport {f.host_port} ")
+        ok, body = await asyncio.to_thread(client_netns.http_get, f.host_port)
+        assert ok and f"hello from {f.container_port}" in body, body
+
+    await asyncio.to_thread(store.remove_forward, "alice", SERVER, container_port=80,
+                            actor="test")
+    await push_maps(lxd, store, "alice", web.name)
+    assert wait_for_rules(agent, 0, f"--dport {f80.host_port} ") == []
+    ok, body = await asyncio.to_thread(client_netns.http_get, f80.host_port, "/", 2)
+    assert not ok, body
+    ok, body = await asyncio.to_thread(client_netns.http_get, f8080.host_port)
+    assert ok and "hello from 8080" in body, body
+    cfg = (await lxd.instance(web.name))["config"]
+    assert f"{FORWARD_PREFIX}{f80.host_port}" not in cfg
+    assert cfg[f"{FORWARD_PREFIX}{f8080.host_port}"] == "8080"
+    assert cfg[SSH_PORT_KEY] == str(ssh_port(store))
+
+
+async def test_concurrent_identical_forwards_make_one_rule(lxd, web, store, agent):
+    results, errors = [], []
+    barrier = threading.Barrier(50)
+
+    def ask():
+        barrier.wait()
+        try:
+            results.append(store.add_forward("alice", SERVER, 9000, actor="test"))
+        except Exception as e:  # noqa: BLE001 - collected and asserted below
+            errors.append(e)
+
+    threads = [threading.Thread(target=ask) for _ in range(50)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert len({r.host_port for r in results}) == 1
+    assert [f.container_port for f in store.list_forwards("alice", SERVER)].count(9000) == 1
+    await push_maps(lxd, store, "alice", web.name)
+    rules = wait_for_rules(agent, 1, r":9000$")
+    assert len(rules) == 1 and f"--dport {results[0].host_port} " in rules[0], agent.rules()
+
+
+@pytest.mark.parametrize("port", [0, -1, 65536, 70000, "80a", "eighty", "", " ", "1e3", None])
+async def test_bad_forward_ports_change_nothing(lxd, web, store, port):
+    before_rows = store.list_forwards()
+    before_cfg = (await lxd.instance(web.name))["config"]
+    with pytest.raises(InvalidInput) as err:
+        store.add_forward("alice", SERVER, port, actor="test")
+    assert "port" in str(err.value).lower()
+    assert store.list_forwards() == before_rows
+    await push_maps(lxd, store, "alice", web.name)
+    assert (await lxd.instance(web.name))["config"] == before_cfg
+
+
+async def test_rules_outside_our_chains_are_untouched(sentinels, before, agent, alice):
+    # Runs last in this module: the agent has set up, synced, been killed,
+    # restarted and resynced by now.
+    assert agent.rules(), "the agent's own chain should hold rules at this point"
+    assert sentinels() == before

@@ -1,0 +1,172 @@
+"""Site settings from TOML: defaults, the full layout, and clear errors."""
+
+import os
+import socket
+
+import pytest
+
+from lxcspawner import store
+from lxcspawner.container import IDMAP_USER_FIRST, Mount
+from lxcspawner.settings import DEFAULT_PATH, ENV_VAR, Settings, SettingsError
+
+FULL = """
+[store]
+url = "sqlite:////srv/lxcgpu/lab.sqlite"
+[ports]
+ssh = "23000-23999"
+forward = "12000-12099"
+forward_limit = 3
+[server]
+name = "gpu17"
+lxd = "/var/snap/lxd/common/lxd/unix.socket"
+[containers]
+prefix = "lab"
+image = "lxcgpu/cuda"
+profiles = ["lxcgpu", "extra"]
+cpu = 8
+memory = "64GiB"
+processes = 4096
+mounts = ["/data:/data:ro", "/scratch:/scratch:rw", "/nas/lab:/lab"]
+"""
+
+
+def load(tmp_path, text, name="lxcgpu.toml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return Settings.load(path, environ={})
+
+
+def test_defaults_match_the_store():
+    s = Settings()
+    assert s.store_url == store.DEFAULT_URL
+    assert s.ssh_ports == store.SSH_PORTS == (22000, 29999)
+    assert s.forward_ports == store.FORWARD_PORTS == (11000, 11999)
+    assert s.forward_limit == store.FORWARD_LIMIT == 10
+    assert s.server == socket.gethostname().split(".")[0].lower()
+    assert (s.lxd, s.instance_prefix, s.image, s.profiles) == (
+        None, "", "lxcgpu/default", ("lxcgpu",))
+    assert (s.cpu, s.memory, s.processes, s.mounts) == (None, None, None, ())
+
+
+def test_full_file(tmp_path):
+    s = load(tmp_path, FULL)
+    assert s.store_url == "sqlite:////srv/lxcgpu/lab.sqlite"
+    assert (s.ssh_ports, s.forward_ports, s.forward_limit) == ((23000, 23999), (12000, 12099), 3)
+    assert (s.server, s.lxd) == ("gpu17", "/var/snap/lxd/common/lxd/unix.socket")
+    assert (s.instance_prefix, s.image, s.profiles) == ("lab", "lxcgpu/cuda", ("lxcgpu", "extra"))
+    assert (s.cpu, s.memory, s.processes) == ("8", "64GiB", 4096)
+    assert s.mounts == (Mount("/data", "/data"), Mount("/scratch", "/scratch", readonly=False),
+                        Mount("/nas/lab", "/lab"))
+    assert s.source == str(tmp_path / "lxcgpu.toml")
+
+
+def test_partial_file_keeps_other_defaults(tmp_path):
+    s = load(tmp_path, '[server]\nname = "node-3"\n[containers]\ncpu = "0-3"\n')
+    assert (s.server, s.cpu, s.image, s.ssh_ports) == ("node-3", "0-3", "lxcgpu/default",
+                                                       (22000, 29999))
+    assert load(tmp_path, "") == Settings()
+
+
+def test_container_spec_from_settings(tmp_path):
+    s = load(tmp_path, FULL)
+    spec = s.container_spec("alice", IDMAP_USER_FIRST)
+    assert spec.name == "lab-alice--gpu17"
+    cfg, devs = spec.config(), spec.devices()
+    assert (cfg["limits.cpu"], cfg["limits.memory"], cfg["limits.processes"]) == (
+        "8", "64GiB", "4096")
+    assert spec.image == "lxcgpu/cuda" and spec.profiles == ("lxcgpu", "extra")
+    assert devs["lxcgpu-mnt-data"] == {"type": "disk", "source": "/data", "path": "/data",
+                                       "readonly": "true"}
+    over = s.container_spec("alice", IDMAP_USER_FIRST, server="gpu18", prefix="", cpu=None)
+    assert over.name == "alice--gpu18" and "limits.cpu" not in over.config()
+    with pytest.raises(TypeError):
+        s.container_spec("alice", IDMAP_USER_FIRST, user="bob")
+
+
+def test_path_from_environment(tmp_path, monkeypatch):
+    path = tmp_path / "site.toml"
+    path.write_text('[server]\nname = "gpu9"\n')
+    assert Settings.load(environ={ENV_VAR: str(path)}).server == "gpu9"
+    monkeypatch.setenv(ENV_VAR, str(path))
+    assert Settings.load().server == "gpu9"
+
+
+def test_missing_files(tmp_path, monkeypatch):
+    # A named file must exist, from the argument or the environment ...
+    with pytest.raises(SettingsError, match="does not exist"):
+        Settings.load(tmp_path / "nope.toml", environ={})
+    with pytest.raises(SettingsError, match="nope.toml does not exist"):
+        Settings.load(environ={ENV_VAR: str(tmp_path / "nope.toml")})
+    # ... the default one may be absent (and is, on this test machine).
+    assert not os.path.exists(DEFAULT_PATH)
+    assert Settings.load(environ={}) == Settings()
+    assert Settings.load(environ={ENV_VAR: ""}) == Settings()
+
+
+@pytest.mark.parametrize("text, match", [
+    ('[stor]\nurl = "x"\n', r"unknown section \[stor\]"),
+    ('[ports]\nsssh = "1-2"\n', r"unknown key 'sssh' in \[ports\]"),
+    ('[containers]\nmount = []\n', r"unknown key 'mount' in \[containers\]"),
+    ('store = "x"\n', r"unknown section \[store\]|\[store\] must be a table"),
+    ('[ports]\nforward_limit = "10"\n', r"\[ports\] forward_limit: must be an integer"),
+    ('[ports]\nforward_limit = true\n', r"\[ports\] forward_limit: must be an integer"),
+    ('[ports]\nforward_limit = -1\n', r"forward_limit must be a whole number"),
+    ('[ports]\nssh = 22000\n', r"\[ports\] ssh: must be a range string"),
+    ('[ports]\nssh = "22000"\n', r"\[ports\] ssh: .*22000-29999"),
+    ('[ports]\nssh = "30000-20000"\n', r"\[ports\] ssh"),
+    ('[ports]\nssh = "11500-12500"\n', r"overlap"),
+    ('[containers]\nprofiles = "lxcgpu"\n', r"\[containers\] profiles: must be a list"),
+    ('[containers]\nprofiles = ["lxcgpu", 3]\n', r"profiles: must be a list of strings"),
+    ('[containers]\ncpu = 1.5\n', r"\[containers\] cpu: must be an integer or a CPU list"),
+    ('[containers]\ncpu = "four"\n', r"cpu limit 'four'"),
+    ('[containers]\nmemory = "lots"\n', r"memory limit 'lots'"),
+    ('[containers]\nprocesses = 0\n', r"processes limit"),
+    ('[containers]\nmounts = ["data:/data"]\n', r"\[containers\] mounts: mount source"),
+    ('[containers]\nmounts = ["/a:/d", "/b:/d"]\n', r"same container path"),
+    ('[containers]\nmounts = ["/a:/d:rx"]\n', r"SOURCE:PATH\[:ro\|rw\]"),
+    ('[containers]\nprefix = "Lab_1"\n', r"instance prefix 'Lab_1'"),
+    ('[containers]\nimage = ""\n', r"image must be"),
+    ('[server]\nname = "GPU17"\n', r"server name 'GPU17'"),
+    ('[server]\nname = "gpu_17"\n', r"server name 'gpu_17'"),
+    ('[server]\nlxd = "gpu17:8443"\n', r"lxd endpoint 'gpu17:8443'"),
+    ('[server]\nlxd = 8443\n', r"\[server\] lxd: must be a string"),
+    ('[store]\nurl = ""\n', r"store url"),
+    ('[store\nurl = "x"\n', r"not valid TOML"),
+])
+def test_errors_name_the_file_and_key(tmp_path, text, match):
+    with pytest.raises(SettingsError, match=match) as e:
+        load(tmp_path, text)
+    assert str(e.value).startswith(str(tmp_path / "lxcgpu.toml") + ": ")
+
+
+def test_errors_are_value_errors():
+    assert issubclass(SettingsError, ValueError)
+    with pytest.raises(ValueError, match="server name"):
+        Settings(server="bad name")
+
+
+def test_bad_hostname_asks_for_a_server_name(monkeypatch):
+    monkeypatch.setattr(socket, "gethostname", lambda: "My_Box.lab.example")
+    with pytest.raises(ValueError, match=r"set \[server\] name"):
+        Settings()
+    monkeypatch.setattr(socket, "gethostname", lambda: "GPU17.lab.example")
+    assert Settings().server == "gpu17"
+
+
+def test_settings_are_frozen():
+    s = Settings(server="gpu1")
+    with pytest.raises(AttributeError):
+        s.image = "other"
+
+
+def test_open_store(tmp_path):
+    s = Settings.from_dict({"store": {"url": f"sqlite:///{tmp_path}/s.sqlite"},
+                            "ports": {"ssh": "23000-23001", "forward_limit": 2},
+                            "server": {"name": "gpu1"}})
+    st = s.open_store(subuid_file=str(tmp_path / "none"))
+    try:
+        assert (st.ssh_ports, st.forward_ports, st.forward_limit) == (
+            (23000, 23001), (11000, 11999), 2)
+        assert st.ensure_user("alice").ssh_port == 23000
+    finally:
+        st.close()
