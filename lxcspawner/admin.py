@@ -231,8 +231,7 @@ def cmd_key_add(ctx: Context, args) -> None:
           "added" if r["added"] else "already there") for r in result],
         ["ID", "FINGERPRINT", "COMMENT", "STATUS"]))
     if added:
-        ctx.note("keys reach running containers with "
-                 f"`{PROG} container sync {args.name}` (and at every container start)")
+        ctx.note(_push_keys(ctx, args.name))
 
 
 def cmd_key_list(ctx: Context, args) -> None:
@@ -244,6 +243,31 @@ def cmd_key_list(ctx: Context, args) -> None:
 def cmd_key_remove(ctx: Context, args) -> None:
     rec = ctx.store.remove_key(args.name, args.key, actor=ctx.actor)
     ctx.emit(rec, f"removed key {rec.id} {rec.fingerprint} {rec.comment}".rstrip())
+    ctx.note(_push_keys(ctx, args.name))
+
+
+def _push_keys(ctx: Context, user: str) -> str:
+    """Put the user's keys into their running container on this server, if
+    there is one; say what happened.  The store change stands either way."""
+    server = ctx.settings.server
+    name = naming.instance_name(user, server, ctx.settings.instance_prefix)
+
+    async def sync(lxd: LXD):
+        if await lxd.instance(name) is None:
+            return None
+        return await lifecycle.sync_user_container(lxd, ctx.store, user, server,
+                                                   prefix=ctx.settings.instance_prefix)
+    later = (f"other servers' containers get the keys at their next start, or with "
+             f"`{PROG} container sync {user}` there")
+    try:
+        res = ctx.with_lxd(sync)
+    except LXDUnavailable as e:
+        return f"container not updated: {e}; run `{PROG} container sync {user}` later"
+    if res is None:
+        return f"{user} has no container on {server}; {later}"
+    if not res.provisioned:
+        return f"{name} is stopped: it gets the keys when it starts; {later}"
+    return f"keys updated in {name}; {later}"
 
 
 # ---------------------------------------------------------------- forwards
@@ -286,7 +310,8 @@ def _push_port_maps(ctx: Context, user: str, server: str) -> dict:
 def cmd_forward_add(ctx: Context, args) -> None:
     server = _server(ctx, args)
     existed = ctx.store.get_user(args.name) is not None
-    rec = ctx.store.add_forward(args.name, server, args.port, actor=ctx.actor)
+    rec = ctx.store.add_forward(args.name, server, args.port, actor=ctx.actor,
+                                host_port=args.host_port)
     _new_user_note(ctx, args.name, existed)
     container = _push_port_maps(ctx, args.name, server)
     ctx.emit({"forward": rec, "container": container},
@@ -437,6 +462,8 @@ def build_parser() -> argparse.ArgumentParser:
     q = leaf(fwd, "add", cmd_forward_add, "forward a free host port to a container port")
     q.add_argument("name", **NAME)
     q.add_argument("port", type=_port, metavar="PORT", help="the port inside the container")
+    q.add_argument("--host-port", type=_port, metavar="N",
+                   help="this host port (default: the lowest free one in the forward range)")
     server_opt(q)
     q = leaf(fwd, "list", cmd_forward_list, "forwards (of one user, on one server)")
     q.add_argument("name", nargs="?", **NAME)

@@ -558,6 +558,34 @@ class LXD:
             return md
         return await self.run(get, what=f"state of {name}")
 
+    async def ensure_project(self, name: str, *, description: str = "",
+                             config: Mapping[str, str] | None = None) -> None:
+        """Create an LXD project if it is missing.  By default it shares the
+        default project's images, profiles, volumes and networks."""
+        body = {"name": name, "description": description,
+                "config": {"features.images": "false", "features.profiles": "false",
+                           "features.storage.volumes": "false", **(config or {})}}
+
+        def create():
+            try:
+                self._request("get", f"/1.0/projects/{name}")
+            except LXDNotFound:
+                self._request("post", "/1.0/projects", json=body)
+        await self.run(create, what=f"create project {name}")
+
+    async def list_projects(self) -> list[dict]:
+        return await self.run(lambda: self._request("get", "/1.0/projects", params={
+            "recursion": 1}).json()["metadata"], what="list projects")
+
+    async def delete_project(self, name: str) -> None:
+        """Delete an (empty) project; one that is gone is success."""
+        def delete():
+            try:
+                self._request("delete", f"/1.0/projects/{name}")
+            except LXDNotFound:
+                pass
+        await self.run(delete, what=f"delete project {name}")
+
     async def managed_bridges(self) -> list[str]:
         """The bridges LXD manages (where containers get their addresses)."""
         def get():
@@ -648,6 +676,10 @@ class EventStream:
             try:
                 ws = self.lxd._connect().events(websocket_client=_EventSocket,
                                                 event_types=self.types)
+                if self.lxd.project:
+                    # pylxd adds the project to requests, not to the websocket.
+                    sep = "&" if "?" in ws.resource else "?"
+                    ws.resource += f"{sep}project={quote(self.lxd.project, safe='')}"
                 ws.on_event = self.on_event
                 ws.connect()
                 self._ws = ws

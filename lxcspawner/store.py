@@ -617,12 +617,19 @@ class Store:
     # -- forwards
 
     def add_forward(self, user: str, server: str, container_port: int | str, *, actor: str,
-                    proto: str = "tcp") -> ForwardRecord:
-        """Forward a free host port of ``server`` (the lowest) to the user's
-        ``container_port``; the same request again returns the same forward."""
+                    proto: str = "tcp", host_port: int | str | None = None) -> ForwardRecord:
+        """Forward a free host port of ``server`` (the lowest, or ``host_port``
+        if asked for and free) to the user's ``container_port``; the same
+        request again returns the same forward."""
         user, actor = _check_name(user), _check_name(actor, "actor")
         server, proto = _check_server(server), _check_proto(proto)
         container_port = _check_port(container_port, "container port")
+        lo, hi = self.forward_ports
+        if host_port is not None:
+            host_port = _check_port(host_port, "host port")
+            if not lo <= host_port <= hi:
+                raise InvalidInput(f"The host port must be in the forward range {lo}-{hi}, "
+                                   f"not {host_port}.")
         same = select(Forward).where(Forward.user == user, Forward.server == server,
                                      Forward.container_port == container_port,
                                      Forward.proto == proto)
@@ -631,6 +638,10 @@ class Store:
             self._ensure_user(s, user, actor)
             row = s.scalar(same)
             if row is not None:
+                if host_port is not None and row.host_port != host_port:
+                    raise InvalidInput(f"{user}'s port {container_port} on {server} is already "
+                                       f"forwarded from host port {row.host_port}; remove that "
+                                       "forward first.")
                 return _forward_record(row)
             count = s.scalar(select(func.count()).select_from(Forward).where(
                 Forward.user == user, Forward.server == server))
@@ -638,12 +649,17 @@ class Store:
                 raise LimitReached(f"{user} may have at most {self.forward_limit} port "
                                    f"forwards on {server} and already has {count}; "
                                    "remove one first.")
-            lo, hi = self.forward_ports
             used = set(s.scalars(select(Forward.host_port).where(
                 Forward.server == server, Forward.host_port.between(lo, hi))))
             # SSH ports are open on every server, in case the ranges were moved.
             used |= set(s.scalars(select(User.ssh_port).where(User.ssh_port.between(lo, hi))))
-            port = _lowest_free(range(lo, hi + 1), used)
+            if host_port is not None:
+                if host_port in used:
+                    raise InvalidInput(f"Host port {host_port} on {server} is already in use; "
+                                       "leave it out to get a free one.")
+                port = host_port
+            else:
+                port = _lowest_free(range(lo, hi + 1), used)
             if port is None:
                 raise Exhausted(f"All {hi - lo + 1} forward ports on {server} ({lo}-{hi}) "
                                 "are taken; try another server or ask an administrator.")

@@ -201,6 +201,8 @@ def _parser() -> argparse.ArgumentParser:
                     "what its LXD containers ask for.")
     p.add_argument("--lxd", metavar="ENDPOINT", default=os.environ.get("LXCGPU_LXD"),
                    help="LXD unix socket or https:// URL (default: the local socket)")
+    p.add_argument("--project", metavar="NAME", default=os.environ.get("LXCGPU_LXD_PROJECT"),
+                   help="the LXD project whose containers to map (default: LXD's default project)")
     p.add_argument("--interval", type=float, default=DEFAULT_INTERVAL, metavar="SECONDS",
                    help="full reconcile period (default %(default)s)")
     p.add_argument("--chain-prefix", default="LXCGPU", metavar="NAME",
@@ -238,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.pidfile:
         Path(args.pidfile).parent.mkdir(parents=True, exist_ok=True)
         Path(args.pidfile).write_text(f"{os.getpid()}\n")
-    lxd = LXD(args.lxd)
+    lxd = LXD(args.lxd, project=args.project)
     agent = NodeAgent(lxd, table, interval=args.interval)
 
     async def run() -> int:

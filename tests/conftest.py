@@ -8,7 +8,7 @@ run: nothing is skipped silently.
 import pytest
 
 from tests.fixtures.ldap import ldap_directory  # noqa: F401  (fixture)
-from tests.fixtures.netns import client_netns, node_agent  # noqa: F401  (fixtures)
+from tests.fixtures.netns import client_netns, nat_project, node_agent  # noqa: F401  (fixtures)
 from tests.fixtures.lxd import (  # noqa: F401  (fixtures)
     idmap_blocks, logs_on_failure, lxd, run_tag, template_image, user_containers,
 )

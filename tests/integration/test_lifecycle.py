@@ -179,7 +179,7 @@ def admin_cli(config, *args) -> subprocess.CompletedProcess:
                           env=env, capture_output=True, text=True, timeout=300)
 
 
-async def test_admin_command_end_to_end(lxd, erin, store, site, logs_on_failure):
+async def test_admin_command_end_to_end(lxd, erin, store, site, tmp_path, logs_on_failure):
     uc, _ = erin
     logs_on_failure.append(uc.name)
     config = site[0]
@@ -202,8 +202,22 @@ async def test_admin_command_end_to_end(lxd, erin, store, site, logs_on_failure)
     assert f"{FORWARD_PREFIX}{host_port}" not in (await lxd.instance(uc.name))["config"]
     sync = await asyncio.to_thread(admin_cli, config, "container", "sync", USER)
     assert sync.returncode == 0 and "pushed" in sync.stdout, sync.stderr
-    actions = [(e.actor, e.action, e.ok) for e in store.audit_log(user=USER, limit=4)]
-    assert actions == [("admin:sysadm", "container.sync", True),
+    # A key added with the command reaches the running container at once;
+    # removing it takes it out again.
+    _, newpub = keypair(tmp_path, "erin3")
+    add = await asyncio.to_thread(admin_cli, config, "key", "add", USER, str(tmp_path / "erin3.pub"))
+    assert add.returncode == 0 and f"keys updated in {uc.name}" in add.stderr + add.stdout, add
+    ak = (await lxd.get_file(uc.name, "/home/erin/.ssh/authorized_keys")).decode()
+    assert newpub in ak
+    fp = store.list_keys(USER)[-1].fingerprint
+    rm = await asyncio.to_thread(admin_cli, config, "key", "remove", USER, fp)
+    assert rm.returncode == 0, rm.stderr
+    ak = (await lxd.get_file(uc.name, "/home/erin/.ssh/authorized_keys")).decode()
+    assert newpub not in ak and ak.strip()
+    actions = [(e.actor, e.action, e.ok) for e in store.audit_log(user=USER, limit=6)]
+    assert actions == [("admin:sysadm", "key.remove", True),
+                       ("admin:sysadm", "key.add", True),
+                       ("admin:sysadm", "container.sync", True),
                        ("admin:sysadm", "forward.remove", True),
                        ("admin:sysadm", "forward.add", True),
                        ("admin:sysadm", "container.up", True)]

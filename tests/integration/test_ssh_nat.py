@@ -16,6 +16,7 @@ import time
 
 import pytest
 
+from lxcspawner.container import ContainerSpec, ensure_container
 from lxcspawner.portmap import FORWARD_PREFIX, SSH_PORT_KEY, config_changes
 from lxcspawner.provision import provision
 from lxcspawner.store import InvalidInput, Store
@@ -83,26 +84,33 @@ def keys(tmp_path_factory):
     return {u: keypair(tmp, u) for u in ("alice", "bob")}
 
 
-async def push_maps(lxd, store, user: str, name: str) -> None:
+async def push_maps(plxd, store, user: str, name: str) -> None:
     """What the spawner and the portal do: the store's numbers into the config."""
     rec = await asyncio.to_thread(store.user, user)
     fwd = {f.host_port: f.container_port
            for f in await asyncio.to_thread(store.list_forwards, user, SERVER)}
-    inst = await lxd.instance(name)
+    inst = await plxd.instance(name)
     changes = config_changes(inst["config"], rec.ssh_port, fwd)
     if changes:
-        await lxd.update_config(name, changes)
+        await plxd.update_config(name, changes)
 
 
 @pytest.fixture(scope="module")
-async def alice(lxd, user_containers, store, keys, agent):
+def plxd(nat_project):
+    """LXD, in the project that the agent under test maps (see nat_project)."""
+    return nat_project
+
+
+@pytest.fixture(scope="module")
+async def alice(plxd, store, keys, agent, idmap_blocks, run_tag):
     """Alice's running container on SERVER, her key from the store, her port mapped."""
     await asyncio.to_thread(store.add_key, "alice", keys["alice"][1], actor="test")
-    spec = await user_containers("alice", server=SERVER)
-    await push_maps(lxd, store, "alice", spec.name)
-    await lxd.start(spec.name)
-    await lxd.wait_for_address(spec.name)
-    await provision(lxd, spec.name, login=spec.posix_user,
+    spec = ContainerSpec(user="alice", server=SERVER, idmap_base=idmap_blocks(), prefix=run_tag)
+    await ensure_container(plxd, spec)
+    await push_maps(plxd, store, "alice", spec.name)
+    await plxd.start(spec.name)
+    await plxd.wait_for_address(spec.name)
+    await provision(plxd, spec.name, login=spec.posix_user,
                     keys=await asyncio.to_thread(store.authorized_keys, "alice"),
                     hostname=spec.hostname)
     return spec
@@ -121,7 +129,7 @@ def wait_for_rules(agent, want: int, pattern: str, timeout: float = 10) -> list[
         time.sleep(0.05)
 
 
-async def test_ssh_lands_in_own_container(lxd, alice, store, keys, client_netns, agent,
+async def test_ssh_lands_in_own_container(plxd, alice, store, keys, client_netns, agent,
                                           logs_on_failure):
     logs_on_failure.append(alice.name)
     port = ssh_port(store)
@@ -141,18 +149,29 @@ async def test_ssh_lands_in_own_container(lxd, alice, store, keys, client_netns,
     assert any(f"--dport {port} " in r and "lxcgpu:" + alice.name in r for r in rules), rules
 
 
-async def test_restart_with_new_address_remaps(lxd, alice, store, keys, client_netns, agent,
+async def test_ssh_from_the_server_itself_over_loopback(alice, store, keys, agent):
+    # route_localnet on the bridge plus the agent's loopback MASQUERADE.
+    port = ssh_port(store)
+    p = await asyncio.to_thread(subprocess.run, [
+        "ssh", "-i", str(keys["alice"][0]), "-p", str(port), "-o", "BatchMode=yes",
+        "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+        "-o", "ConnectTimeout=10", "-o", "LogLevel=ERROR", "alice@127.0.0.1", "--", "hostname"],
+        capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and p.stdout.strip() == alice.hostname, p.stderr
+
+
+async def test_restart_with_new_address_remaps(plxd, alice, store, keys, client_netns, agent,
                                                logs_on_failure):
     logs_on_failure.append(alice.name)
     port = ssh_port(store)
-    old = (await lxd.state(alice.name)).ipv4
-    await lxd.stop(alice.name)
+    old = (await plxd.state(alice.name)).ipv4
+    await plxd.stop(alice.name)
     assert wait_for_rules(agent, 0, f"--dport {port} ") == [], "stopped container still mapped"
     # A new MAC makes the bridge's DHCP hand out another address.
     mac = "00:16:3e:" + ":".join(secrets.token_hex(1) for _ in range(3))
-    await lxd.update_config(alice.name, {"volatile.eth0.hwaddr": mac})
-    await lxd.start(alice.name)
-    new = await lxd.wait_for_address(alice.name)
+    await plxd.update_config(alice.name, {"volatile.eth0.hwaddr": mac})
+    await plxd.start(alice.name)
+    new = await plxd.wait_for_address(alice.name)
     assert new != old
     # The container's own sshd answering is the start line; the NAT path
     # must follow within 2 s of it.
@@ -178,7 +197,7 @@ def _direct_banner(addr: str, timeout: float) -> tuple[bool, bytes]:
     return False, b""
 
 
-async def test_agent_rebuilds_flushed_chain_at_start(lxd, alice, store, keys, client_netns,
+async def test_agent_rebuilds_flushed_chain_at_start(plxd, alice, store, keys, client_netns,
                                                      agent, logs_on_failure):
     logs_on_failure.append(alice.name)
     port = ssh_port(store)
@@ -195,16 +214,16 @@ async def test_agent_rebuilds_flushed_chain_at_start(lxd, alice, store, keys, cl
 
 
 @pytest.fixture(scope="module")
-async def web(lxd, alice):
+async def web(plxd, alice):
     """Two small web servers inside alice's container, on ports 80 and 8080."""
     for port in (80, 8080):
-        await lxd.make_dir(alice.name, f"/srv/www{port}")
-        await lxd.put_file(alice.name, f"/srv/www{port}/index.html", f"hello from {port}\n")
-        res = await lxd.execute(alice.name, [
+        await plxd.make_dir(alice.name, f"/srv/www{port}")
+        await plxd.put_file(alice.name, f"/srv/www{port}/index.html", f"hello from {port}\n")
+        res = await plxd.execute(alice.name, [
             "systemd-run", f"--unit=lxcgpu-test-web{port}", "--", "python3", "-m", "http.server",
             str(port), "--bind", "0.0.0.0", "--directory", f"/srv/www{port}"], timeout=30)
         res.check(["systemd-run"])
-    addr = (await lxd.state(alice.name)).ipv4
+    addr = (await plxd.state(alice.name)).ipv4
     for port in (80, 8080):
         deadline = time.monotonic() + 20
         while subprocess.run(["python3", "-c", "import socket,sys; socket.create_connection("
@@ -215,15 +234,15 @@ async def web(lxd, alice):
     return alice
 
 
-async def test_forward_answers_and_stops_when_removed(lxd, web, store, client_netns, agent,
+async def test_forward_answers_and_stops_when_removed(plxd, web, store, client_netns, agent,
                                                       logs_on_failure):
     logs_on_failure.append(web.name)
     f80 = await asyncio.to_thread(store.add_forward, "alice", SERVER, 80, actor="test")
     f8080 = await asyncio.to_thread(store.add_forward, "alice", SERVER, "8080", actor="test")
     assert FORWARD_RANGE[0] <= f80.host_port <= FORWARD_RANGE[1]
     assert f80.host_port != f8080.host_port
-    await push_maps(lxd, store, "alice", web.name)
-    cfg = (await lxd.instance(web.name))["config"]
+    await push_maps(plxd, store, "alice", web.name)
+    cfg = (await plxd.instance(web.name))["config"]
     assert cfg[f"{FORWARD_PREFIX}{f80.host_port}"] == "80"
     for f in (f80, f8080):
         assert wait_for_rules(agent, 1, f"--dport {f.host_port} ")
@@ -232,19 +251,19 @@ async def test_forward_answers_and_stops_when_removed(lxd, web, store, client_ne
 
     await asyncio.to_thread(store.remove_forward, "alice", SERVER, container_port=80,
                             actor="test")
-    await push_maps(lxd, store, "alice", web.name)
+    await push_maps(plxd, store, "alice", web.name)
     assert wait_for_rules(agent, 0, f"--dport {f80.host_port} ") == []
     ok, body = await asyncio.to_thread(client_netns.http_get, f80.host_port, "/", 2)
     assert not ok, body
     ok, body = await asyncio.to_thread(client_netns.http_get, f8080.host_port)
     assert ok and "hello from 8080" in body, body
-    cfg = (await lxd.instance(web.name))["config"]
+    cfg = (await plxd.instance(web.name))["config"]
     assert f"{FORWARD_PREFIX}{f80.host_port}" not in cfg
     assert cfg[f"{FORWARD_PREFIX}{f8080.host_port}"] == "8080"
     assert cfg[SSH_PORT_KEY] == str(ssh_port(store))
 
 
-async def test_concurrent_identical_forwards_make_one_rule(lxd, web, store, agent):
+async def test_concurrent_identical_forwards_make_one_rule(plxd, web, store, agent):
     results, errors = [], []
     barrier = threading.Barrier(50)
 
@@ -263,21 +282,39 @@ async def test_concurrent_identical_forwards_make_one_rule(lxd, web, store, agen
     assert errors == []
     assert len({r.host_port for r in results}) == 1
     assert [f.container_port for f in store.list_forwards("alice", SERVER)].count(9000) == 1
-    await push_maps(lxd, store, "alice", web.name)
+    await push_maps(plxd, store, "alice", web.name)
     rules = wait_for_rules(agent, 1, r":9000$")
     assert len(rules) == 1 and f"--dport {results[0].host_port} " in rules[0], agent.rules()
 
 
 @pytest.mark.parametrize("port", [0, -1, 65536, 70000, "80a", "eighty", "", " ", "1e3", None])
-async def test_bad_forward_ports_change_nothing(lxd, web, store, port):
+async def test_bad_forward_ports_change_nothing(plxd, web, store, port):
     before_rows = store.list_forwards()
-    before_cfg = (await lxd.instance(web.name))["config"]
+    before_cfg = (await plxd.instance(web.name))["config"]
     with pytest.raises(InvalidInput) as err:
         store.add_forward("alice", SERVER, port, actor="test")
     assert "port" in str(err.value).lower()
     assert store.list_forwards() == before_rows
-    await push_maps(lxd, store, "alice", web.name)
-    assert (await lxd.instance(web.name))["config"] == before_cfg
+    await push_maps(plxd, store, "alice", web.name)
+    assert (await plxd.instance(web.name))["config"] == before_cfg
+
+
+async def test_taken_or_out_of_range_host_ports_change_nothing(plxd, web, store):
+    taken = store.list_forwards("alice", SERVER)[0]
+    before_rows = store.list_forwards()
+    before_cfg = (await plxd.instance(web.name))["config"]
+    for port, host_port, message in [
+            (7000, taken.host_port, "already in use"),           # another forward's port
+            (7000, store.user("alice").ssh_port, "forward range"),  # an SSH port
+            (7000, FORWARD_RANGE[1] + 1, "forward range"),
+            (7000, "11x", "host port must be a number"),
+            (taken.container_port, FORWARD_RANGE[1], "already forwarded")]:
+        with pytest.raises(InvalidInput) as err:
+            store.add_forward("alice", SERVER, port, actor="test", host_port=host_port)
+        assert message in str(err.value), err.value
+    assert store.list_forwards() == before_rows
+    await push_maps(plxd, store, "alice", web.name)
+    assert (await plxd.instance(web.name))["config"] == before_cfg
 
 
 async def test_rules_outside_our_chains_are_untouched(sentinels, before, agent, alice):

@@ -467,3 +467,20 @@ def test_parallel_different_forwards_get_distinct_ports(processes, tmp_path):
     forwards = processes(tmp_path, "different-forwards")
     assert sorted(f.host_port for f in forwards) == list(range(11000, 11000 + N_PROCS))
     assert sorted(f.user for f in forwards) == sorted(f"user{i}" for i in range(N_PROCS))
+
+
+def test_forward_to_a_chosen_host_port(store):
+    f = store.add_forward("alice", "gpu17", 6006, actor="admin", host_port="11500")
+    assert (f.host_port, f.container_port) == (11500, 6006)
+    # The same request, with or without the host port, is the same forward.
+    assert store.add_forward("alice", "gpu17", 6006, actor="admin", host_port=11500) == f
+    assert store.add_forward("alice", "gpu17", 6006, actor="admin") == f
+    # Another server has its own ports.
+    assert store.add_forward("bob", "gpu18", 80, actor="admin", host_port=11500).host_port == 11500
+    rows = store.list_forwards()
+    for port, host_port in [(80, 11500), (6006, 11501), (81, 10999), (81, 12000), (81, "x")]:
+        with pytest.raises(InvalidInput):
+            store.add_forward("alice", "gpu17", port, actor="admin", host_port=host_port)
+    assert store.list_forwards() == rows
+    # Without a host port the lowest free one is used, skipping the chosen one.
+    assert store.add_forward("alice", "gpu17", 81, actor="admin").host_port == 11000
