@@ -31,6 +31,7 @@ import logging
 import os
 import re
 import struct
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -62,10 +63,30 @@ class SyncResult:
         return bool(self.added or self.removed or self.rebuilt)
 
 
+def _import_iptc():
+    """``import iptc``, without setuptools' distutils.
+
+    python-iptables imports ``distutils.sysconfig`` only to find
+    site-packages and falls back to ``sysconfig`` without it; in a virtualenv
+    that import pulls in setuptools' copy of distutils, 15 MB of the node
+    agent's 55.  Hide distutils for the duration of the import.
+    """
+    if "iptc" in sys.modules or "distutils" in sys.modules:
+        import iptc
+        return iptc
+    sys.modules["distutils"] = None  # makes the import raise ModuleNotFoundError
+    try:
+        import iptc
+    finally:
+        if sys.modules.get("distutils", 0) is None:
+            del sys.modules["distutils"]
+    return iptc
+
+
 def _iptc():
     """Import python-iptables, turning a host without x_tables into one clear error."""
     try:
-        import iptc
+        iptc = _import_iptc()
         table = iptc.Table(iptc.Table.NAT)
         table.refresh()
         return iptc

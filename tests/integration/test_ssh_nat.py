@@ -179,6 +179,7 @@ async def test_restart_with_new_address_remaps(plxd, alice, store, keys, client_
     assert ok
     ok, banner = await asyncio.to_thread(client_netns.probe, port, 2)
     assert ok and "SSH-2.0" in banner, (banner, agent.log_text()[-2000:])
+    print(f"NAT path answered {banner.split()[-1]} s after the container's sshd")
     p = await asyncio.to_thread(client_netns.ssh, keys["alice"][0], "alice", port, "hostname")
     assert p.returncode == 0 and p.stdout.strip() == alice.hostname, p.stderr
     assert any(f"--to-destination {new}:22" in r for r in agent.rules())
