@@ -17,13 +17,16 @@ rebuild a server's rules after a reboot.
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Sequence
 
 from .container import KEY_PREFIX
 
 log = logging.getLogger("lxcspawner.portmap")
 
+SSH_PORTS = (22000, 29999)        # each user's SSH port, the same on every server
+FORWARD_PORTS = (11000, 11999)    # forwarded host ports, per server
 SSH_PORT_KEY = KEY_PREFIX + "ssh-port"
 FORWARD_PREFIX = KEY_PREFIX + "forward."
 SSH_CONTAINER_PORT = 22
@@ -37,6 +40,20 @@ class PortMap:
     address: str
     port: int
     instance: str = ""
+
+
+_RANGE = re.compile(r"^\s*([0-9]{1,5})\s*-\s*([0-9]{1,5})\s*$")
+
+
+def parse_port_range(text: str) -> tuple[int, int]:
+    """``"22000-29999"`` -> ``(22000, 29999)``; ports 1..65535, low <= high."""
+    m = _RANGE.fullmatch(text) if isinstance(text, str) else None
+    if m is None:
+        raise ValueError(f"Port range {text!r} should look like 22000-29999.")
+    lo, hi = int(m[1]), int(m[2])
+    if not 1 <= lo <= hi <= 65535:
+        raise ValueError(f"Port range {text!r} should be ports from 1 to 65535, low to high.")
+    return lo, hi
 
 
 def _port(value: object) -> int:
@@ -84,10 +101,14 @@ def config_changes(config: Mapping[str, str], ssh_port: int | None,
     return changes
 
 
-def maps_for(instances: Iterable[Mapping]) -> list[PortMap]:
+def maps_for(instances: Iterable[Mapping],
+             allowed: Sequence[tuple[int, int]] | None = None) -> list[PortMap]:
     """The DNAT rules a server needs, from its instances' records with state
     (LXD ``/1.0/instances?recursion=2``): one per wanted port of each running
     container with an IPv4 address on eth0; nothing for the others.
+
+    Host ports outside ``allowed`` (ranges, inclusive) are refused and logged:
+    a config edited by hand must never take over the server's own SSH port.
 
     Two containers claiming the same host port (a config edited by hand, a
     copied container) are both reported in the log; the first by name wins,
@@ -103,6 +124,11 @@ def maps_for(instances: Iterable[Mapping]) -> list[PortMap]:
         if not address:
             continue
         for host_port, port in sorted(wanted_ports(inst.get("config") or {}).items()):
+            if allowed is not None and not any(lo <= host_port <= hi for lo, hi in allowed):
+                log.warning("%s asks for host port %d, outside the allowed ranges %s; "
+                            "not mapped", name, host_port,
+                            ", ".join(f"{lo}-{hi}" for lo, hi in allowed))
+                continue
             if host_port in maps:
                 log.warning("host port %d is claimed by %s and %s; keeping %s",
                             host_port, maps[host_port].instance, name, maps[host_port].instance)

@@ -48,14 +48,14 @@ from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from . import container
+from . import container, portmap
 from .provision import KEY_TYPES, normalize_public_key
 
 log = logging.getLogger("lxcspawner.store")
 
 DEFAULT_URL = "sqlite:////var/lib/lxcgpu/lxcgpu.sqlite"
-SSH_PORTS = (22000, 29999)
-FORWARD_PORTS = (11000, 11999)
+SSH_PORTS = portmap.SSH_PORTS
+FORWARD_PORTS = portmap.FORWARD_PORTS
 FORWARD_LIMIT = 10
 PROTOCOLS = ("tcp",)
 BUSY_TIMEOUT_S = 30
@@ -70,7 +70,6 @@ _PG_UPGRADE_LOCK = 0x6C786367  # "lxcg": the advisory lock serializing upgrades
 
 _SERVER = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 _PORT = re.compile(r"^[0-9]{1,5}$")
-_PORT_RANGE = re.compile(r"^\s*([0-9]{1,5})\s*-\s*([0-9]{1,5})\s*$")
 # A second key pasted on the same line ends up in the first one's comment.
 _ANOTHER_KEY = re.compile(
     r"(?:^|\s)(?:%s)\s+AAAA[A-Za-z0-9+/]" % "|".join(re.escape(k) for k in sorted(KEY_TYPES)))
@@ -239,10 +238,10 @@ def _audit_record(r: Audit) -> AuditRecord:
 
 def parse_port_range(text: str) -> tuple[int, int]:
     """``"22000-29999"`` -> ``(22000, 29999)``; ports 1..65535, low <= high."""
-    m = _PORT_RANGE.fullmatch(text) if isinstance(text, str) else None
-    if m is None:
-        raise InvalidInput(f"Port range {text!r} should look like 22000-29999.")
-    return _check_range((int(m[1]), int(m[2])), repr(text))
+    try:
+        return portmap.parse_port_range(text)
+    except ValueError as e:
+        raise InvalidInput(str(e)) from None
 
 
 def _check_range(value: Any, what: str) -> tuple[int, int]:

@@ -31,24 +31,35 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Sequence
 
 from lxcspawner.dnat import DNATTable, SyncResult, XtablesUnavailable
 from lxcspawner.lxd import LXD, LXDError
-from lxcspawner.portmap import PortMap, maps_for, wanted_ports
+from lxcspawner.portmap import (
+    FORWARD_PORTS, SSH_PORTS, PortMap, maps_for, parse_port_range, wanted_ports,
+)
 
 log = logging.getLogger("lxcgpu.node")
 
 DEFAULT_INTERVAL = 60.0
 ADDRESS_TIMEOUT = 120.0
 _PREFIX = re.compile(r"^[A-Z][A-Z0-9_]{0,15}$")
+DEFAULT_PORTS = (SSH_PORTS, FORWARD_PORTS)
+
+
+def parse_port_ranges(text: str) -> tuple[tuple[int, int], ...]:
+    """``"22000-29999,11000-11999"`` -> ((22000, 29999), (11000, 11999))."""
+    return tuple(parse_port_range(part) for part in text.split(","))
 
 
 class NodeAgent:
     """Reconciles one server's DNAT chain with its LXD (see the module docstring)."""
 
     def __init__(self, lxd: LXD, table: DNATTable, *, interval: float = DEFAULT_INTERVAL,
-                 address_timeout: float = ADDRESS_TIMEOUT):
+                 address_timeout: float = ADDRESS_TIMEOUT,
+                 allowed: Sequence[tuple[int, int]] = DEFAULT_PORTS):
         self.lxd = lxd
+        self.allowed = tuple(allowed)
         self.table = table
         self.interval = interval
         self.address_timeout = address_timeout
@@ -74,7 +85,7 @@ class NodeAgent:
         await self._in_iptables_thread(self.table.setup, bridges)
         instances = await self.lxd.list_instances(with_state=True)
         maps: dict[str, list[PortMap]] = {}
-        for m in maps_for(instances):
+        for m in maps_for(instances, self.allowed):
             maps.setdefault(m.instance, []).append(m)
         self.maps = maps
         # A container that runs and wants ports but has no address yet gets
@@ -82,14 +93,18 @@ class NodeAgent:
         for inst in instances:
             name = inst.get("name", "")
             status = str((inst.get("state") or {}).get("status", "")).lower()
-            if (name not in maps and status == "running"
-                    and wanted_ports(inst.get("config") or {})):
+            if name not in maps and status == "running" and self._wants_ports(inst):
                 self._schedule_refresh(name, "no address yet")
         result = await self._apply()
         log.info("reconciled (%s): %d containers, %d rules, +%d -%d in %.0f ms", reason,
                  len(maps), sum(map(len, maps.values())), result.added, result.removed,
                  (time.perf_counter() - t0) * 1000)
         return result
+
+    def _wants_ports(self, inst: dict | None) -> bool:
+        """Whether the instance asks for any host port this agent may map."""
+        return any(lo <= p <= hi for p in wanted_ports((inst or {}).get("config") or {})
+                   for lo, hi in self.allowed)
 
     async def _apply(self) -> SyncResult:
         async with self._apply_lock:
@@ -104,9 +119,9 @@ class NodeAgent:
         delay = 0.05
         while True:
             inst = await self.lxd.instance_with_state(name)
-            maps = maps_for([inst]) if inst else []
+            maps = maps_for([inst], self.allowed) if inst else []
             status = str(((inst or {}).get("state") or {}).get("status", "")).lower()
-            if maps or status != "running" or not wanted_ports((inst or {}).get("config") or {}):
+            if maps or status != "running" or not self._wants_ports(inst):
                 break
             if time.monotonic() - t0 > self.address_timeout:
                 log.warning("%s runs but got no IPv4 address in %.0f s; not mapped", name,
@@ -203,6 +218,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="LXD unix socket or https:// URL (default: the local socket)")
     p.add_argument("--project", metavar="NAME", default=os.environ.get("LXCGPU_LXD_PROJECT"),
                    help="the LXD project whose containers to map (default: LXD's default project)")
+    p.add_argument("--ports", metavar="RANGES",
+                   default=os.environ.get("LXCGPU_NODE_PORTS",
+                                          ",".join(f"{lo}-{hi}" for lo, hi in DEFAULT_PORTS)),
+                   help="host ports it may map: the site's SSH and forward ranges "
+                        "(default %(default)s; env LXCGPU_NODE_PORTS)")
     p.add_argument("--interval", type=float, default=DEFAULT_INTERVAL, metavar="SECONDS",
                    help="full reconcile period (default %(default)s)")
     p.add_argument("--chain-prefix", default="LXCGPU", metavar="NAME",
@@ -228,6 +248,11 @@ def main(argv: list[str] | None = None) -> int:
         print("lxcgpu-node: --interval must be positive", file=sys.stderr)
         return 2
     try:
+        allowed = parse_port_ranges(args.ports)
+    except ValueError as e:
+        print(f"lxcgpu-node: --ports: {e}", file=sys.stderr)
+        return 2
+    try:
         table = DNATTable(chain=f"{args.chain_prefix}-DNAT",
                           post_chain=f"{args.chain_prefix}-POSTROUTING")
     except XtablesUnavailable as e:
@@ -241,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.pidfile).parent.mkdir(parents=True, exist_ok=True)
         Path(args.pidfile).write_text(f"{os.getpid()}\n")
     lxd = LXD(args.lxd, project=args.project)
-    agent = NodeAgent(lxd, table, interval=args.interval)
+    agent = NodeAgent(lxd, table, interval=args.interval, allowed=allowed)
 
     async def run() -> int:
         if args.once:

@@ -318,6 +318,22 @@ async def test_taken_or_out_of_range_host_ports_change_nothing(plxd, web, store)
     assert (await plxd.instance(web.name))["config"] == before_cfg
 
 
+async def test_hand_written_map_to_the_servers_own_ssh_port_is_refused(plxd, web, store, agent):
+    # Host port 22 is outside the agent's ranges: mapping it would take the
+    # server's own sshd away from its admins.
+    key = f"{FORWARD_PREFIX}22"
+    await plxd.update_config(web.name, {key: "22"})
+    try:
+        deadline = time.monotonic() + 10
+        while "asks for host port 22, outside the allowed ranges" not in agent.log_text():
+            assert time.monotonic() < deadline, agent.log_text()[-2000:]
+            await asyncio.sleep(0.05)
+        assert not any("--dport 22 " in r for r in agent.rules())
+        assert any(f"--dport {ssh_port(store)} " in r for r in agent.rules())
+    finally:
+        await plxd.update_config(web.name, {key: None})
+
+
 async def test_rules_outside_our_chains_are_untouched(sentinels, before, agent, alice):
     # Runs last in this module: the agent has set up, synced, been killed,
     # restarted and resynced by now.

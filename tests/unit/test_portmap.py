@@ -3,7 +3,8 @@
 import pytest
 
 from lxcspawner.portmap import (
-    FORWARD_PREFIX, SSH_PORT_KEY, PortMap, config_changes, ipv4_of, maps_for, wanted_ports,
+    FORWARD_PREFIX, SSH_PORT_KEY, PortMap, config_changes, ipv4_of, maps_for, parse_port_range,
+    wanted_ports,
 )
 
 
@@ -82,3 +83,25 @@ def test_ipv4_prefers_eth0_and_global_scope():
     assert ipv4_of(state(addr=None, extra=other)) == "10.9.9.9"
     assert ipv4_of(state(addr=None)) is None
     assert ipv4_of({}) is None
+
+
+def test_ports_outside_the_allowed_ranges_are_not_mapped(caplog):
+    cfg = {SSH_PORT_KEY: "22000", f"{FORWARD_PREFIX}22": "22", f"{FORWARD_PREFIX}11000": "80",
+           f"{FORWARD_PREFIX}443": "443"}
+    allowed = [(22000, 29999), (11000, 11999)]
+    assert [m.host_port for m in maps_for([inst("a--gpu17", cfg)], allowed)] == [11000, 22000]
+    assert "host port 22, outside the allowed ranges 22000-29999, 11000-11999" in caplog.text
+    assert len(maps_for([inst("a--gpu17", cfg)])) == 4
+
+
+@pytest.mark.parametrize("text,expected", [("22000-29999", (22000, 29999)), (" 1 - 1 ", (1, 1)),
+                                           ("11000-11999", (11000, 11999))])
+def test_parse_port_range(text, expected):
+    assert parse_port_range(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "22000", "29999-22000", "0-10", "1-65536", "a-b", None,
+                                  "1-2-3", "1,2"])
+def test_parse_port_range_refuses(text):
+    with pytest.raises(ValueError):
+        parse_port_range(text)
