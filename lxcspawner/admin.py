@@ -368,7 +368,7 @@ def cmd_container_up(ctx: Context, args) -> None:
 def cmd_container_sync(ctx: Context, args) -> None:
     server = _server(ctx, args)
 
-    async def sync(lxd: LXD) -> lifecycle.SyncResult:
+    async def sync(lxd: LXD) -> lifecycle.ContainerSync:
         return await lifecycle.sync_user_container(lxd, ctx.store, args.name, server,
                                                    prefix=ctx.settings.instance_prefix)
     res = _audited(ctx, "container.sync", args.name, {"server": server},

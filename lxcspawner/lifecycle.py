@@ -96,7 +96,7 @@ async def sync_port_maps(lxd: LXD, store: Store, user: str, server: str, *,
 
 
 @dataclass(frozen=True)
-class SyncResult:
+class ContainerSync:
     """What :func:`sync_user_container` did."""
 
     name: str
@@ -105,7 +105,7 @@ class SyncResult:
 
 
 async def sync_user_container(lxd: LXD, store: Store, user: str, server: str, *,
-                              prefix: str = "") -> SyncResult:
+                              prefix: str = "") -> ContainerSync:
     """Push the store's view (port maps; SSH keys if it runs) into the user's
     existing container.  A missing container is an LXDNotFound error."""
     name = naming.instance_name(user, server, prefix)
@@ -116,11 +116,11 @@ async def sync_user_container(lxd: LXD, store: Store, user: str, server: str, *,
     ssh_port, forwards = await _wanted_ports(store, user, server)
     changed = await _write_port_maps(lxd, name, inst.get("config") or {}, ssh_port, forwards)
     if not (await lxd.state(name)).running:
-        return SyncResult(name, changed, False)
+        return ContainerSync(name, changed, False)
     keys = await asyncio.to_thread(store.authorized_keys, user)
     await provision(lxd, name, login=naming.posix_name(user), keys=keys,
                     hostname=naming.hostname(user, server))
-    return SyncResult(name, changed, True)
+    return ContainerSync(name, changed, True)
 
 
 async def ensure_user_container(lxd: LXD, store: Store, settings: Settings, user: str,

@@ -186,10 +186,11 @@ class NodeAgent:
         stream = self.lxd.follow_events(
             self._on_event, on_connect=lambda: self._loop.call_soon_threadsafe(self._resync.set))
         delay = 1.0
+        reason = "start"
         try:
             while True:
                 try:
-                    await self.reconcile("start" if not self.ready.is_set() else "periodic")
+                    await self.reconcile(reason)
                     self.ready.set()
                     delay = 1.0
                 except LXDError as e:
@@ -199,8 +200,9 @@ class NodeAgent:
                     continue
                 try:
                     await asyncio.wait_for(self._resync.wait(), self.interval)
+                    reason = "events reconnected, or an update failed"
                 except asyncio.TimeoutError:
-                    pass
+                    reason = "periodic"
                 self._resync.clear()
         finally:
             stream.close()

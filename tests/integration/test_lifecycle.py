@@ -163,7 +163,7 @@ async def test_sync_pushes_key_changes(lxd, erin, store, keys, run_tag, logs_on_
     logs_on_failure.append(uc.name)
     k2 = await asyncio.to_thread(store.add_key, USER, keys["erin2"][1], actor="test")
     res = await lifecycle.sync_user_container(lxd, store, USER, SERVER, prefix=run_tag)
-    assert res == lifecycle.SyncResult(uc.name, False, True)
+    assert res == lifecycle.ContainerSync(uc.name, False, True)
     ak = (await lxd.get_file(uc.name, "/home/erin/.ssh/authorized_keys")).decode()
     assert ak.splitlines() == [keys["erin"][1], keys["erin2"][1]]
     await asyncio.to_thread(store.remove_key, USER, k2.fingerprint, actor="test")
