@@ -59,7 +59,8 @@ def seed_cleanup() -> None:
 
 
 def bench_ours(n: int, changes: int) -> dict:
-    table = DNATTable(chain=f"{PREFIX}-DNAT", post_chain=f"{PREFIX}-POST")
+    table = DNATTable(chain=f"{PREFIX}-DNAT", post_chain=f"{PREFIX}-POST",
+                      input_chain=f"{PREFIX}-INPUT")
     table.teardown()
     maps = user_maps(n)
     full = []
@@ -129,7 +130,8 @@ def agent_child(n: int) -> None:
     from monitor.node import NodeAgent
 
     async def main():
-        table = DNATTable(chain=f"{PREFIX}-DNAT", post_chain=f"{PREFIX}-POST")
+        table = DNATTable(chain=f"{PREFIX}-DNAT", post_chain=f"{PREFIX}-POST",
+                      input_chain=f"{PREFIX}-INPUT")
         agent = NodeAgent(LXD(), table, interval=3600)
         agent._loop = asyncio.get_running_loop()
         stream = agent.lxd.follow_events(agent._on_event)

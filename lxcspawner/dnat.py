@@ -42,6 +42,7 @@ log = logging.getLogger("lxcspawner.dnat")
 
 CHAIN = "LXCGPU-DNAT"
 POST_CHAIN = "LXCGPU-POSTROUTING"
+INPUT_CHAIN = "LXCGPU-INPUT"
 XTABLES_LOCK = "/run/xtables.lock"
 COMMENT_PREFIX = "lxcgpu:"
 _IFNAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
@@ -278,25 +279,29 @@ class DNATTable:
     """
 
     def __init__(self, *, chain: str = CHAIN, post_chain: str = POST_CHAIN,
-                 lock_path: str = XTABLES_LOCK, sysctl_root: str = "/proc/sys/net/ipv4/conf"):
+                 input_chain: str = INPUT_CHAIN, lock_path: str = XTABLES_LOCK,
+                 sysctl_root: str = "/proc/sys/net/ipv4/conf"):
         self.iptc = _iptc()
         self.chain = chain
         self.post_chain = post_chain
+        self.input_chain = input_chain
         self.lock_path = lock_path
         self.sysctl_root = Path(sysctl_root)
         self.codec = _EntryCodec(self.iptc)
-        self._table = self.iptc.Table(self.iptc.Table.NAT)
-        self._table.autocommit = False
+        self._tables = {}
+        for name in (self.iptc.Table.NAT, self.iptc.Table.FILTER):
+            self._tables[name] = self.iptc.Table(name)
+            self._tables[name].autocommit = False
 
     # ------------------------------------------------------------ plumbing
 
     @contextlib.contextmanager
-    def _transaction(self) -> Iterator:
+    def _transaction(self, which: str = "nat") -> Iterator:
         """Lock, read the table, yield it, commit once (if anything changed)."""
         fd = os.open(self.lock_path, os.O_RDONLY | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
-            table = self._table
+            table = self._tables[which]
             table.refresh()
             self._dirty = False
             yield table
@@ -350,9 +355,32 @@ class DNATTable:
 
     # ------------------------------------------------------------ public
 
+    def _guard_rule(self, bridge: str):
+        rule = self.iptc.Rule()
+        rule.dst = "127.0.0.0/8"
+        rule.in_interface = bridge
+        match = rule.create_match("conntrack")
+        match.ctstate = "NEW"
+        rule.create_target("DROP")
+        return rule
+
+    def _ensure_rules(self, table, name: str, want: list) -> None:
+        chain = self.iptc.Chain(table, name)
+        if chain.rules != want:
+            chain.flush()
+            for r in want:
+                chain.append_rule(r)
+            self._dirty = True
+
     def setup(self, bridges: Iterable[str] = ()) -> None:
         """Create our chains and jumps, and loopback access through ``bridges``
-        (``route_localnet`` on each, and the MASQUERADE that goes with it)."""
+        (``route_localnet`` on each, and the MASQUERADE that goes with it).
+
+        ``route_localnet`` would also let a container that routes 127.0.0.0/8
+        to its gateway reach the server's loopback services (the proxy's API,
+        the hub's database, slapd): new connections arriving from a bridge for
+        127.0.0.0/8 are dropped in the filter table's ``LXCGPU-INPUT``.
+        Replies to the masqueraded loopback connections are not new and pass."""
         bridges = sorted(set(bridges))
         for b in bridges:
             if not _IFNAME.match(b):
@@ -366,13 +394,13 @@ class DNATTable:
             post = self.iptc.Rule()
             post.create_target(self.post_chain)
             self._ensure_jump(table, "POSTROUTING", post)
-            chain = self.iptc.Chain(table, self.post_chain)
-            want = [self._masquerade_rule(b) for b in bridges]
-            if chain.rules != want:
-                chain.flush()
-                for r in want:
-                    chain.append_rule(r)
-                self._dirty = True
+            self._ensure_rules(table, self.post_chain, [self._masquerade_rule(b) for b in bridges])
+        with self._transaction("filter") as table:
+            self._ensure_chain(table, self.input_chain)
+            jump = self.iptc.Rule()
+            jump.create_target(self.input_chain)
+            self._ensure_jump(table, "INPUT", jump)
+            self._ensure_rules(table, self.input_chain, [self._guard_rule(b) for b in bridges])
         for b in bridges:
             path = self.sysctl_root / b / "route_localnet"
             if path.exists() and path.read_text().strip() != "1":
@@ -438,3 +466,13 @@ class DNATTable:
                     table.flush_entries(name)
                     table.delete_chain(name)
                     self._dirty = True
+        with self._transaction("filter") as table:
+            chain = self.iptc.Chain(table, "INPUT")
+            for r in chain.rules:
+                if r.target and r.target.name == self.input_chain:
+                    chain.delete_rule(r)
+                    self._dirty = True
+            if table.is_chain(self.input_chain):
+                table.flush_entries(self.input_chain)
+                table.delete_chain(self.input_chain)
+                self._dirty = True

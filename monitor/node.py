@@ -228,7 +228,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--interval", type=float, default=DEFAULT_INTERVAL, metavar="SECONDS",
                    help="full reconcile period (default %(default)s)")
     p.add_argument("--chain-prefix", default="LXCGPU", metavar="NAME",
-                   help="our chains are NAME-DNAT and NAME-POSTROUTING (default %(default)s)")
+                   help="our chains are NAME-DNAT, NAME-POSTROUTING (nat) and NAME-INPUT (filter) "
+                        "(default %(default)s)")
     p.add_argument("--once", action="store_true", help="reconcile once and exit")
     p.add_argument("--remove-rules", action="store_true",
                    help="remove our chains and jumps, and exit")
@@ -256,13 +257,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         table = DNATTable(chain=f"{args.chain_prefix}-DNAT",
-                          post_chain=f"{args.chain_prefix}-POSTROUTING")
+                          post_chain=f"{args.chain_prefix}-POSTROUTING",
+                          input_chain=f"{args.chain_prefix}-INPUT")
     except XtablesUnavailable as e:
         print(f"lxcgpu-node: {e}", file=sys.stderr)
         return 3
     if args.remove_rules:
         table.teardown()
-        print(f"removed {table.chain}, {table.post_chain} and their jumps")
+        print(f"removed {table.chain}, {table.post_chain}, {table.input_chain} and their jumps")
         return 0
     if args.pidfile:
         Path(args.pidfile).parent.mkdir(parents=True, exist_ok=True)

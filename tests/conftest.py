@@ -7,6 +7,7 @@ run: nothing is skipped silently.
 
 import pytest
 
+from tests.fixtures.hub import hub  # noqa: F401  (fixture)
 from tests.fixtures.ldap import ldap_directory  # noqa: F401  (fixture)
 from tests.fixtures.netns import client_netns, nat_project, node_agent  # noqa: F401  (fixtures)
 from tests.fixtures.lxd import (  # noqa: F401  (fixtures)

@@ -18,7 +18,8 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.fixture
 def table(run_tag):
     prefix = "LXCD" + run_tag[1:].upper()
-    t = DNATTable(chain=f"{prefix}-DNAT", post_chain=f"{prefix}-POST")
+    t = DNATTable(chain=f"{prefix}-DNAT", post_chain=f"{prefix}-POST",
+                  input_chain=f"{prefix}-IN")
     t.teardown()
     yield t
     t.teardown()
@@ -45,6 +46,11 @@ def test_setup_is_idempotent_and_jumps_once(table):
     assert rules(table.post_chain) == [
         f"-A {table.post_chain} -s 127.0.0.0/8 -o lxcgpubr0 -j MASQUERADE"]
     assert Path("/proc/sys/net/ipv4/conf/lxcgpubr0/route_localnet").read_text().strip() == "1"
+    # route_localnet must not open the server's loopback services to containers.
+    assert [r for r in rules("INPUT", "filter") if table.input_chain in r] == [
+        f"-A INPUT -j {table.input_chain}"]
+    assert rules(table.input_chain, "filter") == [
+        f"-A {table.input_chain} -d 127.0.0.0/8 -i lxcgpubr0 -m conntrack --ctstate NEW -j DROP"]
 
 
 def test_setup_refuses_bad_interface_names(table):
@@ -101,7 +107,8 @@ def test_rules_outside_our_chains_survive_sync_and_teardown(table, run_tag):
         table.sync(maps(10))
         table.teardown()
         assert [r for r in rules("PREROUTING") if table.chain not in r] == before
-        assert not any(table.chain in r for r in sh("iptables-legacy-save").stdout.splitlines())
+        saved = sh("iptables-legacy-save").stdout
+        assert not any(c in saved for c in (table.chain, table.post_chain, table.input_chain))
     finally:
         sh("iptables-legacy", "-w", "-t", "nat", "-D", "PREROUTING", *keep, check=False)
 

@@ -149,9 +149,12 @@ async def test_ssh_lands_in_own_container(plxd, alice, store, keys, client_netns
     assert any(f"--dport {port} " in r and "lxcgpu:" + alice.name in r for r in rules), rules
 
 
-async def test_ssh_from_the_server_itself_over_loopback(alice, store, keys, agent):
+async def test_ssh_from_the_server_itself_over_loopback(plxd, alice, store, keys, agent):
     # route_localnet on the bridge plus the agent's loopback MASQUERADE.
     port = ssh_port(store)
+    assert wait_for_rules(agent, 1, f"--dport {port} ")
+    ok, _ = await asyncio.to_thread(_direct_banner, (await plxd.state(alice.name)).ipv4, 30)
+    assert ok, "sshd in the container did not start"
     p = await asyncio.to_thread(subprocess.run, [
         "ssh", "-i", str(keys["alice"][0]), "-p", str(port), "-o", "BatchMode=yes",
         "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
@@ -316,6 +319,64 @@ async def test_taken_or_out_of_range_host_ports_change_nothing(plxd, web, store)
     assert store.list_forwards() == before_rows
     await push_maps(plxd, store, "alice", web.name)
     assert (await plxd.instance(web.name))["config"] == before_cfg
+
+
+_REACH_HOST_LOOPBACK = r"""
+set -u
+port=$1
+gw=$(ip -4 route show default | awk '{print $3; exit}')
+addr=$(ip -4 -o addr show dev eth0 | awk '{print $4}' | cut -d/ -f1)
+for k in eth0.route_localnet all.route_localnet eth0.rp_filter all.rp_filter; do
+    v=1; case $k in *rp_filter) v=0;; esac
+    sysctl -qw net.ipv4.conf.$k=$v
+done
+ip route del table local local 127.0.0.0/8 dev lo
+ip route del table local local 127.0.0.1 dev lo
+ip route add 127.0.0.1/32 via "$gw" dev eth0 src "$addr"
+python3 -c 'import socket, sys; s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=3); print(s.recv(16).decode())' "$port"
+rc=$?
+ip route del 127.0.0.1/32
+ip route add table local local 127.0.0.0/8 dev lo
+ip route add table local local 127.0.0.1 dev lo src 127.0.0.1
+exit $rc
+"""
+
+
+async def test_containers_cannot_reach_the_servers_loopback(plxd, alice, agent):
+    # route_localnet (for `ssh -p PORT localhost` on the server) would let a
+    # container's root route 127.0.0.1 to its gateway and reach the server's
+    # loopback services (the proxy's API, slapd); without the agent's
+    # LXCGPU-INPUT guard this very script reads the secret.
+    import socket
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(15)
+    port = server.getsockname()[1]
+    got = []
+
+    def serve():
+        try:
+            conn, peer = server.accept()
+            got.append(peer)
+            conn.sendall(b"loopback-secret")
+            conn.close()
+        except OSError:
+            pass
+    t = threading.Thread(target=serve)
+    t.start()
+    try:
+        res = await plxd.execute(alice.name, ["sh", "-c", _REACH_HOST_LOOPBACK, "sh", str(port)],
+                                 timeout=60)
+    finally:
+        server.close()
+        t.join()
+    assert res.returncode != 0 and "loopback-secret" not in res.stdout, (res.stdout, res.stderr)
+    assert got == []
+    assert any("--ctstate NEW -j DROP" in r for r in
+               sh("iptables-legacy", "-w", "-S", agent.prefix + "-INPUT").stdout.splitlines())
+    # The container's own loopback is back.
+    res = await plxd.execute(alice.name, ["python3", "-c", "import socket; socket.create_server("
+                                          "('127.0.0.1', 0)).close()"], timeout=30)
+    assert res.returncode == 0, res.stderr
 
 
 async def test_hand_written_map_to_the_servers_own_ssh_port_is_refused(plxd, web, store, agent):

@@ -1,0 +1,115 @@
+"""``LXCGPUAuthenticator``: jupyterhub-ldapauthenticator 2.x with an admin group,
+certificate checks on by default, and the directory kept off the hub's event loop.
+
+ldapauthenticator 2.x has no admin-group setting, and its ``auth_state`` lists
+only the matched entries of ``allowed_groups``.  So the DNs in ``admin_groups``
+are added to ``allowed_groups`` (their members may log in, and their membership
+is looked up at each login), and :meth:`LXCGPUAuthenticator.is_admin` turns that
+membership into the user's admin flag: True for members, False for everyone
+else, so leaving the group revokes admin rights at the next login.
+
+Its ``authenticate`` is a coroutine that makes blocking ldap3 calls without ever
+awaiting; a slow or unreachable directory would freeze the whole hub.  It runs
+here in a small thread pool instead, with a deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from concurrent.futures import ThreadPoolExecutor
+
+from ldapauthenticator import LDAPAuthenticator
+from ldapauthenticator.ldapauthenticator import TlsStrategy
+from traitlets import Float, Int, List, Unicode, default, observe, validate
+
+
+class LXCGPUAuthenticator(LDAPAuthenticator):
+    """LDAP / Active Directory login for lxcgpu (see docs/ldap.md)."""
+
+    admin_groups = List(
+        Unicode(),
+        config=True,
+        help="""Full DNs of the LDAP groups whose members are JupyterHub admins.
+
+        They are added to `LDAPAuthenticator.allowed_groups`, so their members
+        may also log in.  Membership is checked at every login and is
+        authoritative: a user in none of these groups loses admin rights at
+        their next login, including rights given in the admin panel (users in
+        `Authenticator.admin_users` stay admins).  Empty (the default): the
+        directory decides nothing about admins.
+
+        Example: ["cn=gpu-admins,ou=groups,dc=example,dc=org"]
+        """,
+    )
+
+    ldap_threads = Int(
+        4,
+        config=True,
+        help="""Logins checked against the directory at the same time.
+
+        Each runs in its own thread, off the hub's event loop; more logins wait.
+        """,
+    )
+
+    ldap_timeout = Float(
+        30.0,
+        config=True,
+        help="""Seconds a login may take against the directory (all binds and
+        searches together) before it is refused.""",
+    )
+
+    @default("tls_kwargs")
+    def _default_tls_kwargs(self):
+        return {"validate": ssl.CERT_REQUIRED}
+
+    @validate("tls_kwargs")
+    def _validate_tls_kwargs(self, proposal):
+        # ldap3 accepts any server certificate unless told otherwise: require a
+        # valid one unless the site explicitly chose another `validate`.
+        return {"validate": ssl.CERT_REQUIRED, **proposal.value}
+
+    @observe("tls_strategy")
+    def _warn_insecure(self, change):
+        if change.new == TlsStrategy.insecure:
+            self.log.warning(
+                "LDAPAuthenticator.tls_strategy is 'insecure': passwords cross the "
+                "network in clear text. Use 'before_bind' (StartTLS) or 'on_connect' (LDAPS)."
+            )
+
+    @observe("admin_groups", "allowed_groups")
+    def _include_admin_groups(self, change):
+        allowed = list(self.allowed_groups or [])
+        missing = [g for g in self.admin_groups if g not in allowed]
+        if missing:
+            self.allowed_groups = allowed + missing
+
+    _executor: ThreadPoolExecutor | None = None
+
+    async def authenticate(self, handler, data):
+        """The parent's LDAP login, run to completion in a worker thread."""
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(
+                max_workers=self.ldap_threads, thread_name_prefix="lxcgpu-ldap"
+            )
+        # The parent's coroutine never awaits, so a private event loop in the
+        # worker runs it through; it needs nothing from the hub's loop.
+        future = self._executor.submit(asyncio.run, super().authenticate(handler, data))
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(future), self.ldap_timeout)
+        except asyncio.TimeoutError:
+            self.log.error(
+                "Login of %r refused: the directory did not answer within %s s "
+                "(LXCGPUAuthenticator.ldap_timeout)",
+                data.get("username"), self.ldap_timeout,
+            )
+            return None
+
+    def is_admin(self, handler, authentication):
+        """True for members of `admin_groups` (and `admin_users`); False for
+        everyone else when `admin_groups` is set; else None (unchanged)."""
+        admin = super().is_admin(handler, authentication)
+        if admin or not self.admin_groups:
+            return admin
+        groups = (authentication.get("auth_state") or {}).get("ldap_groups") or []
+        return any(group in groups for group in self.admin_groups)
