@@ -76,13 +76,12 @@ c.JupyterHub.concurrent_spawn_limit = 10
 # Jupyter servers live in containers and outlive a hub restart: the restarted
 # hub finds them again through the spawner's saved state and poll().
 c.JupyterHub.cleanup_servers = False
-# The site file names the GPU servers; the spawner's other settings have
-# defaults.  For example:
-#   c.LXCSpawner.servers = {"gpu1": {"lxd": None}, "gpu2": {"lxd": "https://gpu2:8443"}}
-#   c.LXCSpawner.default_server = "gpu1"
-#   c.LXCSpawner.lxcgpu_config = "/etc/lxcgpu/lxcgpu.toml"   # default: $LXCGPU_CONFIG
+# The spawner's settings are the site's; their defaults serve one machine:
+#   c.LXCSpawner.servers = {"<[server] name>": {}}   # GPU server -> its LXD ({}: local)
+#   c.LXCSpawner.default_server = <the first of servers>
+#   c.LXCSpawner.lxcgpu_config = $LXCGPU_CONFIG or "/etc/lxcgpu/lxcgpu.toml"
 #   c.LXCSpawner.extra_container_config = {}
-#   c.LXCSpawner.stop_container_on_stop = False
+#   c.LXCSpawner.stop_container_on_stop = False      # stopping Jupyter keeps the container
 #   c.LXCSpawner.jupyter_port = 8888
 
 # --- the site's settings ------------------------------------------------------

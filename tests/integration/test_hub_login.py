@@ -8,16 +8,25 @@ server is ever spawned here.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import re
 import secrets
+import sqlite3
 import ssl
+from pathlib import Path
 
 import ldap3
 import pytest
 
+from traitlets.config import PyFileConfigLoader
+
 from hub_config.authenticator import LXCGPUAuthenticator
+from hub_config.culler import LXCGPUCuller
 
 pytestmark = pytest.mark.ldap
+
+REPO = Path(__file__).resolve().parents[2]
 
 LOGIN_COOKIE = "jupyterhub-hub-login"
 XSRF_INPUT = re.compile(r'name="_xsrf"\s+value="([^"]+)"')
@@ -148,6 +157,10 @@ def test_admin_follows_group_membership_at_each_login(hub, ldap_directory, run_t
     assert_logged_in(hub, *login(hub, name, password))
     assert hub_user(hub, name)["admin"] is True
 
+    # In no group any more: refused, although the hub knows the user.
+    set_membership(ldap_directory, name, "gpu-admins", member=False)
+    assert_refused(hub, *login(hub, name, password))
+
 
 # -- the authenticator's defaults, without the hub --
 
@@ -176,17 +189,41 @@ def test_admin_groups_are_allowed_groups(ldap_directory):
     assert auth.allowed_groups == [users, admins]
 
 
+@pytest.mark.parametrize("username", ["alice)(uid=*", "*", "alice,ou=people", "alice\\"])
+def test_escaping_holds_with_a_permissive_name_rule(ldap_directory, username):
+    """A site may loosen valid_username_regex (as for AD); names are still
+    escaped into the DN, so no special character widens a login."""
+    auth = LXCGPUAuthenticator(**ldap_directory.ldap_authenticator_config(),
+                               valid_username_regex=r"^.+$")
+    data = {"username": username, "password": ldap_directory.passwords["alice"]}
+    assert asyncio.run(auth.get_authenticated_user(None, data)) is None
+
+
+def test_example_site_file_loads():
+    config = PyFileConfigLoader("jupyterhub_site.example.py",
+                                path=str(REPO / "hub_config")).load_config()
+    auth = LXCGPUAuthenticator(config=config)
+    assert auth.server_address == "ldap.example.org"
+    assert auth.tls_kwargs["validate"] == ssl.CERT_REQUIRED
+    assert auth.allowed_groups == ["cn=gpu-users,ou=groups,dc=example,dc=org",
+                                   "cn=gpu-admins,ou=groups,dc=example,dc=org"]
+    assert LXCGPUCuller(config=config).timeout == 3600
+
+
 # -- how the shipped config wired the hub --
 
 def test_idle_culler_runs_with_its_own_scopes(hub):
     r = hub.api("GET", "/services/idle-culler")
     assert r.status_code == 200, r.text
-    assert r.json()["roles"] == ["idle-culler"]
-    role = hub.api("GET", "/roles/idle-culler")
-    if role.status_code == 200:  # JupyterHub >= 5.? exposes roles over the API
-        assert sorted(role.json()["scopes"]) == sorted(
-            ["list:users", "read:users:activity", "read:servers", "delete:servers"])
-    assert "--timeout=3600" in " ".join(r.json()["command"])
+    service = r.json()
+    assert service["roles"] == ["idle-culler"] and not service["admin"]
+    assert "--timeout=3600" in service["command"]
+    assert service["pid"] and Path(f"/proc/{service['pid']}").exists()
+    # JupyterHub 6 has no roles API: read what the hub stored.
+    with contextlib.closing(sqlite3.connect(hub.state_dir / "jupyterhub.sqlite")) as db:
+        (scopes,) = db.execute("SELECT scopes FROM roles WHERE name = 'idle-culler'").fetchone()
+    assert sorted(json.loads(scopes)) == sorted(
+        ["list:users", "read:users:activity", "read:servers", "delete:servers"])
 
 
 def test_hub_api_is_on_the_bridge_and_secrets_stay_out_of_the_log(hub):

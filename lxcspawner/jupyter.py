@@ -1,0 +1,77 @@
+"""jupyterhub-singleuser inside a container, as a transient systemd unit.
+
+The server runs as the user, started with ``systemd-run`` by the container's
+own systemd, so it outlives the exec that started it and the hub, and is
+stopped with ``systemctl stop`` without touching anything else the user runs
+(training jobs started over SSH live in other units).
+
+Its environment, with the hub API token, goes into a root-only file inside
+the container that systemd reads (``EnvironmentFile=``): the token is never
+on a command line, on the host or in the container, and never in the
+container's ``user.*`` config (which the container can read).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Mapping, Sequence
+
+from .lxd import LXD
+
+UNIT = "lxcgpu-jupyter"
+ENV_DIR = "/run/lxcgpu"
+PATH = "/opt/jupyter/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def unit_name(server_name: str) -> str:
+    """The unit of a JupyterHub server: one for the default server, one per
+    named server (named after its GPU server, a lower-case DNS label)."""
+    if not server_name:
+        return UNIT
+    if not re.fullmatch(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?", server_name):
+        raise ValueError(f"not a server name: {server_name!r}")
+    return f"{UNIT}-{server_name}"
+
+
+def env_file(env: Mapping[str, str]) -> str:
+    """A systemd EnvironmentFile: ``KEY="value"`` lines, quoted and escaped
+    (systemd expands nothing in these files)."""
+    lines = []
+    for key, value in sorted({"PATH": PATH, **env}.items()):
+        value = str(value)
+        if not _KEY.match(key):
+            raise ValueError(f"not an environment variable name: {key!r}")
+        if "\n" in value or "\r" in value or "\0" in value:
+            raise ValueError(f"environment variable {key} holds a line break or NUL")
+        escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+        lines.append(f'{key}="{escaped}"')
+    return "\n".join(lines) + "\n"
+
+
+async def start(lxd: LXD, name: str, *, unit: str, login: str, argv: Sequence[str],
+                env: Mapping[str, str]) -> None:
+    """(Re)start ``argv`` as ``login`` in the unit, with ``env``."""
+    path = f"{ENV_DIR}/{unit}.env"
+    await lxd.make_dir(name, ENV_DIR, mode=0o700)
+    await lxd.put_file(name, path, env_file(env), mode=0o600)
+    # A unit left from an earlier start (the hub lost track, or it failed).
+    await lxd.execute(name, ["systemctl", "stop", unit], timeout=60)
+    await lxd.execute(name, ["systemctl", "reset-failed", unit], timeout=30)
+    cmd = ["systemd-run", f"--unit={unit}", "--collect", f"--uid={login}", f"--gid={login}",
+           "--property=WorkingDirectory=~", f"--property=EnvironmentFile={path}",
+           "--property=KillMode=mixed", "--property=TimeoutStopSec=10",
+           "--description=Jupyter for the hub", "--", *argv]
+    (await lxd.execute(name, cmd, timeout=60)).check(cmd[:2])
+
+
+async def active(lxd: LXD, name: str, unit: str) -> bool:
+    """Whether the unit runs (or is starting)."""
+    res = await lxd.execute(name, ["systemctl", "is-active", unit], timeout=30)
+    return res.stdout.strip() in ("active", "activating", "reloading")
+
+
+async def stop(lxd: LXD, name: str, unit: str) -> None:
+    """Stop the unit (nothing else) and remove its environment file."""
+    await lxd.execute(name, ["systemctl", "stop", unit], timeout=60)
+    await lxd.execute(name, ["rm", "-f", "--", f"{ENV_DIR}/{unit}.env"], timeout=30)

@@ -1,0 +1,313 @@
+"""LXCSpawner: a JupyterHub spawner that serves Jupyter from the user's own
+LXD container on a GPU server.
+
+Settings and lifecycle only; the work lives in the core modules:
+:mod:`lxcspawner.lifecycle` (the container, its port maps, the user and keys
+inside), :mod:`lxcspawner.jupyter` (the Jupyter unit inside), and
+:mod:`lxcspawner.lxd` (LXD, off the event loop).
+
+- One JupyterHub named server per GPU server (``/user/alice/gpu17``); the
+  default server runs on the server picked in the options form, by default
+  :attr:`LXCSpawner.default_server`.
+- ``stop()`` stops Jupyter only: the container keeps running, and so do the
+  user's SSH jobs in it (unless :attr:`LXCSpawner.stop_container_on_stop`).
+- The state saved in JupyterHub's database names the instance, the GPU server
+  and the address used, so a restarted hub re-adopts running servers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any
+
+from jupyterhub.spawner import Spawner
+from tornado import web
+from traitlets import Bool, Dict, Enum, Integer, List, Unicode, default, validate
+
+from . import jupyter, naming
+from .lifecycle import ensure_user_container
+from .lxd import LXD, LXDError
+from .settings import Settings
+
+# Progress (percent) the spawn page shows for each step.
+_STEPS = {
+    "allocating SSH port and ids": 5,
+    "creating container": 15,
+    "starting container": 35,
+    "waiting for network": 55,
+    "preparing user": 70,
+    "starting Jupyter": 85,
+}
+
+
+class _Shared:
+    """What all spawners of one hub share: settings, the store, one LXD
+    client and one concurrency limit per GPU server."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.store = settings.open_store()
+        self.lxd: dict[str, LXD] = {}
+        self.limits: dict[str, asyncio.Semaphore] = {}
+
+
+class LXCSpawner(Spawner):
+    """Jupyter in the user's own LXD container on a GPU server."""
+
+    _shared: dict[str, _Shared] = {}
+
+    servers = Dict(
+        config=True,
+        help="""The GPU servers users may pick: name -> how to reach its LXD.
+
+        ``{"gpu17": {}}`` is the local LXD (unix socket).  A dict may give
+        ``lxd`` (a socket path or ``https://host:8443``), ``cert`` ([cert
+        file, key file] for HTTPS), ``verify`` (the server certificate to
+        pin) and ``project`` (an LXD project).  The name is what users see,
+        what the named server is called (``/user/alice/gpu17``), and part of
+        the container's name.  Default: this machine, under the name from the
+        site settings (``[server] name``, else the short hostname).""",
+    )
+
+    @default("servers")
+    def _default_servers(self):
+        return {self._settings.server: {}}
+
+    @validate("servers")
+    def _check_servers(self, proposal):
+        servers = proposal["value"]
+        if not servers:
+            raise ValueError("LXCSpawner.servers is empty: name at least one GPU server")
+        for name, spec in servers.items():
+            if not naming.is_valid_lxd_name(name) or name != name.lower():
+                raise ValueError(f"GPU server name {name!r} must be a lower-case DNS label")
+            if not isinstance(spec, dict) or set(spec) - {"lxd", "cert", "verify", "project"}:
+                raise ValueError(f"GPU server {name!r}: expected a dict with lxd, cert, "
+                                 f"verify or project, not {spec!r}")
+        return servers
+
+    default_server = Unicode(
+        config=True,
+        help="The GPU server of the default (unnamed) server when the form is not used; "
+             "default: the first of `servers`.",
+    )
+
+    @default("default_server")
+    def _default_default_server(self):
+        return next(iter(self.servers))
+
+    lxcgpu_config = Unicode(
+        config=True,
+        help="The site settings file (store, port ranges, image, limits, mounts); "
+             "default: $LXCGPU_CONFIG, else /etc/lxcgpu/lxcgpu.toml.",
+    )
+
+    @default("lxcgpu_config")
+    def _default_lxcgpu_config(self):
+        return os.environ.get("LXCGPU_CONFIG", "")
+
+    extra_container_config = Dict(
+        config=True,
+        help="Extra LXD config keys for new containers, e.g. "
+             "{'security.nesting': 'true'} for Docker inside.",
+    )
+
+    stop_container_on_stop = Bool(
+        False, config=True,
+        help="Also stop the container when the Jupyter server stops. Off by default: "
+             "training jobs started over SSH keep running after Jupyter is stopped "
+             "(by the user, the admin or the idle culler).",
+    )
+
+    jupyter_port = Integer(
+        8888, config=True,
+        help="The port Jupyter listens on inside the container (the default server; "
+             "a named server uses the next one, as both may share a container).",
+    )
+
+    singleuser_command = List(
+        Unicode(), ["/opt/jupyter/bin/jupyterhub-singleuser"], config=True,
+        help="jupyterhub-singleuser inside the container (the template image's).",
+    )
+
+    connect = Enum(
+        ["bridge"], "bridge", config=True,
+        help="How the hub reaches Jupyter: 'bridge' = at the container's address on "
+             "the LXD bridge, for a hub on the GPU server itself. Hubs that reach "
+             "remote GPU servers will route through the server's NAT port.",
+    )
+
+    lxd_concurrency = Integer(
+        4, config=True,
+        help="At most this many container operations at once per GPU server "
+             "(JupyterHub.concurrent_spawn_limit caps the hub as a whole).",
+    )
+
+    address_timeout = Integer(
+        60, config=True, help="Seconds to wait for a started container's address.")
+
+    # ------------------------------------------------------------ shared parts
+
+    @property
+    def _settings(self) -> Settings:
+        return self._shared_parts().settings
+
+    def _shared_parts(self) -> _Shared:
+        key = self.lxcgpu_config
+        if key not in self._shared:
+            self._shared[key] = _Shared(Settings.load(key or None))
+        return self._shared[key]
+
+    def _lxd(self, server: str) -> LXD:
+        shared = self._shared_parts()
+        if server not in shared.lxd:
+            spec = self.servers[server]
+            shared.lxd[server] = LXD(
+                spec.get("lxd"), cert=tuple(spec["cert"]) if spec.get("cert") else None,
+                verify=spec.get("verify", True), project=spec.get("project"))
+            shared.limits[server] = asyncio.Semaphore(self.lxd_concurrency)
+        return shared.lxd[server]
+
+    # ------------------------------------------------------------ choice of server
+
+    @default("options_form")
+    def _default_options_form(self):
+        return self._options_form
+
+    def _options_form(self, spawner) -> str:
+        if self.name or len(self.servers) == 1:
+            return ""
+        options = "\n".join(
+            f'<option value="{web.escape.xhtml_escape(n)}"'
+            f'{" selected" if n == self.default_server else ""}>'
+            f"{web.escape.xhtml_escape(n)}</option>" for n in self.servers)
+        return (f'<label for="gpu_server">GPU server</label>\n'
+                f'<select class="form-control" name="gpu_server" id="gpu_server">\n'
+                f"{options}\n</select>")
+
+    def options_from_form(self, formdata: dict) -> dict:
+        choice = (formdata.get("gpu_server") or [self.default_server])[0]
+        return {"gpu_server": self._check_server(choice)}
+
+    def _check_server(self, name: Any) -> str:
+        if not isinstance(name, str) or name not in self.servers:
+            raise web.HTTPError(400, f"unknown GPU server {name!r}; choose one of "
+                                     f"{', '.join(self.servers)}")
+        return name
+
+    def gpu_server(self) -> str:
+        """The GPU server this spawner's server runs on (validated)."""
+        if self.name:
+            # A named server is named after its GPU server.
+            return self._check_server(self.name)
+        return self._check_server(self.user_options.get("gpu_server", self.default_server))
+
+    # ------------------------------------------------------------ state
+
+    instance = Unicode("", help="The LXD instance the server runs in (state).")
+    instance_server = Unicode("", help="Its GPU server (state).")
+    address = Unicode("", help="The address the hub reaches Jupyter at (state).")
+
+    def get_state(self) -> dict:
+        state = super().get_state()
+        if self.instance:
+            state.update(instance=self.instance, server=self.instance_server,
+                         address=self.address)
+        return state
+
+    def load_state(self, state: dict) -> None:
+        super().load_state(state)
+        self.instance = state.get("instance", "")
+        self.instance_server = state.get("server", "")
+        self.address = state.get("address", "")
+
+    def clear_state(self) -> None:
+        super().clear_state()
+        self.instance = self.instance_server = self.address = ""
+
+    # ------------------------------------------------------------ lifecycle
+
+    def _unit(self) -> str:
+        return jupyter.unit_name(self.name)
+
+    def _port(self) -> int:
+        return self.jupyter_port + (1 if self.name else 0)
+
+    def _say(self, message: str) -> None:
+        self._events.append({"progress": _STEPS.get(message, 90), "message": message})
+        self._new_event.set()
+
+    async def progress(self):
+        """The spawn's real steps, as they happen."""
+        seen = 0
+        while True:
+            while seen < len(self._events):
+                yield self._events[seen]
+                seen += 1
+            if self._spawn_done:
+                return
+            await self._new_event.wait()
+            self._new_event.clear()
+
+    async def start(self):
+        self._events: list[dict] = []
+        self._new_event = asyncio.Event()
+        self._spawn_done = False
+        try:
+            return await self._start()
+        finally:
+            self._spawn_done = True
+            self._new_event.set()
+
+    async def _start(self):
+        server = self.gpu_server()
+        shared = self._shared_parts()
+        lxd = self._lxd(server)
+        settings = shared.settings
+        async with shared.limits[server]:
+            uc = await ensure_user_container(
+                lxd, shared.store, settings, self.user.name, server,
+                progress=self._say, actor=f"hub:{self.user.name}",
+                address_timeout=self.address_timeout,
+                extra_config=dict(self.extra_container_config))
+            self.instance, self.instance_server, self.address = uc.name, server, uc.address
+            self._say("starting Jupyter")
+            self.ip, self.port = "0.0.0.0", self._port()
+            env = self.get_env()
+            await jupyter.start(lxd, uc.name, unit=self._unit(), login=uc.posix_user,
+                                argv=[*self.singleuser_command, *self.get_args()], env=env)
+        self.log.info("%s: Jupyter in %s on %s at %s:%d", self._log_name, uc.name, server,
+                      uc.address, self.port)
+        return f"http://{uc.address}:{self.port}"
+
+    async def poll(self):
+        if not self.instance:
+            return 0
+        try:
+            lxd = self._lxd(self.instance_server)
+            state = await lxd.state(self.instance)
+            if not state.running:
+                return 0
+            if state.ipv4 and state.ipv4 != self.address:
+                # The container restarted under Jupyter with another address;
+                # the route in the proxy points at the old one.
+                self.log.warning("%s: %s has a new address; stopping its server",
+                                 self._log_name, self.instance)
+                return 0
+            return None if await jupyter.active(lxd, self.instance, self._unit()) else 0
+        except LXDError as e:
+            # LXD unreachable says nothing about the server; keep it.
+            self.log.warning("%s: cannot poll %s: %s", self._log_name, self.instance, e)
+            return None
+
+    async def stop(self, now: bool = False):
+        if not self.instance:
+            return
+        lxd = self._lxd(self.instance_server)
+        try:
+            await jupyter.stop(lxd, self.instance, self._unit())
+            if self.stop_container_on_stop:
+                await lxd.stop(self.instance, force=now)
+        except LXDError as e:
+            self.log.warning("%s: stopping Jupyter in %s: %s", self._log_name, self.instance, e)
