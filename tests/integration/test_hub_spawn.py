@@ -33,6 +33,13 @@ def wait_ready(hub, user: str, name: str = "", timeout: float = 180) -> dict:
         time.sleep(0.2)
 
 
+def ensure_running(hub, user: str, name: str = "") -> dict:
+    """The server, started first if this test runs on its own."""
+    if name not in hub.api("get", f"/users/{user}").json().get("servers", {}):
+        start_server(hub, user, name)
+    return wait_ready(hub, user, name)
+
+
 def wait_stopped(hub, user: str, name: str = "", timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while name in hub.api("get", f"/users/{user}").json().get("servers", {}):
@@ -126,7 +133,7 @@ async def test_spawn_reaches_jupyter_in_her_container(hub, alice, lxd, logs_on_f
 async def test_stop_keeps_the_container_and_restart_is_quick(hub, alice, lxd, logs_on_failure):
     name = instance_name(hub)
     logs_on_failure.append(name)
-    wait_ready(hub, alice)
+    ensure_running(hub, alice)
     pid = (await lxd.state(name)).pid
     r = hub.api("delete", f"/users/{alice}/server")
     assert r.status_code in (202, 204), r.text
@@ -146,7 +153,7 @@ async def test_stop_keeps_the_container_and_restart_is_quick(hub, alice, lxd, lo
 async def test_hub_restart_readopts_without_restarting(hub, alice, lxd, logs_on_failure):
     name = instance_name(hub)
     logs_on_failure.append(name)
-    wait_ready(hub, alice)
+    ensure_running(hub, alice)
     pid = (await lxd.state(name)).pid
     jpid = await unit_pid(lxd, name, "lxcgpu-jupyter")
     assert jpid
@@ -163,7 +170,7 @@ async def test_hub_restart_readopts_without_restarting(hub, alice, lxd, logs_on_
 async def test_named_server_per_gpu_server(hub, alice, lxd, logs_on_failure):
     name = instance_name(hub)
     logs_on_failure.append(name)
-    wait_ready(hub, alice)
+    ensure_running(hub, alice)
     start_server(hub, alice, SERVER)
     server = wait_ready(hub, alice, SERVER)
     # The named server for node1 lives in the same container as the default
@@ -201,3 +208,33 @@ async def test_unknown_gpu_server_is_refused(hub, alice, lxd, how):
         assert r.status_code in (400, 500), r.text
     assert "unknown GPU server" in hub.log_text()
     assert {i["name"] for i in await lxd.list_instances()} == before
+
+
+_PROBE = r"""
+import socket, sys, urllib.request
+gw, hub_port, proxy_api_port = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+with urllib.request.urlopen(f"http://{gw}:{hub_port}/hub/api/", timeout=5) as r:
+    print("hub-api", r.status)
+for port in (proxy_api_port, 8443):
+    try:
+        socket.create_connection((gw, port), timeout=3).close()
+        print("open", port)
+    except OSError as e:
+        print("closed", port, type(e).__name__)
+"""
+
+
+async def test_container_reaches_the_hub_api_but_not_the_proxy_api_or_lxd(hub, alice, lxd):
+    name = instance_name(hub)
+    ensure_running(hub, alice)
+    res = await lxd.execute(name, ["ip", "-4", "route", "show", "default"])
+    gw = res.stdout.split()[2]
+    proxy_api_port = int(hub.proxy_api_url.rsplit(":", 1)[1])
+    res = await lxd.execute(name, ["/opt/jupyter/bin/python", "-c", _PROBE, gw,
+                                   hub.env["LXCGPU_HUB_API_PORT"], str(proxy_api_port)],
+                            timeout=60)
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.split("\n")
+    assert lines[0] == "hub-api 200"
+    assert lines[1].startswith(f"closed {proxy_api_port}") and lines[2].startswith("closed 8443"), \
+        res.stdout
