@@ -37,6 +37,11 @@ import yaml
 #: Bump whenever the builder changes what it puts into the image, so that
 #: existing images no longer match and the next run rebuilds.
 FORMAT_VERSION = 1
+#: Optional dependencies removed from /opt/jupyter.  rfc3987-syntax (pulled in
+#: by jsonschema[format-nongpl] through jupyter_events) compiles a grammar at
+#: import: 2 of the 3.4 s jupyterhub-singleuser takes to start on 2 cores.
+#: jsonschema treats it as optional (IRI formats then go unchecked).
+PIP_REMOVE = ("rfc3987-syntax",)
 
 DEFAULT_ALIAS = "lxcgpu/default"
 DEFAULT_WORK_DIR = "/var/cache/lxcgpu/image"
@@ -179,6 +184,8 @@ class Recipe:
     files: tuple[tuple[str, str], ...]
     #: (hook file name, sha256 of content), in run order
     hooks: tuple[tuple[str, str], ...]
+    #: removed from /opt/jupyter after the install (see PIP_REMOVE)
+    pip_remove: tuple[str, ...] = ()
     format: int = FORMAT_VERSION
 
     def digest(self) -> str:
@@ -609,6 +616,13 @@ def install_jupyter(rootfs: Path, recipe: Recipe, runner: Runner) -> dict[str, s
             timeout=TIMEOUTS["pip"],
             env=CHROOT_ENV,
         )
+        if recipe.pip_remove:
+            runner.run(
+                ["chroot", str(rootfs), f"{JUPYTER_VENV}/bin/python", "-m", "pip", "uninstall",
+                 "--yes", "--disable-pip-version-check", *recipe.pip_remove],
+                timeout=TIMEOUTS["pip"],
+                env=CHROOT_ENV,
+            )
     shutil.rmtree(rootfs / wheels.lstrip("/"))
     listing = chroot_output(
         rootfs,
@@ -975,7 +989,13 @@ def make_recipe(opts: argparse.Namespace, hooks: list[Path]) -> Recipe:
         pip=pip_specs(jupyterhub, opts.jupyterlab, opts.extra_pip),
         files=file_digests(FILES_DIR),
         hooks=hook_digests(hooks),
+        pip_remove=tuple(p for p in PIP_REMOVE
+                         if p not in {_requirement_name(x) for x in opts.extra_pip}),
     )
+
+
+def _requirement_name(spec: str) -> str:
+    return re.split(r"[<>=!~\[;@ ]", spec, maxsplit=1)[0].lower()
 
 
 def preflight(distro: Distro, opts: argparse.Namespace) -> None:

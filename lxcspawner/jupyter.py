@@ -13,8 +13,9 @@ container's ``user.*`` config (which the container can read).
 
 from __future__ import annotations
 
+import asyncio
 import re
-from typing import Mapping, Sequence
+from typing import Awaitable, Callable, Mapping, Sequence
 
 from .lxd import LXD
 
@@ -55,14 +56,40 @@ async def start(lxd: LXD, name: str, *, unit: str, login: str, argv: Sequence[st
     path = f"{ENV_DIR}/{unit}.env"
     await lxd.make_dir(name, ENV_DIR, mode=0o700)
     await lxd.put_file(name, path, env_file(env), mode=0o600)
-    # A unit left from an earlier start (the hub lost track, or it failed).
+    # A unit left from an earlier start (the hub lost track of it); a failed
+    # one is gone already (--collect).
     await lxd.execute(name, ["systemctl", "stop", unit], timeout=60)
-    await lxd.execute(name, ["systemctl", "reset-failed", unit], timeout=30)
     cmd = ["systemd-run", f"--unit={unit}", "--collect", f"--uid={login}", f"--gid={login}",
            "--property=WorkingDirectory=~", f"--property=EnvironmentFile={path}",
            "--property=KillMode=mixed", "--property=TimeoutStopSec=10",
            "--description=Jupyter for the hub", "--", *argv]
     (await lxd.execute(name, cmd, timeout=60)).check(cmd[:2])
+
+
+async def wait_listening(address: str, port: int, *, timeout: float, unit: str,
+                         alive: Callable[[], Awaitable[bool]]) -> None:
+    """Wait until something accepts connections at address:port (50 ms, then
+    less often); fail early, with a clear error, if the unit has died."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    delay, checked = 0.05, loop.time()
+    while True:
+        try:
+            _, writer = await asyncio.wait_for(asyncio.open_connection(address, port), 2)
+            writer.close()
+            return
+        except (OSError, asyncio.TimeoutError):
+            pass
+        now = loop.time()
+        if now > deadline:
+            raise TimeoutError(f"Jupyter did not listen on {address}:{port} in {timeout:.0f} s")
+        if now - checked > 2:
+            checked = now
+            if not await alive():
+                raise RuntimeError(f"Jupyter exited while starting; see `journalctl -u "
+                                   f"{unit}` in the container")
+        await asyncio.sleep(delay)
+        delay = min(delay * 1.3, 0.25)
 
 
 async def active(lxd: LXD, name: str, unit: str) -> bool:

@@ -18,6 +18,7 @@ inside), :mod:`lxcspawner.jupyter` (the Jupyter unit inside), and
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from typing import Any
 
@@ -38,6 +39,7 @@ _STEPS = {
     "waiting for network": 55,
     "preparing user": 70,
     "starting Jupyter": 85,
+    "waiting for Jupyter": 92,
 }
 
 
@@ -143,6 +145,12 @@ class LXCSpawner(Spawner):
         help="At most this many container operations at once per GPU server "
              "(JupyterHub.concurrent_spawn_limit caps the hub as a whole).",
     )
+
+    @default("start_timeout")
+    def _default_start_timeout(self):
+        # A first start creates the container and shifts its id map; spawns
+        # queue behind lxd_concurrency: JupyterHub's 60 s is too short.
+        return 300
 
     address_timeout = Integer(
         60, config=True, help="Seconds to wait for a started container's address.")
@@ -254,8 +262,11 @@ class LXCSpawner(Spawner):
         self._events: list[dict] = []
         self._new_event = asyncio.Event()
         self._spawn_done = False
+        # JupyterHub gives up on a start after start_timeout without cancelling
+        # it; stop() cancels it, so a late start never leaves Jupyter running.
+        self._start_task = asyncio.ensure_future(self._start())
         try:
-            return await self._start()
+            return await self._start_task
         finally:
             self._spawn_done = True
             self._new_event.set()
@@ -277,9 +288,16 @@ class LXCSpawner(Spawner):
             env = self.get_env()
             await jupyter.start(lxd, uc.name, unit=self._unit(), login=uc.posix_user,
                                 argv=[*self.singleuser_command, *self.get_args()], env=env)
+        url = f"http://{uc.address}:{self.port}"
+        # JupyterHub polls a started server with waits growing to seconds;
+        # following it closely here lets the hub find it up at its first try.
+        self._say("waiting for Jupyter")
+        await jupyter.wait_listening(uc.address, self.port, timeout=self.http_timeout,
+                                     unit=self._unit(),
+                                     alive=lambda: jupyter.active(lxd, uc.name, self._unit()))
         self.log.info("%s: Jupyter in %s on %s at %s:%d", self._log_name, uc.name, server,
                       uc.address, self.port)
-        return f"http://{uc.address}:{self.port}"
+        return url
 
     async def poll(self):
         if not self.instance:
@@ -302,6 +320,11 @@ class LXCSpawner(Spawner):
             return None
 
     async def stop(self, now: bool = False):
+        task = getattr(self, "_start_task", None)
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
         if not self.instance:
             return
         lxd = self._lxd(self.instance_server)

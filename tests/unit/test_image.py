@@ -362,3 +362,10 @@ def test_preflight_says_what_to_install():
         expected = "newer debootstrap"
     with pytest.raises(image.BuildError, match=expected):
         image.preflight(image.DISTROS["ubuntu"], o)
+
+
+def test_slow_optional_imports_are_removed_unless_the_site_asks_for_them(recipe):
+    assert recipe.pip_remove == image.PIP_REMOVE
+    kept = image.make_recipe(opts("--extra-pip", "rfc3987-syntax>=1.1"), hooks=[])
+    assert kept.pip_remove == ()
+    assert kept.digest() != recipe.digest()
