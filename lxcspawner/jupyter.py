@@ -68,8 +68,8 @@ async def start(lxd: LXD, name: str, *, unit: str, login: str, argv: Sequence[st
 
 async def wait_listening(address: str, port: int, *, timeout: float, unit: str,
                          alive: Callable[[], Awaitable[bool]]) -> None:
-    """Wait until something accepts connections at address:port (50 ms, then
-    less often); fail early, with a clear error, if the unit has died."""
+    """Wait until something accepts connections at address:port (every 50-100 ms:
+    a connect is cheap); fail early, with a clear error, if the unit has died."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     delay, checked = 0.05, loop.time()
@@ -89,7 +89,7 @@ async def wait_listening(address: str, port: int, *, timeout: float, unit: str,
                 raise RuntimeError(f"Jupyter exited while starting; see `journalctl -u "
                                    f"{unit}` in the container")
         await asyncio.sleep(delay)
-        delay = min(delay * 1.3, 0.25)
+        delay = min(delay * 1.3, 0.1)
 
 
 async def active(lxd: LXD, name: str, unit: str) -> bool:

@@ -58,6 +58,10 @@ class LXCSpawner(Spawner):
     """Jupyter in the user's own LXD container on a GPU server."""
 
     _shared: dict[str, _Shared] = {}
+    # The spawn in progress (set by start(); these defaults mean "none").
+    _events: list[dict] = []
+    _spawn_done = True
+    _start_task: asyncio.Future | None = None
 
     servers = Dict(
         config=True,
@@ -153,7 +157,9 @@ class LXCSpawner(Spawner):
         return 300
 
     address_timeout = Integer(
-        60, config=True, help="Seconds to wait for a started container's address.")
+        120, config=True,
+        help="Seconds to wait for a started container's address (a burst of first "
+             "starts on a busy server can take a minute).")
 
     # ------------------------------------------------------------ shared parts
 
@@ -248,6 +254,8 @@ class LXCSpawner(Spawner):
 
     async def progress(self):
         """The spawn's real steps, as they happen."""
+        if not hasattr(self, "_new_event"):
+            return
         seen = 0
         while True:
             while seen < len(self._events):
@@ -320,7 +328,7 @@ class LXCSpawner(Spawner):
             return None
 
     async def stop(self, now: bool = False):
-        task = getattr(self, "_start_task", None)
+        task = self._start_task
         if task is not None and not task.done():
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
