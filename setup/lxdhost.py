@@ -115,6 +115,43 @@ def size_subids() -> bool:
 
 # ---------------------------------------------------------------- subnet
 
+# Kernel limits for many containers, from LXD's production setup guide.  The
+# defaults (128 inotify instances, 200 keys per user) run out at about eight
+# systemd containers: a ninth boots without networkd and never gets an address.
+SYSCTLS = {
+    "fs.inotify.max_queued_events": 1048576,
+    "fs.inotify.max_user_instances": 1048576,
+    "fs.inotify.max_user_watches": 1048576,
+    "kernel.keys.maxkeys": 2000,
+    "kernel.keys.maxbytes": 2000000,
+    "vm.max_map_count": 262144,
+}
+SYSCTL_FILE = Path("/etc/sysctl.d/60-lxcgpu.conf")
+
+
+def sysctl_raises(current: dict[str, int], wanted=SYSCTLS) -> dict[str, int]:
+    """The limits to raise: only those now below what LXD recommends."""
+    return {k: v for k, v in wanted.items() if k in current and current[k] < v}
+
+
+def tune_sysctls(proc=Path("/proc/sys")) -> dict[str, int]:
+    """Raise the kernel limits that many containers need, now and at boot."""
+    current = {}
+    for key in SYSCTLS:
+        path = proc / key.replace(".", "/")
+        if path.exists():
+            current[key] = int(path.read_text().split()[0])
+    raised = sysctl_raises(current)
+    for key, value in raised.items():
+        (proc / key.replace(".", "/")).write_text(f"{value}\n")
+    if raised or not SYSCTL_FILE.exists():
+        SYSCTL_FILE.parent.mkdir(parents=True, exist_ok=True)
+        SYSCTL_FILE.write_text("# lxcgpu: limits for many containers (LXD's production setup)\n"
+                               + "".join(f"{k} = {max(v, current.get(k, 0))}\n"
+                                         for k, v in SYSCTLS.items()))
+    return raised
+
+
 def host_networks() -> list[ipaddress.IPv4Network]:
     """Every IPv4 network this host routes to or has an address in."""
     nets = []
@@ -238,6 +275,9 @@ def preseed(pool_exists: bool, net_exists: bool, profile_exists: bool,
 
 
 def up() -> dict:
+    raised = tune_sysctls()
+    if raised:
+        print(f"lxdhost: raised {', '.join(f'{k}={v}' for k, v in raised.items())}")
     changed = size_subids()
     if changed and lxd_running():
         print("lxdhost: /etc/subuid and /etc/subgid widened; restarting LXD so it sees them")

@@ -47,3 +47,26 @@ def test_preseed_only_creates_what_is_missing():
     full = lxdhost.preseed(False, False, False, subnet="10.213.87.1/24")
     assert full["storage_pools"][0]["driver"] == "btrfs"
     assert full["profiles"][0]["devices"]["eth0"]["network"] == lxdhost.BRIDGE
+
+
+def test_sysctls_are_only_ever_raised():
+    current = {"fs.inotify.max_user_instances": 128, "kernel.keys.maxkeys": 5000,
+               "vm.max_map_count": 262144}
+    assert lxdhost.sysctl_raises(current) == {"fs.inotify.max_user_instances": 1048576}
+    assert lxdhost.sysctl_raises({k: v for k, v in lxdhost.SYSCTLS.items()}) == {}
+
+
+def test_tune_sysctls_writes_now_and_for_boot(tmp_path, monkeypatch):
+    proc = tmp_path / "proc"
+    for key, value in {"fs.inotify.max_user_instances": 128, "kernel.keys.maxkeys": 9999}.items():
+        path = proc / key.replace(".", "/")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"{value}\n")
+    monkeypatch.setattr(lxdhost, "SYSCTL_FILE", tmp_path / "sysctl.d" / "60-lxcgpu.conf")
+    assert lxdhost.tune_sysctls(proc) == {"fs.inotify.max_user_instances": 1048576}
+    assert (proc / "fs/inotify/max_user_instances").read_text() == "1048576\n"
+    assert (proc / "kernel/keys/maxkeys").read_text() == "9999\n"
+    boot = lxdhost.SYSCTL_FILE.read_text()
+    assert "fs.inotify.max_user_instances = 1048576" in boot
+    assert "kernel.keys.maxkeys = 9999" in boot
+    assert lxdhost.tune_sysctls(proc) == {}
