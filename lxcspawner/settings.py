@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from . import naming, store
-from .container import IDMAP_USER_FIRST, ContainerSpec, Mount
+from .container import IDMAP_BLOCK, IDMAP_USER_FIRST, IDMAP_USER_LAST, ContainerSpec, Mount
 
 DEFAULT_PATH = "/etc/lxcgpu/lxcgpu.toml"
 ENV_VAR = "LXCGPU_CONFIG"
@@ -54,6 +54,7 @@ class Settings:
     """The site's settings; see the module docstring for the file layout."""
 
     store_url: str = store.DEFAULT_URL
+    first_id_block: int = 0          # users' id blocks start at this block index
     ssh_ports: tuple[int, int] = store.SSH_PORTS
     forward_ports: tuple[int, int] = store.FORWARD_PORTS
     forward_limit: int = store.FORWARD_LIMIT
@@ -75,6 +76,9 @@ class Settings:
             if (not isinstance(rng, tuple) or len(rng) != 2
                     or not all(_is_int(p) for p in rng) or not 1 <= rng[0] <= rng[1] <= 65535):
                 raise ValueError(f"{what} port range {rng!r}: need (low, high) in 1..65535")
+        last_block = (IDMAP_USER_LAST - IDMAP_USER_FIRST) // IDMAP_BLOCK
+        if not _is_int(self.first_id_block) or not 0 <= self.first_id_block <= last_block:
+            raise ValueError(f"first_id_block {self.first_id_block!r}: need 0..{last_block}")
         (a, b), (c, d) = self.ssh_ports, self.forward_ports
         if a <= d and c <= b:
             raise ValueError(f"ssh ports {a}-{b} overlap forward ports {c}-{d}")
@@ -178,6 +182,7 @@ class Settings:
     def open_store(self, **kwargs: Any) -> store.Store:
         """A Store built from these settings; ``kwargs`` go to Store (tests
         pass ``idmap_first``/``idmap_last``/``subuid_file`` there)."""
+        kwargs.setdefault("idmap_first", IDMAP_USER_FIRST + self.first_id_block * IDMAP_BLOCK)
         kwargs.setdefault("ssh_ports", self.ssh_ports)
         kwargs.setdefault("forward_ports", self.forward_ports)
         kwargs.setdefault("forward_limit", self.forward_limit)
@@ -231,7 +236,7 @@ def _mounts(v) -> tuple[Mount, ...]:
 
 # section -> key -> (Settings attribute, converter)
 _SCHEMA: dict[str, dict[str, tuple[str, Any]]] = {
-    "store": {"url": ("store_url", _str)},
+    "store": {"url": ("store_url", _str), "first_id_block": ("first_id_block", _int)},
     "ports": {"ssh": ("ssh_ports", _range), "forward": ("forward_ports", _range),
               "forward_limit": ("forward_limit", _int)},
     "server": {"name": ("server", _str), "lxd": ("lxd", _str)},

@@ -170,3 +170,18 @@ def test_open_store(tmp_path):
         assert st.ensure_user("alice").ssh_port == 23000
     finally:
         st.close()
+
+
+def test_first_id_block_moves_the_stores_id_range(tmp_path):
+    from lxcspawner.container import IDMAP_BLOCK, IDMAP_USER_FIRST
+
+    s = Settings.from_dict({"store": {"url": f"sqlite:///{tmp_path / 's.sqlite'}",
+                                      "first_id_block": 14800}})
+    st = s.open_store(subuid_file=str(tmp_path / "none"))
+    try:
+        assert st.ensure_user("alice").idmap_base == IDMAP_USER_FIRST + 14800 * IDMAP_BLOCK
+    finally:
+        st.close()
+    for bad in (-1, 10**6, "12", True):
+        with pytest.raises((SettingsError, ValueError, TypeError)):
+            Settings.from_dict({"store": {"first_id_block": bad}})
