@@ -156,6 +156,14 @@ class ContainerSpec:
         return devs
 
 
+def check_owner(instance: Mapping, user: str) -> None:
+    """Refuse an instance whose ``user.lxcgpu.owner`` is not ``user``."""
+    owner = (instance.get("config") or {}).get(f"{KEY_PREFIX}owner")
+    if owner != user:
+        raise ContainerError(f"instance {instance.get('name')} exists but belongs to "
+                             f"{owner or 'no lxcgpu user'}, not {user!r}")
+
+
 async def ensure_container(lxd: LXD, spec: ContainerSpec) -> dict:
     """Create the user's container if it does not exist; return its record.
 
@@ -163,10 +171,7 @@ async def ensure_container(lxd: LXD, spec: ContainerSpec) -> dict:
     ``user.lxcgpu.owner``): lxcgpu never adopts someone else's container."""
     existing = await lxd.instance(spec.name)
     if existing is not None:
-        owner = (existing.get("config") or {}).get(f"{KEY_PREFIX}owner")
-        if owner != spec.user:
-            raise ContainerError(f"instance {spec.name} exists but belongs to "
-                                 f"{owner or 'no lxcgpu user'}, not {spec.user!r}")
+        check_owner(existing, spec.user)
         return existing
     log.info("creating %s for %s on %s", spec.name, spec.user, spec.server)
     return await lxd.create_instance(spec.name, image_alias=spec.image, config=spec.config(),

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from . import naming
-from .container import KEY_PREFIX, ContainerError, ensure_container
+from .container import check_owner, ensure_container
 from .lxd import LXD, LXDNotFound
 from .portmap import config_changes
 from .provision import provision
@@ -66,13 +66,6 @@ async def _wanted_ports(store: Store, user: str, server: str) -> tuple[int, dict
     return ssh_port, forwards
 
 
-def _check_owner(inst: dict, user: str) -> None:
-    owner = (inst.get("config") or {}).get(f"{KEY_PREFIX}owner")
-    if owner != user:
-        raise ContainerError(f"instance {inst.get('name')} belongs to "
-                             f"{owner or 'no lxcgpu user'}, not {user!r}")
-
-
 async def _write_port_maps(lxd: LXD, name: str, config: dict, ssh_port: int,
                            forwards: dict[int, int]) -> bool:
     changes = config_changes(config, ssh_port, forwards)
@@ -90,7 +83,7 @@ async def sync_port_maps(lxd: LXD, store: Store, user: str, server: str, *,
     inst = await lxd.instance(name)
     if inst is None:
         return False
-    _check_owner(inst, user)
+    check_owner(inst, user)
     ssh_port, forwards = await _wanted_ports(store, user, server)
     return await _write_port_maps(lxd, name, inst.get("config") or {}, ssh_port, forwards)
 
@@ -112,7 +105,7 @@ async def sync_user_container(lxd: LXD, store: Store, user: str, server: str, *,
     inst = await lxd.instance(name)
     if inst is None:
         raise LXDNotFound(f"{user} has no container on {server} (no instance {name})", 404)
-    _check_owner(inst, user)
+    check_owner(inst, user)
     ssh_port, forwards = await _wanted_ports(store, user, server)
     changed = await _write_port_maps(lxd, name, inst.get("config") or {}, ssh_port, forwards)
     if not (await lxd.state(name)).running:
