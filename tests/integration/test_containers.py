@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -18,22 +17,9 @@ from lxcspawner.container import (
 )
 from lxcspawner.lxd import LXD, ImageNotFound, LXDUnavailable
 from lxcspawner.provision import provision
-from tests.fixtures.sshkeys import keypair
+from tests.fixtures.sshkeys import keypair, ssh_banner
 
 pytestmark = pytest.mark.lxd
-
-
-def ssh_banner(addr: str, timeout: float = 20) -> bytes:
-    """The SSH server's banner at addr:22, waiting for sshd to listen."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with socket.create_connection((addr, 22), timeout=2) as s:
-                return s.recv(64)
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
 
 
 @pytest.fixture(scope="module")

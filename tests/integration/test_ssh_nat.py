@@ -21,7 +21,7 @@ from lxcspawner.portmap import FORWARD_PREFIX, SSH_PORT_KEY, config_changes
 from lxcspawner.provision import provision
 from lxcspawner.store import InvalidInput, Store
 from tests.fixtures.netns import sh
-from tests.fixtures.sshkeys import keypair
+from tests.fixtures.sshkeys import keypair, ssh_banner
 
 pytestmark = pytest.mark.lxd
 
@@ -153,8 +153,7 @@ async def test_ssh_from_the_server_itself_over_loopback(plxd, alice, store, keys
     # route_localnet on the bridge plus the agent's loopback MASQUERADE.
     port = ssh_port(store)
     assert wait_for_rules(agent, 1, f"--dport {port} ")
-    ok, _ = await asyncio.to_thread(_direct_banner, (await plxd.state(alice.name)).ipv4, 30)
-    assert ok, "sshd in the container did not start"
+    await asyncio.to_thread(ssh_banner, (await plxd.state(alice.name)).ipv4, 30)
     p = await asyncio.to_thread(subprocess.run, [
         "ssh", "-i", str(keys["alice"][0]), "-p", str(port), "-o", "BatchMode=yes",
         "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
@@ -178,27 +177,13 @@ async def test_restart_with_new_address_remaps(plxd, alice, store, keys, client_
     assert new != old
     # The container's own sshd answering is the start line; the NAT path
     # must follow within 2 s of it.
-    ok, _ = await asyncio.to_thread(_direct_banner, new, 30)
-    assert ok
+    await asyncio.to_thread(ssh_banner, new, 30)
     ok, banner = await asyncio.to_thread(client_netns.probe, port, 2)
     assert ok and "SSH-2.0" in banner, (banner, agent.log_text()[-2000:])
     print(f"NAT path answered {banner.split()[-1]} s after the container's sshd")
     p = await asyncio.to_thread(client_netns.ssh, keys["alice"][0], "alice", port, "hostname")
     assert p.returncode == 0 and p.stdout.strip() == alice.hostname, p.stderr
     assert any(f"--to-destination {new}:22" in r for r in agent.rules())
-
-
-def _direct_banner(addr: str, timeout: float) -> tuple[bool, bytes]:
-    import socket
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection((addr, 22), timeout=1) as s:
-                s.settimeout(2)
-                return True, s.recv(64)
-        except OSError:
-            time.sleep(0.05)
-    return False, b""
 
 
 async def test_agent_rebuilds_flushed_chain_at_start(plxd, alice, store, keys, client_netns,
