@@ -50,12 +50,11 @@ import requests
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "setup")]
 
-from hub_config.bridge import bridge_ipv4  # noqa: E402
 from lxcspawner import jupyter, naming  # noqa: E402
 from lxcspawner.container import IDMAP_BLOCK, IDMAP_USER_FIRST  # noqa: E402
 from lxcspawner.lxd import LXD, LXDError  # noqa: E402
 from lxcspawner.settings import Settings  # noqa: E402
-from tests.fixtures.hub import BRIDGE, SITE_TEMPLATE, VENV_BIN, Hub, free_port  # noqa: E402
+from tests.fixtures.hub import VENV_BIN, Hub, launch_hub  # noqa: E402
 
 BENCH_KEY = "user.lxcgpu-bench.run"
 SERVICE = "lxcgpu-bench"
@@ -106,35 +105,11 @@ def mark(ok: bool) -> str:
 def start_hub(root: Path, prefix: str) -> Hub:
     """The shipped hub config with a bench site file: one GPU server (this
     machine), containers tagged with ``prefix``, an admin service token."""
-    state = root / "state"
-    state.mkdir(mode=0o700)
-    token = secrets.token_hex(32)
-    token_file = root / "bench-token"
-    token_file.touch(mode=0o600)
-    token_file.write_text(token + "\n")
-    config = root / "lxcgpu.toml"
-    config.write_text(LXCGPU_TOML.format(store=root / "lxcgpu.sqlite", prefix=prefix))
-    public_port = free_port("127.0.0.1")
-    site = root / "jupyterhub_site.py"
-    site.write_text(SITE_TEMPLATE.format(
-        bind_url=f"http://127.0.0.1:{public_port}",
-        proxy_api_url=f"http://127.0.0.1:{free_port('127.0.0.1')}",
+    hub = launch_hub(
+        root, LXCGPU_TOML.format(store=root / "lxcgpu.sqlite", prefix=prefix),
         ldap_settings="# No LDAP: the bench makes users through the API and never logs in.",
         admin_group="cn=gpu-admins,ou=groups,dc=bench,dc=invalid",
-        lxcgpu_config=str(config), test_key=BENCH_KEY, run_tag=prefix,
-        service=SERVICE, token_file=str(token_file),
-    ))
-    env = dict(os.environ)
-    env.update({
-        "PATH": os.pathsep.join([str(VENV_BIN), env.get("PATH", "")]),
-        "LXCGPU_HUB_DIR": str(state),
-        "LXCGPU_HUB_SITE": str(site),
-        "LXCGPU_HUB_API_PORT": str(free_port(bridge_ipv4(BRIDGE))),
-        "LXCGPU_BRIDGE": BRIDGE,
-        "LXCGPU_CONFIG": str(config),
-    })
-    env.pop("JUPYTERHUB_CRYPT_KEY", None)
-    hub = Hub(state, env, f"http://127.0.0.1:{public_port}", token, prefix)
+        tag_key=BENCH_KEY, tag=prefix, service=SERVICE)
     hub.start()
     return hub
 
