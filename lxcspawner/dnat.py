@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from . import xtables_compat
 from .portmap import PortMap
 
 log = logging.getLogger("lxcspawner.dnat")
@@ -65,7 +66,7 @@ class SyncResult:
 
 
 def _import_iptc():
-    """``import iptc``, without setuptools' distutils.
+    """``import iptc``, without setuptools' distutils, fitted to this libxtables.
 
     python-iptables imports ``distutils.sysconfig`` only to find
     site-packages and falls back to ``sysconfig`` without it; in a virtualenv
@@ -74,13 +75,15 @@ def _import_iptc():
     """
     if "iptc" in sys.modules or "distutils" in sys.modules:
         import iptc
-        return iptc
-    sys.modules["distutils"] = None  # makes the import raise ModuleNotFoundError
-    try:
-        import iptc
-    finally:
-        if sys.modules.get("distutils", 0) is None:
-            del sys.modules["distutils"]
+    else:
+        sys.modules["distutils"] = None  # makes the import raise ModuleNotFoundError
+        try:
+            import iptc
+        finally:
+            if sys.modules.get("distutils", 0) is None:
+                del sys.modules["distutils"]
+    # libxtables 1.8.11+ (Debian 13) lays option tables out differently.
+    xtables_compat.apply(iptc.xtables)
     return iptc
 
 

@@ -257,10 +257,58 @@ def manylinux_platforms(glibc: str, machine: str) -> list[str]:
     return tags + ["any"]
 
 
+#: The image's values for the names of dependency markers (PEP 508), read
+#: inside the chroot with the standard library alone (packaging's
+#: ``default_environment``).
+MARKERS_PROBE = """\
+import json, os, platform, sys
+v = sys.implementation.version
+impl = f"{v.major}.{v.minor}.{v.micro}"
+if v.releaselevel != "final":
+    impl += v.releaselevel[0] + str(v.serial)
+print(json.dumps({
+    "python": platform.python_version(),
+    "glibc": platform.libc_ver()[1],
+    "markers": {
+        "implementation_name": sys.implementation.name,
+        "implementation_version": impl,
+        "os_name": os.name,
+        "platform_machine": platform.machine(),
+        "platform_release": platform.release(),
+        "platform_system": platform.system(),
+        "platform_version": platform.version(),
+        "python_full_version": platform.python_version(),
+        "platform_python_implementation": platform.python_implementation(),
+        "python_version": ".".join(platform.python_version_tuple()[:2]),
+        "sys_platform": sys.platform,
+    },
+}))
+"""
+
+#: pip with dependency markers evaluated for the image.  ``pip download
+#: --python-version 3.11`` picks wheels for 3.11 but still evaluates markers
+#: such as ``python_version < "3.12"`` for the Python that runs it: on a
+#: Debian 13 host (3.13) it leaves out what the image's 3.11 needs.  Run as
+#: ``python -c PIP_FOR_IMAGE MARKERS_JSON download ...``.
+PIP_FOR_IMAGE = """\
+import json, sys
+import pip._vendor.packaging.markers as markers
+image = json.loads(sys.argv.pop(1))
+markers.default_environment = lambda: dict(image)
+from pip._internal.cli.main import main
+sys.exit(main())
+"""
+
+
 def pip_download_argv(
-    python: str, glibc: str, machine: str, dest: Path, specs: tuple[str, ...]
+    python: str,
+    glibc: str,
+    machine: str,
+    dest: Path,
+    specs: tuple[str, ...],
+    markers: dict[str, str],
 ) -> list[str]:
-    """``pip download`` on the host for the image's Python and glibc.
+    """``pip download`` on the host for the image's Python, glibc and markers.
 
     Runs with the host's pip configuration (index, find-links, certificates),
     which pip inside the chroot would not see.
@@ -268,8 +316,9 @@ def pip_download_argv(
     py = ".".join(python.split(".")[:2])
     argv = [
         sys.executable,
-        "-m",
-        "pip",
+        "-c",
+        PIP_FOR_IMAGE,
+        json.dumps(markers, sort_keys=True),
         "download",
         "--only-binary=:all:",
         "--python-version",
@@ -580,19 +629,7 @@ def enable_units(rootfs: Path, runner: Runner) -> None:
 
 def install_jupyter(rootfs: Path, recipe: Recipe, runner: Runner) -> dict[str, str]:
     """Make /opt/jupyter from wheels downloaded on the host; return versions."""
-    info = json.loads(
-        chroot_output(
-            rootfs,
-            [
-                "/usr/bin/python3",
-                "-c",
-                (
-                    "import json, platform; print(json.dumps({'python': "
-                    "platform.python_version(), 'glibc': platform.libc_ver()[1]}))"
-                ),
-            ],
-        )
-    )
+    info = json.loads(chroot_output(rootfs, ["/usr/bin/python3", "-c", MARKERS_PROBE]))
     wheels = "/tmp/lxcgpu-wheels"
     with runner.step("wheels"):
         runner.run(
@@ -602,6 +639,7 @@ def install_jupyter(rootfs: Path, recipe: Recipe, runner: Runner) -> dict[str, s
                 platform.machine(),
                 rootfs / wheels.lstrip("/"),
                 recipe.pip,
+                info["markers"],
             ),
             timeout=TIMEOUTS["pip"],
         )

@@ -5,6 +5,7 @@ import dataclasses
 import importlib.metadata
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -217,11 +218,16 @@ def test_lay_files(tmp_path):
 # Commands
 
 
+IMAGE_MARKERS = {"python_version": "3.11", "python_full_version": "3.11.2"}
+
+
 def test_pip_download_targets_the_image_not_the_host(tmp_path):
     argv = image.pip_download_argv(
-        "3.11.2", "2.36", "x86_64", tmp_path, ("jupyterhub==6.1.1", "jupyterlab")
+        "3.11.2", "2.36", "x86_64", tmp_path, ("jupyterhub==6.1.1", "jupyterlab"),
+        IMAGE_MARKERS,
     )
-    assert argv[:4] == [sys.executable, "-m", "pip", "download"]
+    assert argv[:5] == [sys.executable, "-c", image.PIP_FOR_IMAGE,
+                        json.dumps(IMAGE_MARKERS, sort_keys=True), "download"]
     assert "--only-binary=:all:" in argv
     assert argv[argv.index("--python-version") + 1] == "3.11"
     assert argv[argv.index("--implementation") + 1] == "cp"
@@ -240,6 +246,64 @@ def test_pip_download_targets_the_image_not_the_host(tmp_path):
     # No index or certificate options: the host's pip configuration applies.
     assert not [a for a in argv if a.startswith(("--index", "--extra-index", "--cert"))]
     assert argv[-3:] == ["--", "jupyterhub==6.1.1", "jupyterlab"]
+
+
+def write_wheel(folder: Path, name: str, requires: list[str]) -> None:
+    """A minimal pure-Python wheel whose metadata lists ``requires``."""
+    import zipfile
+
+    dist = f"{name}-1.0.dist-info"
+    meta = "".join(f"Requires-Dist: {r}\n" for r in requires)
+    files = {
+        f"{dist}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n{meta}",
+        f"{dist}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
+                         "Tag: py3-none-any\n",
+        f"{dist}/RECORD": "",
+    }
+    with zipfile.ZipFile(folder / f"{name}-1.0-py3-none-any.whl", "w") as z:
+        for path, text in files.items():
+            z.writestr(path, text)
+
+
+@pytest.mark.parametrize("image_python, wanted", [
+    # A dependency only older Pythons need, for an image older than the host
+    # (the Debian 13 host building a bookworm image) ...
+    ("3.9", {"needs-old", "only-old"}),
+    # ... and not for an image as new as the host's or newer.
+    ("3.99", {"needs-old"}),
+])
+def test_pip_download_evaluates_markers_for_the_image(tmp_path, image_python, wanted):
+    """Real pip, offline: markers follow the image's Python, not the host's."""
+    index = tmp_path / "index"
+    index.mkdir()
+    write_wheel(index, "needs_old", ['only_old; python_version < "3.10"'])
+    write_wheel(index, "only_old", [])
+    probe = subprocess.run([sys.executable, "-c", image.MARKERS_PROBE],
+                           capture_output=True, text=True, check=True)
+    markers = json.loads(probe.stdout)["markers"]
+    markers.update(python_version=image_python, python_full_version=f"{image_python}.0")
+    dest = tmp_path / "wheels"
+    argv = image.pip_download_argv(f"{image_python}.0", "2.36", "x86_64", dest,
+                                   ("needs-old",), markers)
+    env = dict(os.environ, PIP_CONFIG_FILE=os.devnull, PIP_NO_INDEX="1",
+               PIP_FIND_LINKS=str(index))
+    env.pop("PIP_CONSTRAINT", None)
+    p = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=120)
+    assert p.returncode == 0, p.stderr
+    got = {w.name.split("-")[0].replace("_", "-") for w in dest.iterdir()}
+    assert got == wanted
+
+
+def test_markers_probe_matches_packaging():
+    """The probe run in the chroot gives what packaging itself computes."""
+    from packaging.markers import default_environment
+
+    probe = subprocess.run([sys.executable, "-c", image.MARKERS_PROBE],
+                           capture_output=True, text=True, check=True)
+    markers = json.loads(probe.stdout)["markers"]
+    assert markers == {k: v for k, v in default_environment().items() if k in markers}
+    assert set(markers) >= {"python_version", "python_full_version", "sys_platform",
+                            "platform_machine", "implementation_name"}
 
 
 def test_manylinux_platforms_per_architecture():
@@ -285,7 +349,7 @@ def test_no_shell_anywhere():
                 assert not isinstance(node.args[0], ast.Constant | ast.JoinedStr)
     argvs = [
         image.debootstrap_argv("bookworm", Path("/r"), "http://m", ("a", "b")),
-        image.pip_download_argv("3.11.2", "2.36", "x86_64", Path("/w"), ("x",)),
+        image.pip_download_argv("3.11.2", "2.36", "x86_64", Path("/w"), ("x",), IMAGE_MARKERS),
         image.pip_install_argv(Path("/r"), "/w", ("x",)),
         image.tar_argv(Path("/t"), Path("/b")),
     ]
