@@ -147,7 +147,7 @@ def hub_times(hub: Hub, offset: int, user: str) -> dict[str, float]:
 def wait_lab(hub: Hub, user: str, timeout: float = SPAWN_TIMEOUT) -> float:
     """Poll ``/user/U/lab`` through the proxy until JupyterLab answers 200;
     the perf_counter then."""
-    url = f"{hub.url}/user/{user}/lab"
+    url = hub.user_url(user) + "lab"
     headers = {"Authorization": f"token {hub.token}"}
     deadline = time.monotonic() + timeout
     with hub.session() as s:

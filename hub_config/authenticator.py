@@ -19,9 +19,17 @@ import asyncio
 import ssl
 from concurrent.futures import ThreadPoolExecutor
 
+from ldap3.core.exceptions import LDAPCommunicationError, LDAPStartTLSError
 from ldapauthenticator import LDAPAuthenticator
 from ldapauthenticator.ldapauthenticator import TlsStrategy
+from tornado import web
 from traitlets import Float, Int, List, Unicode, default, observe, validate
+
+# What the login page says when the directory cannot be reached (the log
+# has the detail).  503: nothing is wrong with the user's password.
+DIRECTORY_DOWN = ("The lab's directory (LDAP) cannot be reached right now, so logins are "
+                  "not possible. Servers that are running keep running. Please try again in "
+                  "a few minutes, and tell your administrator if it persists.")
 
 
 class LXCGPUAuthenticator(LDAPAuthenticator):
@@ -103,7 +111,10 @@ class LXCGPUAuthenticator(LDAPAuthenticator):
                 "(LXCGPUAuthenticator.ldap_timeout)",
                 data.get("username"), self.ldap_timeout,
             )
-            return None
+        except (LDAPCommunicationError, LDAPStartTLSError) as e:
+            self.log.error("Login of %r refused: the directory at %s cannot be reached: %s: %s",
+                           data.get("username"), self.server_address, type(e).__name__, e)
+        raise web.HTTPError(503, DIRECTORY_DOWN)
 
     def is_admin(self, handler, authentication):
         """True for members of `admin_groups` (and `admin_users`); False for

@@ -18,12 +18,20 @@ Environment (all optional):
                          0 turns it off); the site's ``c.LXCGPUCuller.timeout`` wins
 ``LXCGPU_CONFIG``        lxcgpu's own settings (``/etc/lxcgpu/lxcgpu.toml``),
                          read by the spawner
+``LXCGPU_TLS_DIR``       the generated HTTPS certificate and its CA, used when
+                         the site gives none (default ``/var/lib/lxcgpu/tls``)
+``LXCGPU_PROXY_USER``    the unprivileged user the proxy runs as when the hub
+                         runs as root (default ``lxcgpu-proxy``)
+``LXCGPU_PROXY_DIR``     that user's copy of the certificate and key
+                         (default ``/var/lib/lxcgpu/proxy``, 0700)
 """
 
+import ipaddress
 import os
 import shutil
 import sys
 from pathlib import Path
+from urllib.parse import urlparse
 
 # The modules beside this file are imported as ``hub_config.*`` from wherever it
 # is installed: a checkout, or the package's share/lxcgpu/hub_config.
@@ -34,7 +42,17 @@ if str(_HERE.parent) not in sys.path:
 from hub_config.authenticator import LXCGPUAuthenticator  # noqa: E402
 from hub_config.bridge import bridge_ipv4  # noqa: E402
 from hub_config.culler import LXCGPUCuller  # noqa: E402
+from hub_config.origins import DEFAULT_DOMAIN, subdomain_hook  # noqa: E402
+from hub_config.proxy import DEFAULT_DIR as PROXY_DIR  # noqa: E402
+from hub_config.proxy import DEFAULT_USER as PROXY_USER  # noqa: E402
+from hub_config.proxy import proxy_user, unprivileged_command  # noqa: E402
 from hub_config.statedir import hub_dir, secret_file  # noqa: E402
+from lxcspawner.network import hub_api_port  # noqa: E402
+from hub_config.tls import DEFAULT_DIR as TLS_DIR  # noqa: E402
+from hub_config.tls import (  # noqa: E402
+    ensure_hub_certificate, install_for_proxy, machine_addresses, machine_hostname,
+    wanted_names,
+)
 
 c = get_config()  # noqa: F821 - injected by traitlets
 
@@ -58,8 +76,14 @@ c.ConfigurableHTTPProxy.command = [
 c.ConfigurableHTTPProxy.auth_token = secret_file(STATE / "proxy_token")
 c.ConfigurableHTTPProxy.pid_file = str(STATE / "jupyterhub-proxy.pid")
 c.ConfigurableHTTPProxy.api_url = "http://127.0.0.1:8001"
-# Where browsers connect.  Put TLS in front (or set ssl_cert/ssl_key) in production.
-c.JupyterHub.bind_url = "http://:8000"
+# Where browsers connect: HTTPS on every interface.  Without a certificate of
+# the site's own (c.JupyterHub.ssl_cert / ssl_key) a generated one is used
+# (see "HTTPS" below).  Plain HTTP only where the site binds to loopback
+# (e.g. behind a TLS-terminating proxy of its own on this machine).
+c.JupyterHub.bind_url = "https://:8000"
+# User servers on their own origins (see "origins" below): users at
+# <user>.<hub host>, the hub and services on the hub's host.
+c.JupyterHub.subdomain_hook = subdomain_hook
 
 # --- login: the lab's LDAP / Active Directory (settings in the site file) ---
 c.JupyterHub.authenticator_class = LXCGPUAuthenticator
@@ -72,7 +96,10 @@ c.LDAPAuthenticator.tls_strategy = "before_bind"
 # --- servers: one JupyterHub named server per GPU server --------------------
 c.JupyterHub.spawner_class = "lxc"  # lxcspawner.LXCSpawner
 c.JupyterHub.allow_named_servers = True
-c.JupyterHub.concurrent_spawn_limit = 10
+# Spawns wait their turn per GPU server (LXCSpawner.lxd_concurrency at once,
+# the spawn page says "queued"); the hub refuses (429) only past this many
+# at once, far more than a burst of a lab's users.
+c.JupyterHub.concurrent_spawn_limit = 100
 # Jupyter servers live in containers and outlive a hub restart: the restarted
 # hub finds them again through the spawner's saved state and poll().
 c.JupyterHub.cleanup_servers = False
@@ -96,11 +123,99 @@ load_subconfig(str(_site))  # noqa: F821 - injected by traitlets; a missing defa
 # (jupyterhub-singleuser checks the hub API before it starts), unless the
 # site chose its own address, e.g. for GPU servers on other machines.
 if "hub_bind_url" not in c.JupyterHub and "hub_connect_url" not in c.JupyterHub:
-    _api = f"http://{bridge_ipv4(os.environ.get('LXCGPU_BRIDGE') or 'lxcgpubr0')}:" + (
-        os.environ.get("LXCGPU_HUB_API_PORT") or "8081"
-    )
+    # The port is the one the node agent's host guard opens to containers
+    # (lxcspawner.network.hub_api_port: $LXCGPU_HUB_API_PORT, else 8081).
+    _api = (f"http://{bridge_ipv4(os.environ.get('LXCGPU_BRIDGE') or 'lxcgpubr0')}:"
+            f"{hub_api_port()}")
     c.JupyterHub.hub_bind_url = _api
     c.JupyterHub.hub_connect_url = _api
+
+# One named server per GPU server (each is named after its GPU server), so a
+# user cannot start more servers than there are GPU servers.
+if "named_server_limit_per_user" not in c.JupyterHub:
+    c.JupyterHub.named_server_limit_per_user = max(1, len(c.LXCSpawner.get("servers") or {}))
+
+# --- origins: each user's servers on an origin of their own -------------------
+# A user is root in their container and controls every byte their server
+# serves; on the hub's origin a page of theirs could act with the session of
+# whoever opens it.  Unless the site chose (c.JupyterHub.subdomain_host: its
+# wildcard DNS name, or "" for one shared origin), the hub is
+# lxcgpu.localhost and alice's servers are alice.lxcgpu.localhost: browsers
+# resolve every *.localhost name to loopback, so this works with no DNS on
+# this machine and, through an SSH tunnel, from a laptop (docs/admin.md).
+_bind = urlparse(c.JupyterHub.bind_url)
+
+
+def _is_loopback(host: str | None) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host or "").is_loopback
+    except ValueError:
+        return False  # "" (every interface) or a name
+
+
+_site_tls = "ssl_cert" in c.JupyterHub or "ssl_key" in c.JupyterHub
+_https = _site_tls or _bind.scheme == "https" or not _is_loopback(_bind.hostname)
+if "subdomain_host" not in c.JupyterHub:
+    _port = _bind.port or 8000
+    c.JupyterHub.subdomain_host = (f"{'https' if _https else 'http'}://{DEFAULT_DOMAIN}"
+                                   + ("" if _port == (443 if _https else 80) else f":{_port}"))
+if "cookie_host_prefix_enabled" not in c.JupyterHub:
+    # __Host- cookies: host-only, Secure, path /; no user origin can set or
+    # shadow the hub's (JupyterHub allows them with https subdomains only).
+    c.JupyterHub.cookie_host_prefix_enabled = c.JupyterHub.subdomain_host.startswith("https://")
+
+# --- HTTPS --------------------------------------------------------------------
+# Beyond loopback the hub speaks HTTPS only: with the site's certificate, else
+# with one generated here for the hub's origin, a wildcard under it (the
+# users' origins), this machine's name and addresses.  Its CA is
+# $LXCGPU_TLS_DIR/ca.crt (setup/hub prints its path and fingerprint).
+if _https:
+    if not _site_tls:
+        _tls = Path(os.environ.get("LXCGPU_TLS_DIR") or TLS_DIR).absolute()
+        # The addresses go into a new certificate, but one that lacks a new
+        # address is kept: names decide, not interfaces that come and go.
+        _addresses = [] if _is_loopback(_bind.hostname) else machine_addresses()
+        ensure_hub_certificate(
+            _tls, wanted_names(urlparse(c.JupyterHub.subdomain_host).hostname
+                               or _bind.hostname or None, hostname=machine_hostname()),
+            optional=wanted_names(None, addresses=_addresses))
+        c.JupyterHub.ssl_cert = str(_tls / "hub.crt")
+        c.JupyterHub.ssl_key = str(_tls / "hub.key")
+    if not (c.JupyterHub.get("ssl_cert") and c.JupyterHub.get("ssl_key")):
+        raise ValueError("set both c.JupyterHub.ssl_cert and c.JupyterHub.ssl_key")
+    c.JupyterHub.bind_url = _bind._replace(scheme="https").geturl()
+    # Every cookie the hub sets is Secure (its own are already whenever the
+    # public URL is https; this covers the _xsrf cookie and a site's
+    # shared-origin setup too).
+    _tornado = dict(c.JupyterHub.get("tornado_settings") or {})
+    _tornado["cookie_options"] = {"secure": True, **_tornado.get("cookie_options", {})}
+    c.JupyterHub.tornado_settings = _tornado
+
+# --- the proxy as an unprivileged user ------------------------------------------
+# A hub run as root (setup/hub, the systemd unit) starts its proxy as
+# $LXCGPU_PROXY_USER through setpriv; the proxy reads its own copy of the key.
+# setup/install-deps keeps a copy of Node and the proxy for that user in
+# /usr/local/lib/lxcgpu-proxy, outside the checkout (which may be root's only).
+_proxy_runtime = Path("/usr/local/lib/lxcgpu-proxy/bin")
+if os.geteuid() == 0:
+    _proxy_user = os.environ.get("LXCGPU_PROXY_USER") or PROXY_USER
+    if c.ConfigurableHTTPProxy.command == [str(_chp)] and \
+            (_proxy_runtime / "configurable-http-proxy").exists():
+        _chp = _proxy_runtime / "configurable-http-proxy"
+        c.ConfigurableHTTPProxy.command = [str(_chp)]
+    c.ConfigurableHTTPProxy.command = unprivileged_command(
+        c.ConfigurableHTTPProxy.command, _proxy_user,
+        needs=tuple(p for p in [_chp.parent / "node"] if _chp.exists() and p.exists()),
+        low_port=(urlparse(c.JupyterHub.bind_url).port or 8000) < 1024)
+    if _https:
+        _pw = proxy_user(_proxy_user)
+        _cert, _key = install_for_proxy(
+            Path(c.JupyterHub.ssl_cert), Path(c.JupyterHub.ssl_key),
+            Path(os.environ.get("LXCGPU_PROXY_DIR") or PROXY_DIR).absolute(),
+            _pw.pw_uid, _pw.pw_gid)
+        c.JupyterHub.ssl_cert, c.JupyterHub.ssl_key = str(_cert), str(_key)
 
 _culler = LXCGPUCuller(config=c)
 if _culler.timeout:

@@ -71,10 +71,20 @@ c.LXCGPUAuthenticator.admin_groups = ["cn=gpu-admins,ou=groups,dc=example,dc=org
 # and any jobs running in it over SSH, keep running).  0: never.
 c.LXCGPUCuller.timeout = 3600
 
-# --- addresses -------------------------------------------------------------
-# Browsers connect here; put TLS in front of it, or give the proxy a
-# certificate (c.JupyterHub.ssl_cert / ssl_key).
-# c.JupyterHub.bind_url = "http://:8000"
+# --- addresses, origins, HTTPS ------------------------------------------------
+# The hub's host; every user's servers live on <user>.<that host>, their own
+# origin.  Needs wildcard DNS (hub and *.hub -> this machine) and a wildcard
+# certificate (docs/admin.md, section 10).  Default: lxcgpu.localhost on the
+# bind port (this machine, or an SSH tunnel).  "" puts every server on the
+# hub's origin: only where all users trust each other.
+# c.JupyterHub.subdomain_host = "https://hub.example.org"
+# Browsers connect here, always over HTTPS beyond loopback.  Default: port
+# 8000 on every address.
+# c.JupyterHub.bind_url = "https://:443"
+# The certificate (with its chain) and key for the hub's host and *.<host>.
+# Without them one is generated (CA in /var/lib/lxcgpu/tls/ca.crt).
+# c.JupyterHub.ssl_cert = "/etc/letsencrypt/live/hub.example.org/fullchain.pem"
+# c.JupyterHub.ssl_key = "/etc/letsencrypt/live/hub.example.org/privkey.pem"
 # The hub API listens on the LXD bridge's address by default (containers on this
 # machine reach it there).  With GPU servers on other machines, give an address
 # their containers can reach, and firewall it to them:

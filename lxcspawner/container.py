@@ -15,6 +15,7 @@ from typing import Mapping
 
 from . import naming
 from .lxd import LXD, LXDError
+from .network import NIC
 
 log = logging.getLogger("lxcspawner.container")
 
@@ -29,6 +30,30 @@ IDMAP_USER_LAST = 100_000 + 1_000_000_000 - IDMAP_BLOCK
 
 class ContainerError(LXDError):
     """A container cannot be created or used as asked."""
+
+
+# What a site may add to a container's LXD config (extra_config): resources,
+# start-up, snapshots, environment, NVIDIA's runtime, and its own user.* keys;
+# security.nesting (Docker inside), which LXD holds safe in an unprivileged
+# container with its own id map.  Nothing that widens what the container may
+# do to the host (other security.*, raw.*, linux.*), nor lxcgpu's or LXD's
+# own bookkeeping (user.lxcgpu.*, volatile.*).
+EXTRA_CONFIG_PREFIXES = ("limits.", "boot.", "snapshots.", "environment.", "nvidia.", "user.")
+EXTRA_CONFIG_KEYS = frozenset({"security.nesting"})
+
+
+def check_extra_key(key: str) -> None:
+    """Refuse an extra_config key that is not in the allow-list above."""
+    if key.startswith(KEY_PREFIX) or key.startswith("volatile."):
+        raise ValueError(f"extra container config may not set {key}: lxcgpu and LXD "
+                         "keep their own records there")
+    if key in EXTRA_CONFIG_KEYS or any(key.startswith(p) and len(key) > len(p)
+                                       for p in EXTRA_CONFIG_PREFIXES):
+        return
+    raise ValueError(f"extra container config may not set {key}: only "
+                     f"{', '.join(p + '*' for p in EXTRA_CONFIG_PREFIXES)} and "
+                     f"{', '.join(sorted(EXTRA_CONFIG_KEYS))} are allowed (security.*, "
+                     "raw.* and linux.* would loosen the container's isolation)")
 
 
 @dataclass(frozen=True)
@@ -88,6 +113,9 @@ class ContainerSpec:
     mounts: tuple[Mount, ...] = ()
     gpus: int = 0                  # GPUs on the server; a gpu device only if > 0
     pool: str | None = None        # storage pool for the root disk (default: the profile's)
+    # The container's own eth0 (network.nic_device: its assigned address and
+    # LXD's filtering); None: the profile's, as it is.
+    nic: Mapping[str, str] | None = None
     extra_config: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self):
@@ -107,8 +135,7 @@ class ContainerSpec:
                                            or self.processes < 1):
             raise ValueError("processes limit must be a positive integer")
         for k in self.extra_config:
-            if k.startswith(KEY_PREFIX) or k.startswith("security.idmap"):
-                raise ValueError(f"extra_config may not set {k}: lxcgpu owns it")
+            check_extra_key(k)
         names = [m.device_name for m in self.mounts]
         if len(set(names)) != len(names):
             raise ValueError("two shared mounts use the same container path")
@@ -153,6 +180,8 @@ class ContainerSpec:
             devs["root"] = {"type": "disk", "path": "/", "pool": self.pool}
         if self.gpus > 0:
             devs["lxcgpu-gpu"] = {"type": "gpu", "gputype": "physical"}
+        if self.nic is not None:
+            devs[NIC] = dict(self.nic)
         return devs
 
 

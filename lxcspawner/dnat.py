@@ -8,8 +8,17 @@ and is jumped to from ``PREROUTING`` (clients elsewhere) and ``OUTPUT``
 (clients on the server itself), both for local destinations only.
 ``LXCGPU-POSTROUTING`` masquerades loopback-sourced connections leaving
 through the LXD bridge, which together with the bridge's ``route_localnet``
-makes ``ssh -p PORT localhost`` work on the server.  Nothing outside these two
-chains and the three jumps is ever changed.
+makes ``ssh -p PORT localhost`` work on the server.
+
+The host guard, in the filter tables (IPv4 and IPv6), keeps containers away
+from the host: ``LXCGPU-INPUT`` (jumped to first from ``INPUT``) refuses every
+new connection from a bridge except DHCP and DNS to the bridge's address and
+the hub API there; ``LXCGPU-FORWARD`` (from ``FORWARD``) refuses what one
+container routes through the host to another on the same bridge, unless it
+came through a DNAT port map, the way anyone in the lab reaches it (LXD's
+port isolation stops the direct path, see lxcspawner.network).
+
+Nothing outside our chains and their jumps is ever changed.
 
 python-iptables writes legacy x_tables (``iptables-legacy -t nat -S``).
 Every change is one ``commit`` (one atomic table replace) under the
@@ -26,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import ctypes as ct
 import fcntl
+import functools
 import ipaddress
 import logging
 import os
@@ -34,9 +44,10 @@ import struct
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Sequence
 
 from . import xtables_compat
+from .network import HUB_API_PORT, Bridge
 from .portmap import PortMap
 
 log = logging.getLogger("lxcspawner.dnat")
@@ -44,6 +55,7 @@ log = logging.getLogger("lxcspawner.dnat")
 CHAIN = "LXCGPU-DNAT"
 POST_CHAIN = "LXCGPU-POSTROUTING"
 INPUT_CHAIN = "LXCGPU-INPUT"
+FORWARD_CHAIN = "LXCGPU-FORWARD"
 XTABLES_LOCK = "/run/xtables.lock"
 COMMENT_PREFIX = "lxcgpu:"
 _IFNAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
@@ -282,12 +294,14 @@ class DNATTable:
     """
 
     def __init__(self, *, chain: str = CHAIN, post_chain: str = POST_CHAIN,
-                 input_chain: str = INPUT_CHAIN, lock_path: str = XTABLES_LOCK,
+                 input_chain: str = INPUT_CHAIN, forward_chain: str = FORWARD_CHAIN,
+                 lock_path: str = XTABLES_LOCK,
                  sysctl_root: str = "/proc/sys/net/ipv4/conf"):
         self.iptc = _iptc()
         self.chain = chain
         self.post_chain = post_chain
         self.input_chain = input_chain
+        self.forward_chain = forward_chain
         self.lock_path = lock_path
         self.sysctl_root = Path(sysctl_root)
         self.codec = _EntryCodec(self.iptc)
@@ -295,6 +309,8 @@ class DNATTable:
         for name in (self.iptc.Table.NAT, self.iptc.Table.FILTER):
             self._tables[name] = self.iptc.Table(name)
             self._tables[name].autocommit = False
+        self._tables["filter6"] = self.iptc.Table6(self.iptc.Table6.FILTER)
+        self._tables["filter6"].autocommit = False
 
     # ------------------------------------------------------------ plumbing
 
@@ -358,14 +374,60 @@ class DNATTable:
 
     # ------------------------------------------------------------ public
 
-    def _guard_rule(self, bridge: str):
-        rule = self.iptc.Rule()
-        rule.dst = "127.0.0.0/8"
-        rule.in_interface = bridge
-        match = rule.create_match("conntrack")
-        match.ctstate = "NEW"
-        rule.create_target("DROP")
+    def _rule(self, v6: bool = False, *, src=None, dst=None, proto=None, iface=None,
+              oface=None, dport=None, ctstate=None, target="RETURN", reject_with=None):
+        rule = self.iptc.Rule6() if v6 else self.iptc.Rule()
+        if src:
+            rule.src = src
+        if dst:
+            rule.dst = dst
+        if iface:
+            rule.in_interface = iface
+        if oface:
+            rule.out_interface = oface
+        if proto:
+            rule.protocol = proto
+        if dport is not None:
+            rule.create_match(proto).dport = str(dport)
+        if ctstate:
+            rule.create_match("conntrack").ctstate = ctstate
+        t = rule.create_target(target)
+        if reject_with:
+            t.reject_with = reject_with
         return rule
+
+    def _guard_rules(self, bridges: list[Bridge], hub_api_ports: Sequence[int],
+                     v6: bool) -> list:
+        """LXCGPU-INPUT: from each bridge, only replies, DHCP, DNS and the hub API."""
+        R = functools.partial(self._rule, v6)
+        out = []
+        for b in bridges:
+            out.append(R(iface=b.name, ctstate="RELATED,ESTABLISHED"))
+            if v6:
+                # Neighbour discovery (and errors) keep the link working.
+                out.append(R(iface=b.name, proto="58"))  # ICMPv6
+            else:
+                gw = str(b.gateway.ip)
+                for dst in (gw, "255.255.255.255"):
+                    out.append(R(iface=b.name, dst=dst, proto="udp", dport=67))
+                out.append(R(iface=b.name, dst=gw, proto="udp", dport=53))
+                out.append(R(iface=b.name, dst=gw, proto="tcp", dport=53))
+                for port in hub_api_ports:
+                    out.append(R(iface=b.name, dst=gw, proto="tcp", dport=port))
+            out.append(R(iface=b.name, proto="tcp", target="REJECT", reject_with="tcp-reset"))
+            out.append(R(iface=b.name, target="REJECT"))
+        return out
+
+    def _forward_rules(self, bridges: list[Bridge], v6: bool) -> list:
+        """LXCGPU-FORWARD: nothing routed from a container back onto its own
+        bridge but what a DNAT port map sent there."""
+        R = functools.partial(self._rule, v6)
+        out = []
+        for b in bridges:
+            if not v6:
+                out.append(R(iface=b.name, oface=b.name, ctstate="DNAT"))
+            out.append(R(iface=b.name, oface=b.name, target="REJECT"))
+        return out
 
     def _ensure_rules(self, table, name: str, want: list) -> None:
         chain = self.iptc.Chain(table, name)
@@ -375,19 +437,36 @@ class DNATTable:
                 chain.append_rule(r)
             self._dirty = True
 
-    def setup(self, bridges: Iterable[str] = ()) -> None:
-        """Create our chains and jumps, and loopback access through ``bridges``
+    def _ensure_filter(self, which: str, guard: list, forward: list) -> None:
+        with self._transaction(which) as table:
+            for name, builtin, want in ((self.input_chain, "INPUT", guard),
+                                        (self.forward_chain, "FORWARD", forward)):
+                self._ensure_chain(table, name)
+                jump = self.iptc.Rule6() if which == "filter6" else self.iptc.Rule()
+                jump.create_target(name)
+                self._ensure_jump(table, builtin, jump)
+                self._ensure_rules(table, name, want)
+
+    def setup(self, bridges: Iterable[Bridge] = (), *,
+              hub_api_ports: Sequence[int] = (HUB_API_PORT,), isolate: bool = True) -> None:
+        """Create our chains and jumps, the host guard for ``bridges`` (see
+        the module docstring; ``isolate``: LXCGPU-FORWARD keeps containers on
+        one bridge apart), and loopback access through them
         (``route_localnet`` on each, and the MASQUERADE that goes with it).
 
         ``route_localnet`` would also let a container that routes 127.0.0.0/8
         to its gateway reach the server's loopback services (the proxy's API,
-        the hub's database, slapd): new connections arriving from a bridge for
-        127.0.0.0/8 are dropped in the filter table's ``LXCGPU-INPUT``.
-        Replies to the masqueraded loopback connections are not new and pass."""
-        bridges = sorted(set(bridges))
+        the hub's database, slapd): the guard refuses those connections like
+        every other new one.  Replies to the masqueraded loopback connections
+        are not new and pass."""
+        bridges = sorted({b.name: b for b in bridges}.values(), key=lambda b: b.name)
         for b in bridges:
-            if not _IFNAME.match(b):
-                raise ValueError(f"not an interface name: {b!r}")
+            if not _IFNAME.match(b.name):
+                raise ValueError(f"not an interface name: {b.name!r}")
+        hub_api_ports = sorted(set(hub_api_ports))
+        if not all(isinstance(p, int) and 1 <= p <= 65535 for p in hub_api_ports):
+            raise ValueError(f"not ports: {hub_api_ports!r}")
+        names = [b.name for b in bridges]
         with self._transaction() as table:
             self._ensure_chain(table, self.chain)
             self._ensure_chain(table, self.post_chain)
@@ -397,17 +476,18 @@ class DNATTable:
             post = self.iptc.Rule()
             post.create_target(self.post_chain)
             self._ensure_jump(table, "POSTROUTING", post)
-            self._ensure_rules(table, self.post_chain, [self._masquerade_rule(b) for b in bridges])
-        with self._transaction("filter") as table:
-            self._ensure_chain(table, self.input_chain)
-            jump = self.iptc.Rule()
-            jump.create_target(self.input_chain)
-            self._ensure_jump(table, "INPUT", jump)
-            self._ensure_rules(table, self.input_chain, [self._guard_rule(b) for b in bridges])
-        for b in bridges:
-            path = self.sysctl_root / b / "route_localnet"
-            if path.exists() and path.read_text().strip() != "1":
-                path.write_text("1\n")
+            self._ensure_rules(table, self.post_chain, [self._masquerade_rule(b) for b in names])
+        for which, v6 in (("filter", False), ("filter6", True)):
+            self._ensure_filter(which, self._guard_rules(bridges, hub_api_ports, v6),
+                                self._forward_rules(bridges, v6) if isolate else [])
+        for b in names:
+            self._set_route_localnet(b, True)
+
+    def _set_route_localnet(self, bridge: str, on: bool) -> None:
+        path = self.sysctl_root / bridge / "route_localnet"
+        want = "1" if on else "0"
+        if path.exists() and path.read_text().strip() != want:
+            path.write_text(want + "\n")
 
     def current(self) -> list[PortMap | None]:
         """The maps in our chain, in order (``None`` for an entry not ours)."""
@@ -454,28 +534,45 @@ class DNATTable:
                 self._append(table, self.chain, codec.encode(m))
             return SyncResult(added=len(new), removed=len(stale))
 
+    def guarded_bridges(self) -> list[str]:
+        """The bridges our chains name (loopback access, the host guard)."""
+        names: set[str] = set()
+        with self._transaction() as table:
+            if table.is_chain(self.post_chain):
+                names |= {r.out_interface for r in self.iptc.Chain(table, self.post_chain).rules}
+        with self._transaction("filter") as table:
+            if table.is_chain(self.input_chain):
+                names |= {r.in_interface for r in self.iptc.Chain(table, self.input_chain).rules}
+        return sorted(n for n in names if n and _IFNAME.match(n))
+
     def teardown(self) -> None:
-        """Remove our jumps and chains (``lxcgpu-node --remove-rules``)."""
+        """Remove our jumps and chains (``lxcgpu-node --remove-rules``).
+        ``route_localnet`` goes back to 0 on our bridges first, so the host's
+        loopback is never reachable from them without the guard."""
+        for b in self.guarded_bridges():
+            self._set_route_localnet(b, False)
         with self._transaction() as table:
             for builtin, target in (("PREROUTING", self.chain), ("OUTPUT", self.chain),
                                     ("POSTROUTING", self.post_chain)):
-                chain = self.iptc.Chain(table, builtin)
-                for r in chain.rules:
-                    if r.target and r.target.name == target:
-                        chain.delete_rule(r)
-                        self._dirty = True
+                self._remove_jumps(table, builtin, target)
             for name in (self.chain, self.post_chain):
-                if table.is_chain(name):
-                    table.flush_entries(name)
-                    table.delete_chain(name)
-                    self._dirty = True
-        with self._transaction("filter") as table:
-            chain = self.iptc.Chain(table, "INPUT")
-            for r in chain.rules:
-                if r.target and r.target.name == self.input_chain:
-                    chain.delete_rule(r)
-                    self._dirty = True
-            if table.is_chain(self.input_chain):
-                table.flush_entries(self.input_chain)
-                table.delete_chain(self.input_chain)
+                self._remove_chain(table, name)
+        for which in ("filter", "filter6"):
+            with self._transaction(which) as table:
+                for builtin, name in (("INPUT", self.input_chain),
+                                      ("FORWARD", self.forward_chain)):
+                    self._remove_jumps(table, builtin, name)
+                    self._remove_chain(table, name)
+
+    def _remove_jumps(self, table, builtin: str, target: str) -> None:
+        chain = self.iptc.Chain(table, builtin)
+        for r in chain.rules:
+            if r.target and r.target.name == target:
+                chain.delete_rule(r)
                 self._dirty = True
+
+    def _remove_chain(self, table, name: str) -> None:
+        if table.is_chain(name):
+            table.flush_entries(name)
+            table.delete_chain(name)
+            self._dirty = True

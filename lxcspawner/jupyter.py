@@ -66,6 +66,18 @@ async def start(lxd: LXD, name: str, *, unit: str, login: str, argv: Sequence[st
     (await lxd.execute(name, cmd, timeout=60)).check(cmd[:2])
 
 
+async def answers(address: str, port: int, *, timeout: float = 3) -> bool:
+    """Whether something accepts a TCP connection at address:port (the
+    address lxcgpu pinned on the container's NIC): how the hub checks a
+    server without running anything the container's root could replace."""
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(address, port), timeout)
+    except (OSError, asyncio.TimeoutError):
+        return False
+    writer.close()
+    return True
+
+
 async def wait_listening(address: str, port: int, *, timeout: float, unit: str,
                          alive: Callable[[], Awaitable[bool]]) -> None:
     """Wait until something accepts connections at address:port (every 50-100 ms:
@@ -74,12 +86,8 @@ async def wait_listening(address: str, port: int, *, timeout: float, unit: str,
     deadline = loop.time() + timeout
     delay, checked = 0.05, loop.time()
     while True:
-        try:
-            _, writer = await asyncio.wait_for(asyncio.open_connection(address, port), 2)
-            writer.close()
+        if await answers(address, port, timeout=2):
             return
-        except (OSError, asyncio.TimeoutError):
-            pass
         now = loop.time()
         if now > deadline:
             raise TimeoutError(f"Jupyter did not listen on {address}:{port} in {timeout:.0f} s")

@@ -2,8 +2,9 @@
 admin command share.
 
 The store decides the numbers (the user's SSH port and id block, their
-forwards); LXD holds the container and, in its config, the port maps the
-node agent turns into DNAT rules.  Every step reconciles to the desired
+forwards, their container's address on each server); LXD holds the container,
+its NIC with that address pinned (lxcspawner.network) and, in its config, the
+port maps the node agent turns into DNAT rules.  Every step reconciles to the desired
 state, so running any of them again changes nothing.  The store is
 synchronous and runs in a thread; LXD calls are already off the loop.
 """
@@ -13,10 +14,10 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Mapping, Sequence
 
-from . import naming
-from .container import check_owner, ensure_container
+from . import naming, network
+from .container import ContainerError, check_owner, ensure_container
 from .lxd import LXD, LXDNotFound
 from .portmap import config_changes
 from .provision import provision
@@ -40,7 +41,7 @@ class UserContainer:
     server: str                    # the GPU server, as users know it
     user: str                      # the hub user name
     posix_user: str                # the login inside
-    address: str | None            # IPv4 on the bridge; None while stopped
+    address: str | None            # its assigned IPv4 on the bridge
     ssh_port: int                  # the user's port on the server (-> container:22)
     forwards: dict[int, int] = field(default_factory=dict)  # host port -> container port
 
@@ -116,6 +117,46 @@ async def sync_user_container(lxd: LXD, store: Store, user: str, server: str, *,
     return ContainerSync(name, changed, True)
 
 
+async def _fixed_nic(lxd: LXD, store: Store, settings: Settings, user: str, server: str,
+                     name: str, profiles: Sequence[str], current: Mapping | None,
+                     actor: str) -> dict[str, str]:
+    """The NIC the user's container must have on ``server``: the profiles'
+    eth0 with the address the store assigned pinned and LXD's filtering on.
+    A new address is allocated only when the store has none valid for the
+    bridge, avoiding those LXD has pinned on other instances there."""
+    base = network.profile_nic(list(await asyncio.gather(*(lxd.profile(p) for p in profiles))))
+    bridge = network.Bridge.from_lxd(await lxd.network(network.nic_network(base)))
+    address = await asyncio.to_thread(store.address, user, server)
+    have = (current or {}).get(network.NIC) or {}
+    if not (address and have.get("ipv4.address") == address and bridge.holds(address)
+            and address in set(bridge.static_addresses())):
+        taken = {network.assigned_ipv4(i, {bridge.name: bridge})
+                 for i in await lxd.list_instances(all_projects=True)
+                 if (i.get("name"), i.get("project", "default")) != (name, lxd.project or "default")}
+        free = [a for a in bridge.static_addresses() if a not in taken]
+        if not free and not any(True for _ in bridge.static_addresses()):
+            raise ContainerError(
+                f"the LXD bridge {bridge.name} hands out its whole subnet by DHCP, leaving no "
+                "room for the fixed addresses lxcgpu gives containers: run "
+                "`setup/lxdhost.py up`, or set the bridge's ipv4.dhcp.ranges to part of it")
+        address = await asyncio.to_thread(store.assign_address, user, server, free,
+                                          actor=actor)
+    return network.nic_device(base, address, port_isolation=settings.port_isolation)
+
+
+async def delete_user_container(lxd: LXD, store: Store, user: str, server: str, *,
+                                prefix: str = "", actor: str = "system") -> bool:
+    """Delete ``user``'s container on ``server`` and free its address; True
+    if there was a container.  Keys, forwards and the SSH port stay theirs."""
+    name = naming.instance_name(user, server, prefix)
+    inst = await lxd.instance(name)
+    if inst is not None:
+        check_owner(inst, user)
+        await lxd.delete_instance(name)
+    await asyncio.to_thread(store.release_address, user, server, actor=actor)
+    return inst is not None
+
+
 async def ensure_user_container(lxd: LXD, store: Store, settings: Settings, user: str,
                                 server: str | None = None, *, start: bool = True,
                                 progress: Progress | None = None, actor: str = "system",
@@ -141,32 +182,45 @@ async def ensure_user_container(lxd: LXD, store: Store, settings: Settings, user
     rec = await asyncio.to_thread(store.ensure_user, user, actor=actor)
     spec = settings.container_spec(user, rec.idmap_base, server=server, **overrides)
     inst = await lxd.instance(spec.name)
+    if inst is not None:
+        check_owner(inst, user)
+    profiles = list(inst.get("profiles") or ()) if inst is not None else list(spec.profiles)
+    nic = await _fixed_nic(lxd, store, settings, user, server, spec.name, profiles,
+                           inst.get("devices") if inst is not None else None, actor)
     if inst is None:
         say("creating container")
         if "gpus" not in overrides:
-            spec = settings.container_spec(user, rec.idmap_base, server=server,
-                                           gpus=await lxd.gpu_count(), **overrides)
+            overrides = {**overrides, "gpus": await lxd.gpu_count()}
+        spec = settings.container_spec(user, rec.idmap_base, server=server, nic=nic,
+                                       **overrides)
     inst = await ensure_container(lxd, spec)
+    address = nic["ipv4.address"]
+
+    restart = False
+    if (inst.get("devices") or {}).get(network.NIC) != nic:
+        # A container made before lxcgpu pinned addresses (or on a renumbered
+        # bridge): its NIC changes once, stopped, so it takes the address.
+        if (await lxd.state(spec.name)).running:
+            say("restarting container to pin its address")
+            log.info("%s: restarting it to pin its address %s", spec.name, address)
+            await lxd.stop(spec.name)
+            restart = True
+        await lxd.update_devices(spec.name, {network.NIC: nic})
 
     # Before the start, so the node agent maps the ports on the start event.
     ssh_port, forwards = await _wanted_ports(store, user, server)
     await _write_port_maps(lxd, spec.name, inst.get("config") or {}, ssh_port, forwards)
 
-    address = None
-    if start:
+    if start or restart:
         state = await lxd.state(spec.name)
         if not state.running:
             say("starting container")
             await lxd.start(spec.name)
-        if state.ipv4:
-            address = state.ipv4
-        else:
+        if address not in state.addresses:
             say("waiting for network")
-            address = await lxd.wait_for_address(spec.name, timeout=address_timeout)
+            await lxd.wait_for_address(spec.name, timeout=address_timeout, expected=address)
         say("preparing user")
         keys = await asyncio.to_thread(store.authorized_keys, user)
         await provision(lxd, spec.name, login=spec.posix_user, keys=keys,
                         hostname=spec.hostname)
-    else:
-        address = (await lxd.state(spec.name)).ipv4
     return UserContainer(spec.name, server, user, spec.posix_user, address, ssh_port, forwards)

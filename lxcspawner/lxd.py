@@ -62,6 +62,27 @@ class ImageNotFound(LXDNotFound):
     """The template image is missing."""
 
 
+class LXDTooLarge(LXDError):
+    """Output or a file from inside an instance is over the size allowed."""
+
+
+# What lxcgpu reads back from inside an instance (a command's output, a file)
+# at most: the container's root decides its size, so it is bounded.
+MAX_READ_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """A path inside an instance as LXD's file API reports it, without
+    following a link at its last component (intermediate links are followed)."""
+
+    type: str          # "file", "directory" or "symlink"
+    mode: int
+    uid: int
+    gid: int
+    data: bytes        # a file's contents; a link's target; b"" for a directory
+
+
 @dataclass(frozen=True)
 class ExecResult:
     returncode: int
@@ -108,6 +129,14 @@ def _is_transient(exc: BaseException) -> bool:
     if isinstance(exc, LXDError):
         return exc.status in (502, 503, 504)
     return _status_of(exc) in (502, 503, 504)
+
+
+def is_outage(exc: BaseException) -> bool:
+    """Whether ``exc`` says the LXD daemon itself failed (gone, restarting,
+    overloaded, its database closed), not that the request was wrong."""
+    if _is_transient(exc) or isinstance(exc, LXDTimeout):
+        return True
+    return isinstance(exc, LXDError) and not isinstance(exc, LXDNotFound) and exc.status == 500
 
 
 class LXD:
@@ -226,10 +255,13 @@ class LXD:
     # Blocking helpers; they run on the executor.
 
     def _request(self, method: str, path: str, *, params=None, json=None,
-                 data=None, headers=None, timeout=None, ok=(200, 201, 202), raw=False):
+                 data=None, headers=None, timeout=None, ok=(200, 201, 202), raw=False,
+                 stream=False):
         node = self._api(path)
         # raw: the body is file content, not an LXD JSON envelope.
         kwargs: dict[str, Any] = {"is_api": False} if raw else {}
+        if stream:
+            kwargs["stream"] = True
         if params:
             kwargs["params"] = params
         if json is not None:
@@ -267,7 +299,42 @@ class LXD:
                 raise LXDError(md.get("err") or f"operation {op_id} failed",
                                md.get("status_code"))
             if time.monotonic() >= deadline:
-                raise LXDTimeout(f"operation {op_id} still running after {timeout:.0f}s")
+                self._cancel_op(op_id, md)
+                raise LXDTimeout(f"operation {op_id} ({md.get('description') or 'LXD task'}) "
+                                 f"still running after {timeout:.0f}s")
+
+    def _cancel_op(self, op_id: str, md: Mapping) -> None:
+        """Cancel an operation we gave up on, so it is not left running.  LXD
+        cannot cancel some (exec: ``may_cancel`` false); execute() bounds
+        those inside the instance instead."""
+        if not md.get("may_cancel"):
+            log.warning("operation %s (%s) timed out and LXD cannot cancel it", op_id,
+                        md.get("description"))
+            return
+        try:
+            self._request("delete", f"/1.0/operations/{op_id}")
+            log.warning("operation %s (%s) timed out: cancelled", op_id, md.get("description"))
+        except LXDError as e:
+            log.warning("operation %s timed out; cancelling it failed: %s", op_id, e)
+
+    def _read_capped(self, path: str, *, params=None, limit: int, what: str,
+                     skip_directory: bool = False):
+        """GET ``path`` (raw) reading at most ``limit`` bytes: (response, body).
+        ``skip_directory``: a directory's listing is not read (body b"")."""
+        resp = self._request("get", path, params=params, raw=True, stream=True)
+        chunks, size = [], 0
+        try:
+            if skip_directory and resp.headers.get("X-LXD-type") == "directory":
+                return resp, b""
+            for chunk in resp.iter_content(65536):
+                size += len(chunk)
+                if size > limit:
+                    raise LXDTooLarge(f"{what} is larger than {limit // 1024} KiB, the most "
+                                      "lxcgpu reads from inside a container")
+                chunks.append(chunk)
+        finally:
+            resp.close()
+        return resp, b"".join(chunks)
 
     def _async_request(self, method: str, path: str, *, timeout: float, **kw) -> dict:
         resp = self._request(method, path, **kw)
@@ -316,13 +383,17 @@ class LXD:
         return await self.run(get, what=f"get {name}")
 
     async def list_instances(self, *, config_key: str | None = None,
-                             with_state: bool = False) -> list[dict]:
-        """All instances; optionally only those that set ``config_key``.
-        ``with_state`` adds each one's ``state`` (status, network) in the
-        same single request (recursion 2)."""
+                             with_state: bool = False, all_projects: bool = False) -> list[dict]:
+        """All instances (of every project, with ``all_projects``);
+        optionally only those that set ``config_key``.  ``with_state`` adds
+        each one's ``state`` (status, network) in the same single request
+        (recursion 2)."""
+        params = {"recursion": 2 if with_state else 1}
+        if all_projects:
+            params["all-projects"] = "true"
+
         def get():
-            items = self._request("get", "/1.0/instances",
-                                  params={"recursion": 2 if with_state else 1}).json()["metadata"]
+            items = self._request("get", "/1.0/instances", params=params).json()["metadata"]
             if config_key:
                 items = [i for i in items if config_key in (i.get("config") or {})]
             return items
@@ -362,25 +433,39 @@ class LXD:
 
     async def update_config(self, name: str, changes: Mapping[str, str | None]) -> None:
         """Set (or, with None, remove) instance config keys in one PATCH-like PUT."""
+        await self._update(name, config=changes, what=f"update {name}")
+
+    async def update_devices(self, name: str,
+                             changes: Mapping[str, Mapping[str, str] | None]) -> None:
+        """Set (or, with None, remove) the instance's own devices in one PUT."""
+        await self._update(name, devices=changes, what=f"update devices of {name}")
+
+    async def _update(self, name: str, *, config: Mapping[str, str | None] | None = None,
+                      devices: Mapping[str, Mapping[str, str] | None] | None = None,
+                      what: str) -> None:
+        def merged(current: Mapping, changes: Mapping | None) -> dict:
+            out = dict(current)
+            for k, v in (changes or {}).items():
+                if v is None:
+                    out.pop(k, None)
+                else:
+                    out[k] = dict(v) if isinstance(v, Mapping) else v
+            return out
+
         def update():
             inst = self._request("get", f"/1.0/instances/{name}")
             etag = inst.headers.get("ETag")
             md = inst.json()["metadata"]
-            cfg = dict(md["config"])
-            for k, v in changes.items():
-                if v is None:
-                    cfg.pop(k, None)
-                else:
-                    cfg[k] = v
-            if cfg == md["config"]:
+            cfg, devs = merged(md["config"], config), merged(md["devices"], devices)
+            if cfg == md["config"] and devs == md["devices"]:
                 return
-            body = {"config": cfg, "devices": md["devices"], "profiles": md["profiles"],
+            body = {"config": cfg, "devices": devs, "profiles": md["profiles"],
                     "description": md.get("description", ""),
                     "ephemeral": md.get("ephemeral", False)}
             self._async_request("put", f"/1.0/instances/{name}", json=body,
                                 headers={"If-Match": etag} if etag else None,
                                 timeout=self.timeout)
-        await self.run(update, what=f"update {name}")
+        await self.run(update, what=what)
 
     async def delete_instance(self, name: str, timeout: float = 120) -> None:
         """Stop (forcefully) and delete; already gone is success."""
@@ -447,8 +532,12 @@ class LXD:
                                  mem, st.get("pid") or None, md.get("config") or {})
         return await self.run(get, what=f"state of {name}")
 
-    async def wait_for_address(self, name: str, timeout: float = 60) -> str:
-        """Wait until the instance has a global IPv4 address and return it.
+    async def wait_for_address(self, name: str, timeout: float = 60, *,
+                               expected: str | None = None) -> str:
+        """Wait until the instance has a global IPv4 address (``expected``,
+        if given) and return it: a readiness signal only, since the
+        container says what its address is (network.assigned_ipv4 is the
+        address to route to).
 
         DHCP leases raise no LXD event, so this follows the instance state,
         asking again after 50 ms, then less often (at most every 0.5 s)."""
@@ -458,11 +547,14 @@ class LXD:
             st = await self.state(name)
             if st.status == "missing":
                 raise LXDNotFound(f"instance {name} does not exist", 404)
-            if st.ipv4:
-                return st.ipv4
+            if st.ipv4 and (expected is None or expected in st.addresses):
+                return expected or st.ipv4
             if st.status not in ("running", "starting"):
                 raise LXDError(f"instance {name} is {st.status}, it will not get an address")
             if time.monotonic() > deadline:
+                if expected and st.ipv4:
+                    raise LXDTimeout(f"instance {name} did not take its address {expected} in "
+                                     f"{timeout:.0f}s (it has {', '.join(st.addresses)})")
                 raise LXDTimeout(f"instance {name} got no IPv4 address in {timeout:.0f}s "
                                  "(is DHCP on the bridge working? see `lxc info --show-log`)")
             await asyncio.sleep(delay)
@@ -483,15 +575,27 @@ class LXD:
     async def execute(self, name: str, argv: Sequence[str], *, env: Mapping[str, str] | None = None,
                       user: int = 0, group: int = 0, cwd: str | None = None,
                       timeout: float = 120) -> ExecResult:
-        """Run ``argv`` in the instance and collect its output.
+        """Run ``argv`` in the instance and collect its output (at most
+        MAX_READ_BYTES per stream, LXDTooLarge past it).
 
-        ``env`` travels in the API request body, not on any command line.
-        The command must finish by itself: start long-lived processes with
-        ``systemd-run``."""
+        ``env`` must be empty: LXD hands an exec's environment to a host
+        process on its command line (``lxd forkexec ...``), where every host
+        user can read it in the process list, so nothing may travel there
+        (secrets go into a root-only file inside, see jupyter.py).  The
+        command runs under ``timeout`` inside the instance, since LXD cannot
+        cancel an exec operation: one that overruns ``timeout`` is killed
+        (LXDTimeout).  It must finish by itself: start long-lived processes
+        with ``systemd-run``."""
         if not argv or not all(isinstance(a, str) for a in argv):
             raise ValueError("argv must be a non-empty list of strings")
+        if env:
+            raise ValueError("lxd.execute takes no environment: LXD puts it on a host "
+                             "command line that every host user can read; write a "
+                             "root-only file inside the container instead")
+        limit = max(1, int(timeout))
         body: dict[str, Any] = {
-            "command": list(argv), "environment": dict(env or {}),
+            "command": ["timeout", "--kill-after=5", "--", f"{limit}s", *argv],
+            "environment": {},
             "wait-for-websocket": False, "record-output": True, "interactive": False,
             "user": user, "group": group,
         }
@@ -500,52 +604,109 @@ class LXD:
 
         def run_exec():
             md = self._async_request("post", f"/1.0/instances/{name}/exec", json=body,
-                                     timeout=timeout)
+                                     timeout=limit + 10)
             meta = md.get("metadata") or {}
-            out = {}
+            out, too_large = {}, None
             for fd, path in (meta.get("output") or {}).items():
-                out[fd] = self._request("get", path, raw=True).content.decode(
-                    "utf-8", "replace")
+                try:
+                    out[fd] = self._read_capped(
+                        path, limit=MAX_READ_BYTES,
+                        what=f"the output of {argv[0]} in {name}")[1].decode("utf-8", "replace")
+                except LXDTooLarge as e:
+                    too_large = e
                 try:
                     self._request("delete", path)
                 except LXDError:
                     pass
-            return ExecResult(int(meta.get("return", -1)), out.get("1", ""), out.get("2", ""))
+            if too_large is not None:
+                raise too_large
+            rc = int(meta.get("return", -1))
+            if rc == 124:
+                raise LXDTimeout(f"{argv[0]} in {name} did not finish in {limit} s and "
+                                 "was stopped")
+            return ExecResult(rc, out.get("1", ""), out.get("2", ""))
         return await self.run(run_exec, what=f"exec {argv[0]} in {name}",
                               timeout=timeout + 30, retry=False)
 
-    async def get_file(self, name: str, path: str) -> bytes | None:
-        """A file's contents, or None if it does not exist."""
-        def get():
-            try:
-                return self._request("get", f"/1.0/instances/{name}/files",
-                                     params={"path": path}, raw=True).content
-            except LXDNotFound:
-                return None
-        return await self.run(get, what=f"read {path} in {name}")
+    def _entry(self, name: str, path: str, limit: int = MAX_READ_BYTES) -> FileEntry | None:
+        try:
+            resp, body = self._read_capped(f"/1.0/instances/{name}/files",
+                                           params={"path": path}, limit=limit,
+                                           what=f"{path} in {name}", skip_directory=True)
+        except LXDNotFound:
+            return None
+        h = resp.headers
+        return FileEntry(h.get("X-LXD-type", "file"), int(h.get("X-LXD-mode") or "0", 8),
+                         int(h.get("X-LXD-uid") or -1), int(h.get("X-LXD-gid") or -1), body)
+
+    async def file_entry(self, name: str, path: str, *,
+                         max_bytes: int = MAX_READ_BYTES) -> FileEntry | None:
+        """What is at ``path`` (a link itself, not its target), or None."""
+        return await self.run(functools.partial(self._entry, name, path, max_bytes),
+                              what=f"read {path} in {name}")
+
+    async def get_file(self, name: str, path: str, *,
+                       max_bytes: int = MAX_READ_BYTES) -> bytes | None:
+        """A file's contents (at most ``max_bytes``, LXDTooLarge past it), or
+        None if it does not exist.  A link there is refused, not followed."""
+        entry = await self.file_entry(name, path, max_bytes=max_bytes)
+        if entry is None:
+            return None
+        if entry.type != "file":
+            raise LXDError(f"{path} in {name} is a {entry.type}, not a file")
+        return entry.data
+
+    def _unlinked(self, name: str, path: str) -> None:
+        """Make ``path`` safe to write through LXD's file API, which follows
+        links: refuse a link at a parent directory, remove one at ``path``
+        itself (the link, never its target).  Only the container's root can
+        plant links in the directories lxcgpu writes to with this; a race with
+        it gains it nothing it could not do itself."""
+        parts = [p for p in path.split("/") if p]
+        for i in range(1, len(parts) + 1):
+            sub = "/" + "/".join(parts[:i])
+            entry = self._entry(name, sub)
+            if entry is None:
+                return
+            if entry.type != "symlink":
+                continue
+            if i < len(parts):
+                raise LXDError(f"refusing to write {path} in container {name}: {sub} is a "
+                               f"symbolic link (to {entry.data.decode('utf-8', 'replace')}), "
+                               "which lxcgpu does not follow")
+            log.warning("%s in %s is a link to %r: replacing the link", path, name,
+                        entry.data.decode("utf-8", "replace"))
+            self._request("delete", f"/1.0/instances/{name}/files", params={"path": path})
 
     async def put_file(self, name: str, path: str, data: bytes | str, *, mode: int = 0o644,
                        uid: int = 0, gid: int = 0) -> None:
-        """Write a file through LXD's file API (it resolves the path inside the
-        container, so no host process ever follows a path the user controls)."""
+        """Write a file through LXD's file API.  LXD resolves the path inside
+        the container but follows links, so a link at a parent is refused
+        and one at ``path`` is replaced (see _unlinked)."""
         if isinstance(data, str):
             data = data.encode()
         headers = {"X-LXD-type": "file", "X-LXD-mode": f"{mode:04o}", "X-LXD-uid": str(uid),
                    "X-LXD-gid": str(gid), "X-LXD-write": "overwrite",
                    "Content-Type": "application/octet-stream"}
-        await self.run(lambda: self._request("post", f"/1.0/instances/{name}/files",
-                                             params={"path": path}, data=data,
-                                             headers=headers),
-                       what=f"write {path} in {name}")
+
+        def put():
+            self._unlinked(name, path)
+            self._request("post", f"/1.0/instances/{name}/files", params={"path": path},
+                          data=data, headers=headers)
+        await self.run(put, what=f"write {path} in {name}")
 
     async def make_dir(self, name: str, path: str, *, mode: int = 0o755, uid: int = 0,
                        gid: int = 0) -> None:
-        """Create a directory (or set the owner and mode of an existing one)."""
+        """Create a directory (or set the owner and mode of an existing one);
+        links are handled as in put_file."""
         headers = {"X-LXD-type": "directory", "X-LXD-mode": f"{mode:04o}",
                    "X-LXD-uid": str(uid), "X-LXD-gid": str(gid)}
-        await self.run(lambda: self._request("post", f"/1.0/instances/{name}/files",
-                                             params={"path": path}, headers=headers),
-                       what=f"mkdir {path} in {name}")
+
+        def mkdir():
+            self._unlinked(name, path)
+            self._request("post", f"/1.0/instances/{name}/files", params={"path": path},
+                          headers=headers)
+        await self.run(mkdir, what=f"mkdir {path} in {name}")
 
     async def instance_with_state(self, name: str) -> dict | None:
         """One instance's record with its ``state`` added, or None if it is gone."""
@@ -586,12 +747,30 @@ class LXD:
                 pass
         await self.run(delete, what=f"delete project {name}")
 
-    async def managed_bridges(self) -> list[str]:
-        """The bridges LXD manages (where containers get their addresses)."""
+    async def profile(self, name: str) -> dict:
+        """A profile's record (config, devices)."""
+        def get():
+            return self._request("get", f"/1.0/profiles/{name}").json()["metadata"]
+        return await self.run(get, what=f"profile {name}")
+
+    async def network(self, name: str) -> dict:
+        """A network's record (type, managed, config such as ipv4.address)."""
+        def get():
+            return self._request("get", f"/1.0/networks/{name}").json()["metadata"]
+        return await self.run(get, what=f"network {name}")
+
+    async def bridges(self) -> list[dict]:
+        """The records of the bridges LXD manages (where containers get
+        their addresses), by name."""
         def get():
             nets = self._request("get", "/1.0/networks", params={"recursion": 1}).json()["metadata"]
-            return sorted(n["name"] for n in nets if n.get("managed") and n.get("type") == "bridge")
+            return sorted((n for n in nets if n.get("managed") and n.get("type") == "bridge"),
+                          key=lambda n: n["name"])
         return await self.run(get, what="list networks")
+
+    async def managed_bridges(self) -> list[str]:
+        """The names of the bridges LXD manages."""
+        return [n["name"] for n in await self.bridges()]
 
     def follow_events(self, on_event: Callable[[dict], None], *,
                       types: Sequence[str] = ("lifecycle",),

@@ -10,7 +10,8 @@ container carries, in ``user.lxcgpu.*`` keys, the host ports it owns —
 
 The store allocates the numbers; the spawner and the portal write them here
 whenever they change; the node agent on the server reads them back, with the
-container's current address, into DNAT rules.  Nothing else is needed to
+address lxcgpu pinned on the container's NIC (never one the container
+reports, see lxcspawner.network), into DNAT rules.  Nothing else is needed to
 rebuild a server's rules after a reboot.
 """
 
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
 
 from .container import KEY_PREFIX
+from .network import Bridge, assigned_ipv4
 
 log = logging.getLogger("lxcspawner.portmap")
 
@@ -101,11 +103,13 @@ def config_changes(config: Mapping[str, str], ssh_port: int | None,
     return changes
 
 
-def maps_for(instances: Iterable[Mapping],
+def maps_for(instances: Iterable[Mapping], bridges: Mapping[str, Bridge],
              allowed: Sequence[tuple[int, int]] | None = None) -> list[PortMap]:
     """The DNAT rules a server needs, from its instances' records with state
     (LXD ``/1.0/instances?recursion=2``): one per wanted port of each running
-    container with an IPv4 address on eth0; nothing for the others.
+    container, to the address lxcgpu pinned on its NIC inside one of
+    ``bridges`` (name -> Bridge); nothing for the others.  What a container
+    reports about its own addresses is never read.
 
     Host ports outside ``allowed`` (ranges, inclusive) are refused and logged:
     a config edited by hand must never take over the server's own SSH port.
@@ -120,10 +124,16 @@ def maps_for(instances: Iterable[Mapping],
         state = inst.get("state") or {}
         if str(state.get("status", inst.get("status", ""))).lower() != "running":
             continue
-        address = ipv4_of(state)
-        if not address:
+        wanted = wanted_ports(inst.get("config") or {})
+        if not wanted:
             continue
-        for host_port, port in sorted(wanted_ports(inst.get("config") or {}).items()):
+        address = assigned_ipv4(inst, bridges)
+        if not address:
+            log.warning("%s asks for host ports but has no address pinned by lxcgpu on an "
+                        "LXD bridge (a container made before lxcgpu pinned addresses: start "
+                        "it once through lxcgpu); not mapped", name)
+            continue
+        for host_port, port in sorted(wanted.items()):
             if allowed is not None and not any(lo <= host_port <= hi for lo, hi in allowed):
                 log.warning("%s asks for host port %d, outside the allowed ranges %s; "
                             "not mapped", name, host_port,
@@ -135,13 +145,3 @@ def maps_for(instances: Iterable[Mapping],
                 continue
             maps[host_port] = PortMap(host_port, address, port, name)
     return sorted(maps.values())
-
-
-def ipv4_of(state: Mapping) -> str | None:
-    """The global IPv4 address of eth0 (else of any interface but lo)."""
-    network = state.get("network") or {}
-    for ifname in ["eth0"] + sorted(n for n in network if n not in ("eth0", "lo")):
-        for addr in (network.get(ifname) or {}).get("addresses") or []:
-            if addr.get("family") == "inet" and addr.get("scope") == "global":
-                return addr.get("address")
-    return None

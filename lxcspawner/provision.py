@@ -1,10 +1,14 @@
 """Provisioning inside a user's container: the login, sudo, SSH keys, hostname.
 
-Everything is written through LXD's file API (LXD resolves paths inside the
-container, so no host process follows a path the user controls) or run as an
-argv list through LXD's exec API.  Each step reads first and writes only what
-differs, so provisioning a container that is already right costs a handful of
-file reads and no exec.
+System files (sudoers, hostname, hosts) are written through LXD's file API,
+which resolves paths inside the container; it follows links, so lxd.put_file
+refuses a link at a parent and replaces one at the file itself.  The user's
+``~/.ssh/authorized_keys`` is written by a process running as the user
+(KEYS_WRITER): the kernel itself refuses whatever the user could not write,
+and it follows no link the user planted.  Each step reads first and writes
+only what differs, so provisioning a container that is already right costs a
+handful of file reads and no exec.  It runs at every start and every sync,
+so a push that failed is made again then.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
+import struct
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
@@ -26,12 +31,59 @@ FIRST_UID = 1000
 KEY_TYPES = frozenset({
     "ssh-ed25519", "ssh-rsa", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384",
     "ecdsa-sha2-nistp521", "sk-ssh-ed25519@openssh.com",
-    "sk-ecdsa-sha2-nistp256@openssh.com", "ssh-dss",
+    "sk-ecdsa-sha2-nistp256@openssh.com",
 })
+RSA_MIN_BITS = 2048
+# The container's Python (the template's Jupyter needs it too).  The key
+# lines travel to KEYS_WRITER one argument each (public, and the kernel caps
+# one argument at 128 KiB).
+PYTHON = "/usr/bin/python3"
+
+# Run inside the container as the user (uid and gid), with the home and the
+# key lines as arguments.  Runs with -I: no environment, no user site.  It
+# follows no link under the home: a non-directory at ~/.ssh (a link, to /etc
+# or nowhere) is moved aside, and the new file is renamed over
+# authorized_keys, which replaces a link there instead of writing through it.
+# Being the user, it cannot write anything the user could not.
+KEYS_WRITER = r"""
+import os, stat, sys, time
+home, text = sys.argv[1], "".join(k + "\n" for k in sys.argv[2:])
+os.umask(0o077)
+try:
+    h = os.open(home, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        st = os.stat(".ssh", dir_fd=h, follow_symlinks=False)
+    except FileNotFoundError:
+        st = None
+    if st is not None and not stat.S_ISDIR(st.st_mode):
+        aside = ".ssh.moved-by-lxcgpu-%d" % time.time()
+        os.rename(".ssh", aside, src_dir_fd=h, dst_dir_fd=h)
+        print("moved ~/.ssh (not a directory) aside to ~/" + aside)
+        st = None
+    if st is None:
+        os.mkdir(".ssh", 0o700, dir_fd=h)
+    d = os.open(".ssh", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=h)
+    os.fchmod(d, 0o700)
+    tmp = ".authorized_keys.lxcgpu-%d" % os.getpid()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=d)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.rename(tmp, "authorized_keys", src_dir_fd=d, dst_dir_fd=d)
+except OSError as e:
+    where = (" (" + e.filename + ")") if e.filename else ""
+    sys.stderr.write(e.strerror + where + "\n")
+    sys.exit(3)
+"""
 
 
 class ProvisionError(LXDError):
     """The container cannot be provisioned as asked."""
+
+
+class WeakKeyError(ValueError):
+    """A well-formed key of a kind or size that is no longer accepted."""
 
 
 @dataclass(frozen=True)
@@ -53,6 +105,9 @@ def normalize_public_key(line: str) -> str:
     if len(parts) < 2:
         raise ValueError("a public key looks like 'ssh-ed25519 AAAA... comment'")
     kind, body = parts[0], parts[1]
+    if kind == "ssh-dss":
+        raise WeakKeyError("DSA keys (ssh-dss) are too weak and OpenSSH no longer accepts "
+                           "them; make a new key with `ssh-keygen -t ed25519`")
     if kind not in KEY_TYPES:
         raise ValueError(f"unsupported key type {kind[:40]!r} (options before the key "
                          "are not allowed)")
@@ -63,16 +118,43 @@ def normalize_public_key(line: str) -> str:
     # The blob starts with the key type as an SSH string.
     if len(blob) < 4 + len(kind) or blob[4:4 + len(kind)].decode("latin-1") != kind:
         raise ValueError("the key's body does not match its type")
+    if kind == "ssh-rsa":
+        bits = rsa_bits(blob)
+        if bits < RSA_MIN_BITS:
+            raise WeakKeyError(f"this RSA key has {bits} bits, fewer than the "
+                               f"{RSA_MIN_BITS} required; make a new key with "
+                               "`ssh-keygen -t ed25519`")
     comment = parts[2].strip() if len(parts) == 3 else ""
     if any(ord(c) < 32 for c in comment):
         raise ValueError("the key's comment contains control characters")
     return f"{kind} {body}" + (f" {comment}" if comment else "")
 
 
+def rsa_bits(blob: bytes) -> int:
+    """The modulus size of an ``ssh-rsa`` key blob (string type, mpint e, mpint n)."""
+    fields, pos = [], 0
+    for _ in range(3):
+        if pos + 4 > len(blob):
+            raise ValueError("the RSA key's body is truncated")
+        (n,) = struct.unpack(">I", blob[pos:pos + 4])
+        if pos + 4 + n > len(blob):
+            raise ValueError("the RSA key's body is truncated")
+        fields.append(blob[pos + 4:pos + 4 + n])
+        pos += 4 + n
+    return int.from_bytes(fields[2], "big").bit_length()
+
+
 def authorized_keys_text(keys: Iterable[str]) -> str:
+    """The authorized_keys text for ``keys``.  Keys refused as too weak
+    (stored before they were refused) are left out with a warning; any other
+    invalid key raises ValueError."""
     lines = []
     for k in keys:
-        n = normalize_public_key(k)
+        try:
+            n = normalize_public_key(k)
+        except WeakKeyError as e:
+            log.warning("leaving a key out of authorized_keys: %s", e)
+            continue
         if n not in lines:
             lines.append(n)
     return "".join(f"{line}\n" for line in lines)
@@ -98,8 +180,49 @@ def hosts_text(current: str, hostname: str) -> str:
 
 
 async def _read(lxd: LXD, name: str, path: str) -> str | None:
-    data = await lxd.get_file(name, path)
-    return None if data is None else data.decode("utf-8", "replace")
+    """A file's text; None if it is missing or not a regular file (a link is
+    replaced when written, never read through)."""
+    entry = await lxd.file_entry(name, path)
+    if entry is None or entry.type != "file":
+        return None
+    return entry.data.decode("utf-8", "replace")
+
+
+async def _keys_in_place(lxd: LXD, name: str, acct: Account, keys_text: str) -> bool:
+    """Whether ~/.ssh is a directory of the user's and authorized_keys a file
+    of the user's, not writable by others, holding exactly ``keys_text``."""
+    ssh = await lxd.file_entry(name, f"{acct.home}/.ssh")
+    if ssh is None or ssh.type != "directory" or ssh.uid != acct.uid or ssh.mode & 0o022:
+        return False
+    ak = await lxd.file_entry(name, f"{acct.home}/.ssh/authorized_keys")
+    return (ak is not None and ak.type == "file" and ak.uid == acct.uid
+            and not ak.mode & 0o022 and ak.data == keys_text.encode())
+
+
+async def write_keys(lxd: LXD, name: str, acct: Account, keys_text: str) -> None:
+    """Write ``~/.ssh/authorized_keys`` as the user (KEYS_WRITER); a failure
+    is a ProvisionError that names the container and says why."""
+    argv = [PYTHON, "-I", "-c", KEYS_WRITER, acct.home, *keys_text.splitlines()]
+    what = f"The SSH keys of {acct.name} could not be written in container {name}"
+    try:
+        res = await lxd.execute(name, argv, user=acct.uid, group=acct.gid, timeout=60)
+    except LXDError as e:
+        # LXD reports an exit status of 127 as the failure "Command not found".
+        if "Command not found" not in str(e):
+            raise ProvisionError(f"{what}: {e}. They stay in lxcgpu's store and are pushed "
+                                 "again at the next start.") from e
+        res = None
+    if res is None or res.returncode in (126, 127):
+        raise ProvisionError(f"{what}: {PYTHON} is missing or broken there (reinstall it "
+                             "with `sudo apt-get install python3` in the container). The keys "
+                             "stay in lxcgpu's store and are pushed again at the next start.")
+    if res.returncode != 0:
+        reason = (res.stderr or res.stdout).strip().splitlines()
+        raise ProvisionError(f"{what}: {reason[-1][:300] if reason else f'exit {res.returncode}'}"
+                             ". They stay in lxcgpu's store and are pushed again at the next "
+                             "start.")
+    if res.stdout.strip():
+        log.warning("%s: %s", name, res.stdout.strip()[:300])
 
 
 async def ensure_account(lxd: LXD, name: str, login: str) -> tuple[Account, bool]:
@@ -140,11 +263,8 @@ async def provision(lxd: LXD, name: str, *, login: str, keys: Sequence[str],
     if await _read(lxd, name, SUDOERS_PATH) != sudoers:
         await lxd.put_file(name, SUDOERS_PATH, sudoers, mode=0o440)
 
-    ssh_dir = f"{acct.home}/.ssh"
-    ak_path = f"{ssh_dir}/authorized_keys"
-    if await _read(lxd, name, ak_path) != keys_text:
-        await lxd.make_dir(name, ssh_dir, mode=0o700, uid=acct.uid, gid=acct.gid)
-        await lxd.put_file(name, ak_path, keys_text, mode=0o600, uid=acct.uid, gid=acct.gid)
+    if not await _keys_in_place(lxd, name, acct, keys_text):
+        await write_keys(lxd, name, acct, keys_text)
 
     if (await _read(lxd, name, "/etc/hostname") or "").strip() != hostname:
         await lxd.put_file(name, "/etc/hostname", f"{hostname}\n")

@@ -22,6 +22,8 @@ errors that name them, so a typo never silently falls back to a default::
     memory = "64GiB"
     processes = 4096
     mounts = ["/data:/data:ro"]
+    [network]
+    port_isolation = true
 """
 
 from __future__ import annotations
@@ -67,6 +69,9 @@ class Settings:
     memory: str | None = None
     processes: int | None = None
     mounts: tuple[Mount, ...] = ()
+    # LXD's security.port_isolation on containers' NICs: containers on one
+    # bridge cannot reach each other directly (docs/security.md).
+    port_isolation: bool = True
     source: str | None = field(default=None, compare=False)  # the file, for messages
 
     def __post_init__(self):
@@ -102,6 +107,8 @@ class Settings:
         if not isinstance(self.profiles, tuple) or not all(
                 isinstance(p, str) and p for p in self.profiles):
             raise ValueError("profiles must be a list of profile names")
+        if not isinstance(self.port_isolation, bool):
+            raise ValueError("port_isolation must be true or false")
         if not all(isinstance(m, Mount) for m in self.mounts):
             raise ValueError("mounts must be Mount objects")
         # The limits and mounts are checked by the one place that owns them.
@@ -225,6 +232,10 @@ def _str_list(v) -> tuple[str, ...]:
     return tuple(v)
 
 
+def _bool(v) -> bool:
+    return _typed(bool, "true or false")(v)
+
+
 def _cpu(v) -> str:
     # TOML lets people write `cpu = 8`; LXD wants the string.
     return str(_typed((int, str), 'an integer or a CPU list such as "0-7"')(v))
@@ -244,4 +255,5 @@ _SCHEMA: dict[str, dict[str, tuple[str, Any]]] = {
                    "profiles": ("profiles", _str_list), "cpu": ("cpu", _cpu),
                    "memory": ("memory", _str), "processes": ("processes", _int),
                    "mounts": ("mounts", _mounts)},
+    "network": {"port_isolation": ("port_isolation", _bool)},
 }

@@ -28,19 +28,35 @@ from traitlets import Bool, Dict, Enum, Integer, List, Unicode, default, validat
 
 from . import jupyter, naming
 from .lifecycle import ensure_user_container
-from .lxd import LXD, LXDError
+from .lxd import LXD, LXDError, is_outage
 from .settings import Settings
 
 # Progress (percent) the spawn page shows for each step.
 _STEPS = {
     "allocating SSH port and ids": 5,
     "creating container": 15,
+    "restarting container to pin its address": 30,
     "starting container": 35,
     "waiting for network": 55,
     "preparing user": 70,
     "starting Jupyter": 85,
     "waiting for Jupyter": 92,
 }
+
+
+class GPUServerDown(web.HTTPError):
+    """A spawn failed because the GPU server's LXD stopped answering: 503,
+    and a sentence for the spawn page (JupyterHub shows ``str()`` there)."""
+
+    def __init__(self, server: str):
+        self.sentence = (f"The GPU server {server} stopped answering while your server was "
+                         "starting (its LXD service is not responding). Nothing is lost: "
+                         "please try again in a minute, and tell your administrator if it "
+                         "keeps happening.")
+        super().__init__(503, self.sentence)
+
+    def __str__(self) -> str:
+        return self.sentence
 
 
 class _Shared:
@@ -52,6 +68,7 @@ class _Shared:
         self.store = settings.open_store()
         self.lxd: dict[str, LXD] = {}
         self.limits: dict[str, asyncio.Semaphore] = {}
+        self.queued: dict[str, int] = {}   # spawns waiting for their turn, per server
 
 
 class LXCSpawner(Spawner):
@@ -249,7 +266,8 @@ class LXCSpawner(Spawner):
         return self.jupyter_port + (1 if self.name else 0)
 
     def _say(self, message: str) -> None:
-        self._events.append({"progress": _STEPS.get(message, 90), "message": message})
+        progress = _STEPS.get(message, 2 if message.startswith("queued") else 90)
+        self._events.append({"progress": progress, "message": message})
         self._new_event.set()
 
     async def progress(self):
@@ -275,16 +293,43 @@ class LXCSpawner(Spawner):
         self._start_task = asyncio.ensure_future(self._start())
         try:
             return await self._start_task
+        except LXDError as e:
+            if not is_outage(e):
+                raise
+            # The log has LXD's own words; the user gets a sentence.
+            server = self.gpu_server()
+            self.log.error("%s: spawn on %s failed, LXD stopped answering: %s",
+                           self._log_name, server, e)
+            raise GPUServerDown(server) from e
         finally:
             self._spawn_done = True
             self._new_event.set()
+
+    @contextlib.asynccontextmanager
+    async def _turn(self, shared: _Shared, server: str):
+        """This spawn's turn on ``server`` (at most lxd_concurrency at once):
+        a burst of spawns waits in line, and the spawn page says so."""
+        limit = shared.limits[server]
+        if limit.locked():
+            ahead = shared.queued.get(server, 0) + self.lxd_concurrency
+            self._say(f"queued: {ahead} servers are starting on {server} before yours")
+            self.log.info("%s: queued on %s behind %d spawns", self._log_name, server, ahead)
+        shared.queued[server] = shared.queued.get(server, 0) + 1
+        try:
+            await limit.acquire()
+        finally:
+            shared.queued[server] -= 1
+        try:
+            yield
+        finally:
+            limit.release()
 
     async def _start(self):
         server = self.gpu_server()
         shared = self._shared_parts()
         lxd = self._lxd(server)
         settings = shared.settings
-        async with shared.limits[server]:
+        async with self._turn(shared, server):
             uc = await ensure_user_container(
                 lxd, shared.store, settings, self.user.name, server,
                 progress=self._say, actor=f"hub:{self.user.name}",
@@ -308,24 +353,20 @@ class LXCSpawner(Spawner):
         return url
 
     async def poll(self):
+        """Running while the container runs and Jupyter answers at the
+        address lxcgpu pinned on its NIC; nothing runs inside for this."""
         if not self.instance:
             return 0
         try:
             lxd = self._lxd(self.instance_server)
             state = await lxd.state(self.instance)
-            if not state.running:
-                return 0
-            if state.ipv4 and state.ipv4 != self.address:
-                # The container restarted under Jupyter with another address;
-                # the route in the proxy points at the old one.
-                self.log.warning("%s: %s has a new address; stopping its server",
-                                 self._log_name, self.instance)
-                return 0
-            return None if await jupyter.active(lxd, self.instance, self._unit()) else 0
         except LXDError as e:
             # LXD unreachable says nothing about the server; keep it.
             self.log.warning("%s: cannot poll %s: %s", self._log_name, self.instance, e)
             return None
+        if not state.running or not self.address:
+            return 0
+        return None if await jupyter.answers(self.address, self._port()) else 0
 
     async def stop(self, now: bool = False):
         task = self._start_task

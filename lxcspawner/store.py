@@ -1,10 +1,12 @@
 """The store: what must be unique across the lab, in one database.
 
 Each user's SSH port (the same on every GPU server) and id map base (a block
-of 65536 host ids), forwarded host ports (unique per GPU server), users' SSH
-public keys, and the audit log.  Allocation picks the lowest free value and
-never hands out one that is taken; nothing is ever deleted except a key or
-a forward removed on request (and those of a user whose row is deleted).
+of 65536 host ids), forwarded host ports (unique per GPU server), each
+container's address on its GPU server's bridge (unique per server), users'
+SSH public keys, and the audit log.  Allocation picks the lowest free value and
+never hands out one that is taken; nothing is ever deleted except a key, a
+forward or an address released on request (and those of a user whose row is
+deleted).
 
 The API is synchronous (SQLAlchemy): callers on an event loop run it in an
 executor.  Every mutation and its audit entry commit in one transaction; bad
@@ -36,7 +38,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Iterable, TypeVar
 
 from alembic import command
 from alembic.config import Config
@@ -202,6 +204,19 @@ class Forward(Base):
     host_port: Mapped[int] = mapped_column(Integer)
     container_port: Mapped[int] = mapped_column(Integer)
     proto: Mapped[str] = mapped_column(String(8), default="tcp")
+    created: Mapped[datetime] = mapped_column(_UTCDateTime, default=_now)
+
+
+class Address(Base):
+    """The address lxcgpu assigned to a user's container on one GPU server."""
+
+    __tablename__ = "addresses"
+    __table_args__ = (UniqueConstraint("server", "address"),)
+
+    user: Mapped[str] = mapped_column(ForeignKey("users.name", ondelete="CASCADE"),
+                                      primary_key=True)
+    server: Mapped[str] = mapped_column(String(63), primary_key=True)
+    address: Mapped[str] = mapped_column(String(45))
     created: Mapped[datetime] = mapped_column(_UTCDateTime, default=_now)
 
 
@@ -389,7 +404,18 @@ def _make_engine(url: str) -> Engine:
     if u.get_backend_name() != "sqlite":
         return create_engine(u, pool_pre_ping=True)
     if u.database and u.database != ":memory:" and not u.query.get("uri"):
-        Path(u.database).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        import contextlib
+        import os
+        db = Path(u.database)
+        db.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # The store is for its owner only (root): created 0600, and an older
+        # file fixed.  SQLite gives -wal and -shm the database file's mode;
+        # existing ones are fixed too.
+        os.close(os.open(db, os.O_CREAT | os.O_WRONLY, 0o600))
+        for f in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
+            with contextlib.suppress(FileNotFoundError):
+                if f.stat().st_mode & 0o077:
+                    os.chmod(f, 0o600)
     engine = create_engine(u)
     event.listen(engine, "connect", _sqlite_connect)
     event.listen(engine, "begin", _sqlite_begin)
@@ -612,6 +638,70 @@ class Store:
                         {"id": rec.id, "fingerprint": rec.fingerprint, "comment": rec.comment})
             return rec
         return self._write(txn)
+
+    # -- container addresses
+
+    def address(self, user: str, server: str) -> str | None:
+        """The address assigned to ``user``'s container on ``server``, if any."""
+        user, server = _check_name(user), _check_server(server)
+        return self._read(lambda s: s.scalar(select(Address.address).where(
+            Address.user == user, Address.server == server)))
+
+    def assign_address(self, user: str, server: str, candidates: Iterable[str], *,
+                       actor: str) -> str:
+        """Assign ``user``'s container on ``server`` the first of ``candidates``
+        (the bridge's free addresses, lowest first) that no other user holds
+        on that server; an assignment already among ``candidates`` is kept,
+        one outside them (the bridge was renumbered) replaced."""
+        user, actor, server = _check_name(user), _check_name(actor, "actor"), _check_server(server)
+        candidates = list(candidates)
+
+        def txn(s: Session) -> str:
+            self._ensure_user(s, user, actor)
+            row = s.get(Address, (user, server))
+            wanted = set(candidates)
+            if row is not None and row.address in wanted:
+                return row.address
+            used = set(s.scalars(select(Address.address).where(Address.server == server,
+                                                               Address.user != user)))
+            address = next((a for a in candidates if a not in used), None)
+            if address is None:
+                raise Exhausted(f"No address is free for a new container on {server}: all "
+                                f"{len(candidates)} are taken; ask an administrator to give "
+                                "the server's bridge a larger subnet.")
+            old = None if row is None else row.address
+            if row is None:
+                s.add(Address(user=user, server=server, address=address, created=_now()))
+            else:
+                row.address = address
+            s.flush()
+            self._audit(s, actor, "address.assign", user,
+                        {"server": server, "address": address, "was": old})
+            log.info("%s on %s: address %s", user, server, address)
+            return address
+        return self._write(txn)
+
+    def release_address(self, user: str, server: str, *, actor: str) -> str | None:
+        """Free the address of ``user``'s container on ``server`` (the
+        container is gone); the address it had, or None."""
+        user, actor, server = _check_name(user), _check_name(actor, "actor"), _check_server(server)
+
+        def txn(s: Session) -> str | None:
+            row = s.get(Address, (user, server))
+            if row is None:
+                return None
+            s.delete(row)
+            self._audit(s, actor, "address.release", user,
+                        {"server": server, "address": row.address})
+            return row.address
+        return self._write(txn)
+
+    def list_addresses(self, server: str | None = None) -> list[tuple[str, str, str]]:
+        """``(user, server, address)`` of every assignment (on ``server``)."""
+        q = select(Address).order_by(Address.server, Address.user)
+        if server is not None:
+            q = q.where(Address.server == _check_server(server))
+        return self._read(lambda s: [(r.user, r.server, r.address) for r in s.scalars(q)])
 
     # -- forwards
 

@@ -3,15 +3,15 @@
 It keeps the server's DNAT chain equal to what LXD's instance config asks for
 (``user.lxcgpu.ssh-port``, ``user.lxcgpu.forward.*``; see
 :mod:`lxcspawner.portmap`): one rule per wanted port of every running
-container, to the container's current address.  It needs nothing but the
+container, to the address lxcgpu pinned on the container's NIC (never one the
+container reports; see :mod:`lxcspawner.network`).  It needs nothing but the
 local LXD, so a rebooted server gets its rules back from LXD alone.
 
-- At start it sets up our chains and loopback access, and rebuilds the rules
-  from LXD (a full reconcile).
-- It follows LXD's lifecycle events: a started container is mapped as soon as
-  it has an address (DHCP raises no event: its state is followed, 50 ms then
-  less often), a stopped or deleted one is unmapped, a config change is
-  applied.
+- At start it sets up our chains, the host guard (containers reach only
+  DHCP, DNS and the hub API on the host) and loopback access, and rebuilds
+  the rules from LXD (a full reconcile).
+- It follows LXD's lifecycle events: a started container is mapped at once,
+  a stopped or deleted one is unmapped, a config change is applied.
 - Every ``--interval`` seconds, and whenever the event stream reconnects
   (events may have been missed), it reconciles everything again.
 
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import logging
 import os
 import re
@@ -35,14 +36,15 @@ from typing import Sequence
 
 from lxcspawner.dnat import DNATTable, SyncResult, XtablesUnavailable
 from lxcspawner.lxd import LXD, LXDError
+from lxcspawner.network import HUB_API_PORT, HUB_API_PORT_ENV, Bridge, NetworkError, hub_api_port
 from lxcspawner.portmap import (
     FORWARD_PORTS, SSH_PORTS, PortMap, maps_for, parse_port_range, wanted_ports,
 )
+from lxcspawner.settings import Settings, SettingsError
 
 log = logging.getLogger("lxcgpu.node")
 
 DEFAULT_INTERVAL = 60.0
-ADDRESS_TIMEOUT = 120.0
 _PREFIX = re.compile(r"^[A-Z][A-Z0-9_]{0,15}$")
 DEFAULT_PORTS = (SSH_PORTS, FORWARD_PORTS)
 
@@ -56,13 +58,15 @@ class NodeAgent:
     """Reconciles one server's DNAT chain with its LXD (see the module docstring)."""
 
     def __init__(self, lxd: LXD, table: DNATTable, *, interval: float = DEFAULT_INTERVAL,
-                 address_timeout: float = ADDRESS_TIMEOUT,
-                 allowed: Sequence[tuple[int, int]] = DEFAULT_PORTS):
+                 allowed: Sequence[tuple[int, int]] = DEFAULT_PORTS,
+                 hub_api_ports: Sequence[int] = (HUB_API_PORT,), isolate: bool = True):
         self.lxd = lxd
         self.allowed = tuple(allowed)
         self.table = table
         self.interval = interval
-        self.address_timeout = address_timeout
+        self.hub_api_ports = tuple(hub_api_ports)
+        self.isolate = isolate
+        self.bridges: dict[str, Bridge] = {}
         self.maps: dict[str, list[PortMap]] = {}
         self.ready = asyncio.Event()
         self.last_sync: SyncResult | None = None
@@ -81,20 +85,21 @@ class NodeAgent:
     async def reconcile(self, reason: str) -> SyncResult:
         """Everything again, from LXD: chains and jumps, then every map."""
         t0 = time.perf_counter()
-        bridges = await self.lxd.managed_bridges()
-        await self._in_iptables_thread(self.table.setup, bridges)
+        bridges: dict[str, Bridge] = {}
+        for record in await self.lxd.bridges():
+            try:
+                bridges[record["name"]] = Bridge.from_lxd(record)
+            except NetworkError as e:
+                log.warning("%s; no container there is mapped", e)
+        self.bridges = bridges
+        await self._in_iptables_thread(
+            functools.partial(self.table.setup, list(bridges.values()),
+                              hub_api_ports=self.hub_api_ports, isolate=self.isolate))
         instances = await self.lxd.list_instances(with_state=True)
         maps: dict[str, list[PortMap]] = {}
-        for m in maps_for(instances, self.allowed):
+        for m in maps_for(instances, self.bridges, self.allowed):
             maps.setdefault(m.instance, []).append(m)
         self.maps = maps
-        # A container that runs and wants ports but has no address yet gets
-        # followed until it has one.
-        for inst in instances:
-            name = inst.get("name", "")
-            status = str((inst.get("state") or {}).get("status", "")).lower()
-            if name not in maps and status == "running" and self._wants_ports(inst):
-                self._schedule_refresh(name, "no address yet")
         result = await self._apply()
         log.info("reconciled (%s): %d containers, %d rules, +%d -%d in %.0f ms", reason,
                  len(maps), sum(map(len, maps.values())), result.added, result.removed,
@@ -114,22 +119,18 @@ class NodeAgent:
             return result
 
     async def refresh(self, name: str, why: str) -> None:
-        """One container again: map it once it runs with an address, unmap it otherwise."""
-        t0 = time.monotonic()
-        delay = 0.05
-        while True:
-            inst = await self.lxd.instance_with_state(name)
-            maps = maps_for([inst], self.allowed) if inst else []
-            status = str(((inst or {}).get("state") or {}).get("status", "")).lower()
-            if maps or status != "running" or not self._wants_ports(inst):
-                break
-            if time.monotonic() - t0 > self.address_timeout:
-                log.warning("%s runs but got no IPv4 address in %.0f s; not mapped", name,
-                            self.address_timeout)
-                break
-            await asyncio.sleep(delay)
-            delay = min(delay * 1.5, 0.5)
+        """One container again: map it while it runs, unmap it otherwise.
+        Its address is the one pinned on its NIC, known before it boots."""
+        inst = await self.lxd.instance_with_state(name)
+        maps = maps_for([inst], self.bridges, self.allowed) if inst else []
+        if not maps and self._wants_ports(inst) and inst and \
+                str((inst.get("state") or {}).get("status", "")).lower() == "running":
+            # On a bridge this agent has not seen yet (made since the last
+            # reconcile)?  Reconcile everything again.
+            self._resync.set()
         if maps:
+            if self.maps.get(name) == maps:
+                return
             self.maps[name] = maps
         elif self.maps.pop(name, None) is None:
             return
@@ -220,16 +221,20 @@ def _parser() -> argparse.ArgumentParser:
                    help="LXD unix socket or https:// URL (default: the local socket)")
     p.add_argument("--project", metavar="NAME", default=os.environ.get("LXCGPU_LXD_PROJECT"),
                    help="the LXD project whose containers to map (default: LXD's default project)")
-    p.add_argument("--ports", metavar="RANGES",
-                   default=os.environ.get("LXCGPU_NODE_PORTS",
-                                          ",".join(f"{lo}-{hi}" for lo, hi in DEFAULT_PORTS)),
-                   help="host ports it may map: the site's SSH and forward ranges "
-                        "(default %(default)s; env LXCGPU_NODE_PORTS)")
+    p.add_argument("--ports", metavar="RANGES", default=os.environ.get("LXCGPU_NODE_PORTS"),
+                   help="host ports it may map (default: the SSH and forward ranges of the "
+                        "site settings, $LXCGPU_CONFIG or /etc/lxcgpu/lxcgpu.toml; env "
+                        "LXCGPU_NODE_PORTS)")
+    p.add_argument("--hub-api-port", metavar="PORTS", default=None,
+                   help="the hub API's port on each bridge's address (a comma-separated list "
+                        "where several hubs serve one server): the one host service containers "
+                        "may reach besides DHCP and DNS (default $LXCGPU_HUB_API_PORT, "
+                        f"else {HUB_API_PORT})")
     p.add_argument("--interval", type=float, default=DEFAULT_INTERVAL, metavar="SECONDS",
                    help="full reconcile period (default %(default)s)")
     p.add_argument("--chain-prefix", default="LXCGPU", metavar="NAME",
-                   help="our chains are NAME-DNAT, NAME-POSTROUTING (nat) and NAME-INPUT (filter) "
-                        "(default %(default)s)")
+                   help="our chains are NAME-DNAT, NAME-POSTROUTING (nat), NAME-INPUT and "
+                        "NAME-FORWARD (filter, IPv4 and IPv6) (default %(default)s)")
     p.add_argument("--once", action="store_true", help="reconcile once and exit")
     p.add_argument("--remove-rules", action="store_true",
                    help="remove our chains and jumps, and exit")
@@ -251,26 +256,42 @@ def main(argv: list[str] | None = None) -> int:
         print("lxcgpu-node: --interval must be positive", file=sys.stderr)
         return 2
     try:
-        allowed = parse_port_ranges(args.ports)
+        allowed = parse_port_ranges(args.ports) if args.ports else None
     except ValueError as e:
         print(f"lxcgpu-node: --ports: {e}", file=sys.stderr)
         return 2
     try:
+        api_ports = ((hub_api_port(),) if args.hub_api_port is None else
+                     tuple(hub_api_port({HUB_API_PORT_ENV: p.strip()})
+                           for p in args.hub_api_port.split(",")))
+    except ValueError as e:
+        print(f"lxcgpu-node: --hub-api-port: {e}", file=sys.stderr)
+        return 2
+    try:
         table = DNATTable(chain=f"{args.chain_prefix}-DNAT",
                           post_chain=f"{args.chain_prefix}-POSTROUTING",
-                          input_chain=f"{args.chain_prefix}-INPUT")
+                          input_chain=f"{args.chain_prefix}-INPUT",
+                          forward_chain=f"{args.chain_prefix}-FORWARD")
     except XtablesUnavailable as e:
         print(f"lxcgpu-node: {e}", file=sys.stderr)
         return 3
     if args.remove_rules:
         table.teardown()
-        print(f"removed {table.chain}, {table.post_chain}, {table.input_chain} and their jumps")
+        print(f"removed {table.chain}, {table.post_chain}, {table.input_chain}, "
+              f"{table.forward_chain} and their jumps (route_localnet is off again)")
         return 0
+    try:
+        settings = Settings.load()
+    except (SettingsError, ValueError) as e:
+        print(f"lxcgpu-node: {e}", file=sys.stderr)
+        return 2
+    allowed = allowed or (settings.ssh_ports, settings.forward_ports)
     if args.pidfile:
         Path(args.pidfile).parent.mkdir(parents=True, exist_ok=True)
         Path(args.pidfile).write_text(f"{os.getpid()}\n")
     lxd = LXD(args.lxd, project=args.project)
-    agent = NodeAgent(lxd, table, interval=args.interval, allowed=allowed)
+    agent = NodeAgent(lxd, table, interval=args.interval, allowed=allowed,
+                      hub_api_ports=api_ports, isolate=settings.port_isolation)
 
     async def run() -> int:
         if args.once:

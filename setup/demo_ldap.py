@@ -41,6 +41,11 @@ import tempfile
 import time
 from pathlib import Path
 
+# The CA and certificate recipe is shared with the hub's HTTPS (hub_config/tls.py,
+# standard library only too).
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
+from hub_config.tls import make_certificates  # noqa: E402
+
 DEFAULT_DIR = "/var/lib/lxcgpu/ldap"
 DEFAULT_PORT = 10389
 BASE_DN = "dc=lxcgpu,dc=lab"
@@ -82,24 +87,6 @@ TOOL_PACKAGES = {
 }
 TOOL_TIMEOUT = 30  # seconds, for every external command
 PASSWORD_ALPHABET = string.ascii_letters + string.digits
-
-OPENSSL_CONFIG = """\
-[req]
-distinguished_name = req_dn
-[req_dn]
-[v3_ca]
-basicConstraints = critical, CA:TRUE, pathlen:0
-keyUsage = critical, keyCertSign, cRLSign
-subjectKeyIdentifier = hash
-[v3_server]
-basicConstraints = critical, CA:FALSE
-keyUsage = critical, digitalSignature
-extendedKeyUsage = serverAuth
-subjectAltName = {san}
-subjectKeyIdentifier = hash
-authorityKeyIdentifier = keyid:always
-"""
-
 
 class DemoLDAPError(RuntimeError):
     """The demo directory could not be built, started, stopped or changed."""
@@ -632,38 +619,14 @@ class DemoDirectory:
             return created
 
     def _make_certificates(self) -> None:
-        openssl = find_tool("openssl")
         san = "DNS:localhost, IP:127.0.0.1"
         if self.host != "127.0.0.1":
             san += f", IP:{self.host}"
-        cnf = self.state_dir / "openssl.cnf"
-        ca_key = self.state_dir / "ca.key"
-        csr = self.state_dir / "server.csr"
-        cnf.write_text(OPENSSL_CONFIG.format(san=san))
-        genkey = [openssl, "genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"]
-        try:
-            self._run(genkey + ["-out", str(ca_key)])
-            self._run([
-                openssl, "req", "-new", "-x509", "-config", str(cnf), "-extensions", "v3_ca",
-                "-key", str(ca_key), "-subj", "/O=lxcgpu demo/CN=lxcgpu demo CA",
-                "-days", "3650", "-out", str(self.ca_file),
-            ])  # fmt: skip
-            self._run(genkey + ["-out", str(self.key_file)])
-            self._run([
-                openssl, "req", "-new", "-config", str(cnf), "-key", str(self.key_file),
-                "-subj", "/O=lxcgpu demo/CN=localhost", "-out", str(csr),
-            ])  # fmt: skip
-            self._run([
-                openssl, "x509", "-req", "-in", str(csr), "-CA", str(self.ca_file),
-                "-CAkey", str(ca_key), "-set_serial", str(secrets.randbits(63)),
-                "-days", "3650", "-extfile", str(cnf), "-extensions", "v3_server",
-                "-out", str(self.cert_file),
-            ])  # fmt: skip
-        finally:
-            # The CA signs this one certificate and is then thrown away.
-            for path in (cnf, ca_key, csr):
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
+        make_certificates(
+            openssl=find_tool("openssl"), workdir=self.state_dir, ca_file=self.ca_file,
+            cert_file=self.cert_file, key_file=self.key_file,
+            ca_subject="/O=lxcgpu demo/CN=lxcgpu demo CA", subject="/O=lxcgpu demo/CN=localhost",
+            san=san, run=self._run)
         os.chmod(self.ca_file, 0o644)
         os.chmod(self.cert_file, 0o644)
 

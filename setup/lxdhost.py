@@ -28,6 +28,10 @@ import sys
 import time
 from pathlib import Path
 
+# lxcspawner.network is stdlib-only: the one rule for the bridge's DHCP range.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from lxcspawner.network import dynamic_range  # noqa: E402
+
 POOL = os.environ.get("LXCGPU_POOL", "lxcgpu")
 POOL_SIZE = os.environ.get("LXCGPU_POOL_SIZE", "30GiB")
 BRIDGE = os.environ.get("LXCGPU_BRIDGE", "lxcgpubr0")
@@ -207,8 +211,12 @@ def start_lxd() -> None:
         run(["systemctl", "start", unit], timeout=120)
         run(["lxd", "waitready", "--timeout", "90"], timeout=120)
         return
-    LOG_DIR.mkdir(parents=True, exist_ok=True)
-    log = open(LOG_DIR / "lxd.log", "ab")
+    # Logs are root's: a 0750 folder, 0640 files (older ones fixed).
+    LOG_DIR.mkdir(mode=0o750, parents=True, exist_ok=True)
+    os.chmod(LOG_DIR, 0o750)
+    log = os.fdopen(os.open(LOG_DIR / "lxd.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND,
+                            0o640), "ab")
+    os.fchmod(log.fileno(), 0o640)
     # Without systemd LXD runs as a plain daemon of ours; it keeps its own
     # containers running across our restarts.
     # lxcgpu uses local images only.  LXD still fetches instance types (and
@@ -258,6 +266,8 @@ def preseed(pool_exists: bool, net_exists: bool, profile_exists: bool,
         seed["networks"] = [{
             "name": BRIDGE, "type": "bridge",
             "config": {"ipv4.address": subnet, "ipv4.nat": "true",
+                       "ipv4.dhcp.ranges": dynamic_range(
+                           ipaddress.IPv4Interface(subnet).network),
                        "ipv6.address": "none"},
             "description": "lxcgpu containers",
         }]
@@ -298,7 +308,27 @@ def up() -> dict:
         # JSON is YAML: no YAML library needed before the virtualenv exists.
         run(["lxd", "init", "--preseed"], input=json.dumps(seed), timeout=300)
         print(f"lxdhost: created {', '.join(k for k in seed)}")
+    if have[1]:
+        ensure_dhcp_range()
     return status()
+
+
+def ensure_dhcp_range() -> None:
+    """Containers' addresses are pinned by lxcgpu (lxcspawner.network) from
+    the part of the bridge's subnet LXD does not hand out by DHCP: a bridge
+    made before that (whole subnet dynamic) gets the top quarter as its range."""
+    get = run(["lxc", "network", "get", BRIDGE, "ipv4.dhcp.ranges"], check=False)
+    if get.returncode != 0 or get.stdout.strip():
+        return
+    cidr = run(["lxc", "network", "get", BRIDGE, "ipv4.address"]).stdout.strip()
+    try:
+        net = ipaddress.IPv4Interface(cidr).network
+    except ValueError:
+        raise SetupError(f"the bridge {BRIDGE} has no IPv4 subnet ({cidr or 'none'})") from None
+    rng = dynamic_range(net)
+    run(["lxc", "network", "set", BRIDGE, "ipv4.dhcp.ranges", rng])
+    print(f"lxdhost: {BRIDGE} hands out {rng} by DHCP; the rest of {net} is for "
+          "containers' fixed addresses")
 
 
 def status() -> dict:

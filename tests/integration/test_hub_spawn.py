@@ -56,14 +56,15 @@ def start_server(hub, user: str, name: str = "", **options):
 
 async def run_code(hub, user: str, code: str, name: str = "") -> str:
     """Run code in a new kernel of the user's server, through the proxy; its stdout."""
-    base = f"{hub.url}/user/{user}/{name + '/' if name else ''}"
+    base = hub.user_url(user, name)
     headers = {"Authorization": f"token {hub.token}"}
     r = hub.session().post(base + "api/kernels", headers=headers, json={})
     assert r.status_code == 201, (r.status_code, r.text)
     kernel = r.json()["id"]
     try:
         ws_url = base.replace("http", "ws", 1) + f"api/kernels/{kernel}/channels"
-        ws = await websocket_connect(HTTPRequest(ws_url, headers=headers))
+        ws = await websocket_connect(HTTPRequest(
+            ws_url, headers=headers, ca_certs=str(hub.ca_file) if hub.ca_file else None))
         msg_id = uuid.uuid4().hex
         ws.write_message(json.dumps({
             "header": {"msg_id": msg_id, "msg_type": "execute_request", "username": user,
@@ -123,7 +124,7 @@ async def test_spawn_reaches_jupyter_in_her_container(hub, alice, lxd, logs_on_f
     st = await lxd.state(instance_name(hub))
     assert server["state"]["instance"] == instance_name(hub)
     assert server["state"]["address"] == st.ipv4
-    r = hub.session().get(f"{hub.url}/user/{alice}/api/status",
+    r = hub.session().get(hub.user_url(alice) + "api/status",
                           headers={"Authorization": f"token {hub.token}"})
     assert r.status_code == 200, r.text
     out = await run_code(hub, alice, "import getpass, socket; print(socket.gethostname(), getpass.getuser())")
@@ -191,6 +192,13 @@ async def test_named_server_per_gpu_server(hub, alice, lxd, logs_on_failure):
 async def test_unknown_gpu_server_is_refused(hub, alice, lxd, how):
     before = {i["name"] for i in await lxd.list_instances()}
     if how == "named":
+        # Her named server for node1 would already fill her named-server
+        # limit (one per GPU server): remove it, so the name is what is refused.
+        hub.api("delete", f"/users/{alice}/servers/{SERVER}", json={"remove": True})
+        deadline = time.monotonic() + 60
+        while SERVER in hub.api("get", f"/users/{alice}").json().get("servers", {}):
+            assert time.monotonic() < deadline, hub.log_tail(3000)
+            time.sleep(0.2)
         r = hub.api("post", f"/users/{alice}/servers/gpu99")
         target = "gpu99"
     else:

@@ -108,7 +108,13 @@ async def test_creates_starts_and_provisions(lxd, erin, store, keys, run_tag,
     assert uc.ssh_port == rec.ssh_port == 28000 and uc.forwards == {}
     assert uc.ssh_command == f"ssh -p 28000 erin@{SERVER}"
     st = await lxd.state(uc.name)
-    assert st.running and st.ipv4 == uc.address
+    # The address is the one the store assigned, pinned on the NIC with
+    # LXD's filtering; the container took it.
+    assert uc.address == store.address(USER, SERVER) and st.ipv4 == uc.address
+    nic = (await lxd.instance(uc.name))["devices"]["eth0"]
+    assert nic["ipv4.address"] == uc.address
+    assert all(nic[f"security.{k}"] == "true" for k in (
+        "mac_filtering", "ipv4_filtering", "ipv6_filtering", "port_isolation"))
     cfg = st.config
     assert cfg[SSH_PORT_KEY] == "28000"
     assert cfg["security.idmap.base"] == str(rec.idmap_base)
@@ -221,3 +227,41 @@ async def test_admin_command_end_to_end(lxd, erin, store, site, tmp_path, logs_o
                        ("admin:sysadm", "forward.remove", True),
                        ("admin:sysadm", "forward.add", True),
                        ("admin:sysadm", "container.up", True)]
+
+
+async def test_a_container_made_before_pinning_is_pinned_with_one_restart(
+        lxd, store, site, run_tag, logs_on_failure):
+    """A container from before lxcgpu pinned addresses (the profile's NIC,
+    DHCP's address) gets its address pinned at its next start through
+    lxcgpu, restarted once; the next start leaves it alone; deleting it
+    frees the address."""
+    user = "frank"
+    rec = await asyncio.to_thread(store.ensure_user, user, actor="test")
+    spec = site[1].container_spec(user, rec.idmap_base, server=SERVER,
+                                  extra_config={TEST_KEY: run_tag})
+    assert spec.nic is None
+    logs_on_failure.append(spec.name)
+    try:
+        await lifecycle.ensure_container(lxd, spec)
+        await lxd.start(spec.name)
+        await lxd.wait_for_address(spec.name)
+        steps: list[str] = []
+        uc = await lifecycle.ensure_user_container(
+            lxd, store, site[1], user, progress=steps.append, actor="test",
+            extra_config={TEST_KEY: run_tag})
+        assert "restarting container to pin its address" in steps
+        assert uc.address == store.address(user, SERVER)
+        assert (await lxd.instance(spec.name))["devices"]["eth0"]["ipv4.address"] == uc.address
+        assert (await lxd.state(spec.name)).ipv4 == uc.address
+        pid = (await lxd.state(spec.name)).pid
+        steps.clear()
+        await lifecycle.ensure_user_container(lxd, store, site[1], user, progress=steps.append,
+                                              actor="test", extra_config={TEST_KEY: run_tag})
+        assert "restarting container to pin its address" not in steps
+        assert (await lxd.state(spec.name)).pid == pid
+    finally:
+        assert await lifecycle.delete_user_container(lxd, store, user, SERVER, prefix=run_tag,
+                                                     actor="test") in (True, False)
+    assert await lxd.instance(spec.name) is None
+    assert store.address(user, SERVER) is None
+    assert [a.action for a in store.audit_log(user=user)][:1] == ["address.release"]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import secrets
 import subprocess
 import threading
 import time
@@ -102,14 +101,16 @@ def plxd(nat_project):
 
 
 @pytest.fixture(scope="module")
-async def alice(plxd, store, keys, agent, idmap_blocks, run_tag):
-    """Alice's running container on SERVER, her key from the store, her port mapped."""
+async def alice(plxd, store, keys, agent, idmap_blocks, run_tag, pinned_nics):
+    """Alice's running container on SERVER (its address pinned, as lxcgpu
+    does), her key from the store, her port mapped."""
     await asyncio.to_thread(store.add_key, "alice", keys["alice"][1], actor="test")
-    spec = ContainerSpec(user="alice", server=SERVER, idmap_base=idmap_blocks(), prefix=run_tag)
+    spec = ContainerSpec(user="alice", server=SERVER, idmap_base=idmap_blocks(), prefix=run_tag,
+                         nic=await pinned_nics())
     await ensure_container(plxd, spec)
     await push_maps(plxd, store, "alice", spec.name)
     await plxd.start(spec.name)
-    await plxd.wait_for_address(spec.name)
+    await plxd.wait_for_address(spec.name, expected=spec.nic["ipv4.address"])
     await provision(plxd, spec.name, login=spec.posix_user,
                     keys=await asyncio.to_thread(store.authorized_keys, "alice"),
                     hostname=spec.hostname)
@@ -153,7 +154,7 @@ async def test_ssh_from_the_server_itself_over_loopback(plxd, alice, store, keys
     # route_localnet on the bridge plus the agent's loopback MASQUERADE.
     port = ssh_port(store)
     assert wait_for_rules(agent, 1, f"--dport {port} ")
-    await asyncio.to_thread(ssh_banner, (await plxd.state(alice.name)).ipv4, 30)
+    await asyncio.to_thread(ssh_banner, alice.nic["ipv4.address"], 30)
     p = await asyncio.to_thread(subprocess.run, [
         "ssh", "-i", str(keys["alice"][0]), "-p", str(port), "-o", "BatchMode=yes",
         "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
@@ -162,28 +163,27 @@ async def test_ssh_from_the_server_itself_over_loopback(plxd, alice, store, keys
     assert p.returncode == 0 and p.stdout.strip() == alice.hostname, p.stderr
 
 
-async def test_restart_with_new_address_remaps(plxd, alice, store, keys, client_netns, agent,
-                                               logs_on_failure):
+async def test_restart_keeps_the_pinned_address_and_map(plxd, alice, store, keys, client_netns,
+                                                        agent, logs_on_failure):
     logs_on_failure.append(alice.name)
     port = ssh_port(store)
-    old = (await plxd.state(alice.name)).ipv4
+    pinned = alice.nic["ipv4.address"]
     await plxd.stop(alice.name)
     assert wait_for_rules(agent, 0, f"--dport {port} ") == [], "stopped container still mapped"
-    # A new MAC makes the bridge's DHCP hand out another address.
-    mac = "00:16:3e:" + ":".join(secrets.token_hex(1) for _ in range(3))
-    await plxd.update_config(alice.name, {"volatile.eth0.hwaddr": mac})
     await plxd.start(alice.name)
-    new = await plxd.wait_for_address(alice.name)
-    assert new != old
+    # Mapped at the start event, to the pinned address: before DHCP runs.
+    assert wait_for_rules(agent, 1, f"--dport {port} .*--to-destination {pinned}:22$", 5)
+    assert await plxd.wait_for_address(alice.name, expected=pinned) == pinned
     # The container's own sshd answering is the start line; the NAT path
     # must follow within 2 s of it.
-    await asyncio.to_thread(ssh_banner, new, 30)
+    await asyncio.to_thread(ssh_banner, pinned, 30)
     ok, banner = await asyncio.to_thread(client_netns.probe, port, 2)
     assert ok and "SSH-2.0" in banner, (banner, agent.log_text()[-2000:])
     print(f"NAT path answered {banner.split()[-1]} s after the container's sshd")
     p = await asyncio.to_thread(client_netns.ssh, keys["alice"][0], "alice", port, "hostname")
     assert p.returncode == 0 and p.stdout.strip() == alice.hostname, p.stderr
-    assert any(f"--to-destination {new}:22" in r for r in agent.rules())
+    assert [r for r in agent.rules() if f"--dport {port} " in r][0].endswith(
+        f"--to-destination {pinned}:22")
 
 
 async def test_agent_rebuilds_flushed_chain_at_start(plxd, alice, store, keys, client_netns,
@@ -212,7 +212,7 @@ async def web(plxd, alice):
             "systemd-run", f"--unit=lxcgpu-test-web{port}", "--", "python3", "-m", "http.server",
             str(port), "--bind", "0.0.0.0", "--directory", f"/srv/www{port}"], timeout=30)
         res.check(["systemd-run"])
-    addr = (await plxd.state(alice.name)).ipv4
+    addr = alice.nic["ipv4.address"]
     for port in (80, 8080):
         deadline = time.monotonic() + 20
         while subprocess.run(["python3", "-c", "import socket,sys; socket.create_connection("
@@ -356,7 +356,7 @@ async def test_containers_cannot_reach_the_servers_loopback(plxd, alice, agent):
         t.join()
     assert res.returncode != 0 and "loopback-secret" not in res.stdout, (res.stdout, res.stderr)
     assert got == []
-    assert any("--ctstate NEW -j DROP" in r for r in
+    assert any("-j REJECT" in r for r in
                sh("iptables-legacy", "-w", "-S", agent.prefix + "-INPUT").stdout.splitlines())
     # The container's own loopback is back.
     res = await plxd.execute(alice.name, ["python3", "-c", "import socket; socket.create_server("

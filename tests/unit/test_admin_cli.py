@@ -19,6 +19,8 @@ from lxcspawner.store import Store
 
 def fake_key(kind="ssh-ed25519", fill=b"k", comment=""):
     blob = struct.pack(">I", len(kind)) + kind.encode() + struct.pack(">I", 32) + fill * 32
+    if kind == "ssh-rsa":  # and a 2048-bit modulus
+        blob += struct.pack(">I", 257) + b"\0\xc1" + fill * 255
     return f"{kind} {base64.b64encode(blob).decode()}" + (f" {comment}" if comment else "")
 
 

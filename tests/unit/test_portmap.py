@@ -2,24 +2,35 @@
 
 import pytest
 
+from lxcspawner.network import Bridge
 from lxcspawner.portmap import (
-    FORWARD_PREFIX, SSH_PORT_KEY, PortMap, config_changes, ipv4_of, maps_for, parse_port_range,
+    FORWARD_PREFIX, SSH_PORT_KEY, PortMap, config_changes, maps_for, parse_port_range,
     wanted_ports,
 )
 
 
-def state(status="Running", addr="10.213.87.5", extra=None):
+BRIDGES = {"lxcgpubr0": Bridge.from_lxd({
+    "name": "lxcgpubr0", "managed": True, "type": "bridge",
+    "config": {"ipv4.address": "10.213.87.1/24",
+               "ipv4.dhcp.ranges": "10.213.87.192-10.213.87.254"}})}
+
+
+def state(status="Running", reported="10.213.87.5"):
+    """LXD's state: what the container reports (which maps_for must ignore)."""
     net = {"lo": {"addresses": [{"family": "inet", "address": "127.0.0.1", "scope": "local"}]}}
-    if addr:
-        net["eth0"] = {"addresses": [
-            {"family": "inet6", "address": "fd42::5", "scope": "global"},
-            {"family": "inet", "address": addr, "scope": "global"}]}
-    net.update(extra or {})
+    if reported:
+        net["eth0"] = {"addresses": [{"family": "inet", "address": reported,
+                                      "scope": "global"}]}
     return {"status": status, "network": net}
 
 
-def inst(name, config, **kw):
-    return {"name": name, "config": config, "state": state(**kw)}
+def inst(name, config, addr="10.213.87.5", network="lxcgpubr0", status="Running",
+         reported="10.213.87.99"):
+    nic = {"type": "nic", "name": "eth0", "network": network}
+    if addr:
+        nic["ipv4.address"] = addr
+    return {"name": name, "config": config, "expanded_devices": {"eth0": nic},
+            "state": state(status, reported)}
 
 
 def test_wanted_ports_reads_ssh_and_forwards():
@@ -58,40 +69,49 @@ def test_config_changes_refuses_bad_ports(ssh, fwd):
         config_changes({}, ssh, fwd)
 
 
-def test_maps_for_running_containers_with_addresses_only():
+def test_maps_for_running_containers_to_their_pinned_address_only(caplog):
     maps = maps_for([
         inst("alice--gpu17", {SSH_PORT_KEY: "22000", f"{FORWARD_PREFIX}11000": "6006"}),
-        inst("bob--gpu17", {SSH_PORT_KEY: "22001"}, status="Stopped", addr=None),
-        inst("carol--gpu17", {SSH_PORT_KEY: "22002"}, addr=None),     # no DHCP lease yet
+        inst("bob--gpu17", {SSH_PORT_KEY: "22001"}, status="Stopped", addr="10.213.87.6"),
+        inst("carol--gpu17", {SSH_PORT_KEY: "22002"}, addr=None),     # made before pinning
         inst("dave--gpu17", {"user.lxcgpu.owner": "dave"}),            # nothing wanted
-    ])
+    ], BRIDGES)
+    # To the pinned address, whatever alice's container says it has (.99).
     assert maps == [PortMap(11000, "10.213.87.5", 6006, "alice--gpu17"),
                     PortMap(22000, "10.213.87.5", 22, "alice--gpu17")]
+    assert "carol--gpu17 asks for host ports but has no address pinned by lxcgpu" in caplog.text
+
+
+@pytest.mark.parametrize("addr,network", [
+    ("10.213.87.1", "lxcgpubr0"),      # the gateway (the host itself)
+    ("10.213.87.0", "lxcgpubr0"),      # the network address
+    ("10.213.87.255", "lxcgpubr0"),    # broadcast
+    ("192.0.2.2", "lxcgpubr0"),        # outside the bridge: the host's LAN address
+    ("127.0.0.1", "lxcgpubr0"),        # loopback
+    ("10.213.87.5", "otherbr0"),       # a bridge that is not one of ours
+    ("not-an-address", "lxcgpubr0"),
+])
+def test_no_map_to_an_address_outside_the_bridge_subnet(addr, network):
+    cfg = {SSH_PORT_KEY: "22000"}
+    assert maps_for([inst("a--gpu17", cfg, addr=addr, network=network)], BRIDGES) == []
 
 
 def test_port_claimed_twice_goes_to_first_by_name_whatever_the_order(caplog):
     a = inst("a--gpu17", {SSH_PORT_KEY: "22000"}, addr="10.213.87.2")
     b = inst("b--gpu17", {SSH_PORT_KEY: "22000"}, addr="10.213.87.3")
-    assert maps_for([b, a]) == maps_for([a, b]) == [PortMap(22000, "10.213.87.2", 22, "a--gpu17")]
+    assert maps_for([b, a], BRIDGES) == maps_for([a, b], BRIDGES) == [
+        PortMap(22000, "10.213.87.2", 22, "a--gpu17")]
     assert "claimed by a--gpu17 and b--gpu17" in caplog.text
-
-
-def test_ipv4_prefers_eth0_and_global_scope():
-    assert ipv4_of(state(addr="10.213.87.9")) == "10.213.87.9"
-    other = {"eth1": {"addresses": [{"family": "inet", "address": "10.9.9.9",
-                                     "scope": "global"}]}}
-    assert ipv4_of(state(addr=None, extra=other)) == "10.9.9.9"
-    assert ipv4_of(state(addr=None)) is None
-    assert ipv4_of({}) is None
 
 
 def test_ports_outside_the_allowed_ranges_are_not_mapped(caplog):
     cfg = {SSH_PORT_KEY: "22000", f"{FORWARD_PREFIX}22": "22", f"{FORWARD_PREFIX}11000": "80",
            f"{FORWARD_PREFIX}443": "443"}
     allowed = [(22000, 29999), (11000, 11999)]
-    assert [m.host_port for m in maps_for([inst("a--gpu17", cfg)], allowed)] == [11000, 22000]
+    assert [m.host_port for m in maps_for([inst("a--gpu17", cfg)], BRIDGES, allowed)] == [
+        11000, 22000]
     assert "host port 22, outside the allowed ranges 22000-29999, 11000-11999" in caplog.text
-    assert len(maps_for([inst("a--gpu17", cfg)])) == 4
+    assert len(maps_for([inst("a--gpu17", cfg)], BRIDGES)) == 4
 
 
 @pytest.mark.parametrize("text,expected", [("22000-29999", (22000, 29999)), (" 1 - 1 ", (1, 1)),

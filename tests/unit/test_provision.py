@@ -10,6 +10,8 @@ from lxcspawner.provision import authorized_keys_text, hosts_text, normalize_pub
 
 def fake_key(kind="ssh-ed25519"):
     blob = struct.pack(">I", len(kind)) + kind.encode() + struct.pack(">I", 32) + b"k" * 32
+    if kind == "ssh-rsa":  # and a 2048-bit modulus
+        blob += struct.pack(">I", 257) + b"\0\xc1" + b"k" * 255
     return f"{kind} {base64.b64encode(blob).decode()}"
 
 

@@ -6,7 +6,7 @@ import multiprocessing
 import sqlite3
 import struct
 import subprocess
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 
 import pytest
 from alembic.autogenerate import compare_metadata
@@ -24,6 +24,8 @@ N_PROCS = 8
 
 def fake_key(kind="ssh-ed25519", fill=b"k"):
     blob = struct.pack(">I", len(kind)) + kind.encode() + struct.pack(">I", 32) + fill * 32
+    if kind == "ssh-rsa":  # and a 2048-bit modulus
+        blob += struct.pack(">I", 257) + b"\0\xc1" + fill * 255
     return f"{kind} {base64.b64encode(blob).decode()}"
 
 
@@ -391,10 +393,10 @@ def test_migrations_match_the_models_and_upgrade_is_idempotent(tmp_path):
         assert c.execute("SELECT type, name, sql FROM sqlite_master ORDER BY name"
                          ).fetchall() == schema
         assert c.execute("SELECT version_num FROM alembic_version").fetchall() == [
-            ("0001_initial",)]
+            ("0002_addresses",)]
         assert c.execute("PRAGMA journal_mode").fetchone() == ("wal",)
     assert {n for t, n, _ in schema if t == "table"} == {
-        "alembic_version", "users", "ssh_keys", "forwards", "audit"}
+        "alembic_version", "users", "ssh_keys", "forwards", "addresses", "audit"}
 
 
 def test_foreign_keys_are_enforced(store):
@@ -484,3 +486,56 @@ def test_forward_to_a_chosen_host_port(store):
     assert store.list_forwards() == rows
     # Without a host port the lowest free one is used, skipping the chosen one.
     assert store.add_forward("alice", "gpu17", 81, actor="admin").host_port == 11000
+
+
+# ---------------------------------------------------------------- addresses
+
+FREE = [f"10.213.87.{i}" for i in range(2, 6)]
+
+
+def test_addresses_are_assigned_lowest_free_per_server_and_kept(store):
+    assert store.address("alice", "gpu17") is None
+    assert store.assign_address("alice", "gpu17", FREE, actor="t") == "10.213.87.2"
+    assert store.assign_address("bob", "gpu17", FREE, actor="t") == "10.213.87.3"
+    # The same address on another server is another assignment.
+    assert store.assign_address("bob", "gpu18", FREE, actor="t") == "10.213.87.2"
+    # Asked again, an assignment still among the candidates is kept.
+    assert store.assign_address("bob", "gpu17", FREE, actor="t") == "10.213.87.3"
+    assert store.address("bob", "gpu17") == "10.213.87.3"
+    assert store.list_addresses("gpu17") == [("alice", "gpu17", "10.213.87.2"),
+                                             ("bob", "gpu17", "10.213.87.3")]
+    actions = [a.action for a in store.audit_log(user="bob")]
+    assert actions.count("address.assign") == 2
+
+
+def test_an_address_outside_the_candidates_is_replaced(store):
+    store.assign_address("alice", "gpu17", FREE, actor="t")
+    # The bridge was renumbered: the old address is no candidate any more.
+    assert store.assign_address("alice", "gpu17", ["10.99.0.2", "10.99.0.3"],
+                                actor="t") == "10.99.0.2"
+    assert store.address("alice", "gpu17") == "10.99.0.2"
+
+
+def test_no_free_address_is_a_clear_error_and_changes_nothing(store):
+    store.assign_address("alice", "gpu17", FREE[:1], actor="t")
+    with pytest.raises(Exhausted, match="No address is free for a new container on gpu17"):
+        store.assign_address("bob", "gpu17", FREE[:1], actor="t")
+    assert store.address("bob", "gpu17") is None
+
+
+def test_a_released_address_is_reused(store):
+    store.assign_address("alice", "gpu17", FREE, actor="t")
+    assert store.release_address("alice", "gpu17", actor="t") == "10.213.87.2"
+    assert store.release_address("alice", "gpu17", actor="t") is None
+    assert store.assign_address("bob", "gpu17", FREE, actor="t") == "10.213.87.2"
+
+
+def test_two_stores_never_assign_one_address_twice(tmp_path):
+    a = Store(url(tmp_path), subuid_file=str(tmp_path / "none"))
+    b = Store(url(tmp_path), subuid_file=str(tmp_path / "none"))
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda i: (a if i % 2 else b).assign_address(
+            f"user{i}", "gpu17", [f"10.0.0.{n}" for n in range(2, 40)], actor="t"), range(16)))
+    assert len(set(got)) == 16
+    a.close()
+    b.close()
