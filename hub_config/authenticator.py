@@ -11,6 +11,14 @@ else, so leaving the group revokes admin rights at the next login.
 Its ``authenticate`` is a coroutine that makes blocking ldap3 calls without ever
 awaiting; a slow or unreachable directory would freeze the whole hub.  It runs
 here in a small thread pool instead, with a deadline.
+
+Leaving the lab: with a service account (``lookup_dn_search_user`` and
+``lookup_dn_search_password``, ldapauthenticator's own settings for it),
+:meth:`LXCGPUAuthenticator.refresh_user` checks again, every
+``auth_refresh_age`` seconds of a user's activity, that the user still exists
+and is still in ``allowed_groups``; someone who is not loses their session
+and their API tokens at once (``auth_refresh_strict``), without logging in
+again.  A directory that cannot be reached changes nothing.
 """
 
 from __future__ import annotations
@@ -19,7 +27,10 @@ import asyncio
 import ssl
 from concurrent.futures import ThreadPoolExecutor
 
-from ldap3.core.exceptions import LDAPCommunicationError, LDAPStartTLSError
+import ldap3
+from ldap3.core.exceptions import LDAPCommunicationError, LDAPException, LDAPStartTLSError
+from ldap3.utils.conv import escape_filter_chars
+from ldap3.utils.dn import escape_rdn
 from ldapauthenticator import LDAPAuthenticator
 from ldapauthenticator.ldapauthenticator import TlsStrategy
 from tornado import web
@@ -115,6 +126,67 @@ class LXCGPUAuthenticator(LDAPAuthenticator):
             self.log.error("Login of %r refused: the directory at %s cannot be reached: %s: %s",
                            data.get("username"), self.server_address, type(e).__name__, e)
         raise web.HTTPError(503, DIRECTORY_DOWN)
+
+    def membership(self, username: str) -> list[str] | None:
+        """The ``allowed_groups`` the user is in, looked up with the service
+        account (blocking); None if the user's entry does not exist.  Raises
+        LDAPException when the directory cannot be asked."""
+        conn = self.get_connection(self.lookup_dn_search_user, self.lookup_dn_search_password)
+        if not conn:
+            raise LDAPCommunicationError("the service account could not bind "
+                                         f"({self.lookup_dn_search_user})")
+        try:
+            userdn = None
+            if self.lookup_dn:
+                # Found by a search, as at login (Active Directory, mostly).
+                userdn = self.resolve_username(username)[1] or None
+            for template in [] if userdn else self.bind_dn_template or []:
+                dn = template.format(username=escape_rdn(username))
+                if conn.search(dn, "(objectClass=*)", search_scope=ldap3.BASE, attributes=[]):
+                    userdn = dn
+                    break
+            if userdn is None:
+                return None
+            groups = []
+            for group in self.allowed_groups or []:
+                if conn.search(group, self.group_search_filter.format(
+                        userdn=escape_filter_chars(userdn),
+                        uid=escape_filter_chars(username)),
+                        search_scope=ldap3.BASE, attributes=[]):
+                    groups.append(group)
+            return groups
+        finally:
+            conn.unbind()
+
+    async def refresh_user(self, user, handler=None):
+        """Still in the lab?  True (nothing to change), the refreshed admin
+        flag, or False: the user left (no entry, or in none of
+        ``allowed_groups``) and loses their session and tokens now."""
+        if not self.lookup_dn_search_user or not (self.bind_dn_template or self.lookup_dn):
+            return True
+        if user.name in (self.allowed_users or set()) or user.name in (self.admin_users or set()):
+            return True
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(
+                max_workers=self.ldap_threads, thread_name_prefix="lxcgpu-ldap"
+            )
+        loop = asyncio.get_running_loop()
+        try:
+            groups = await asyncio.wait_for(
+                loop.run_in_executor(self._executor, self.membership, user.name),
+                self.ldap_timeout)
+        except (asyncio.TimeoutError, LDAPException) as e:
+            self.log.warning("Cannot refresh %s against the directory (%s); keeping their "
+                             "access until it answers", user.name, e)
+            return True
+        if groups is None or (self.allowed_groups and not groups):
+            self.log.warning("%s is %s: their session and API tokens end now", user.name,
+                             "no longer in the directory" if groups is None
+                             else "in none of the allowed groups any more")
+            return False
+        if not self.admin_groups:
+            return True
+        return {"name": user.name, "admin": any(g in groups for g in self.admin_groups)}
 
     def is_admin(self, handler, authentication):
         """True for members of `admin_groups` (and `admin_users`); False for

@@ -42,6 +42,7 @@ if str(_HERE.parent) not in sys.path:
 from hub_config.authenticator import LXCGPUAuthenticator  # noqa: E402
 from hub_config.bridge import bridge_ipv4  # noqa: E402
 from hub_config.culler import LXCGPUCuller  # noqa: E402
+from hub_config.labsync import LXCGPULabSync  # noqa: E402
 from hub_config.origins import DEFAULT_DOMAIN, subdomain_hook  # noqa: E402
 from hub_config.proxy import DEFAULT_DIR as PROXY_DIR  # noqa: E402
 from hub_config.proxy import DEFAULT_USER as PROXY_USER  # noqa: E402
@@ -90,6 +91,14 @@ c.JupyterHub.authenticator_class = LXCGPUAuthenticator
 # StartTLS before any password is sent; LXCGPUAuthenticator also requires a
 # valid server certificate unless tls_kwargs says otherwise.
 c.LDAPAuthenticator.tls_strategy = "before_bind"
+# Leaving the lab: with a service account (LDAPAuthenticator.lookup_dn_search_user
+# and lookup_dn_search_password in the site file), every 5 minutes of a user's
+# activity the directory is asked again; someone no longer in the allowed
+# groups loses their session and their API tokens then (strict: tokens too),
+# without logging in again.  Checked again before every spawn.
+c.Authenticator.auth_refresh_age = 300
+c.Authenticator.refresh_pre_spawn = True
+c.Authenticator.auth_refresh_strict = True
 # auth_state is not persisted: the admin flag is decided during login, from
 # the groups found then, so no JUPYTERHUB_CRYPT_KEY is needed.
 
@@ -216,6 +225,31 @@ if os.geteuid() == 0:
             Path(os.environ.get("LXCGPU_PROXY_DIR") or PROXY_DIR).absolute(),
             _pw.pw_uid, _pw.pw_gid)
         c.JupyterHub.ssl_cert, c.JupyterHub.ssl_key = str(_cert), str(_key)
+
+# --- leaving the lab: the lab sync ----------------------------------------------
+# With a service account, hub_config/labsync.py checks every hub user against
+# the directory every c.LXCGPULabSync.interval seconds and ends the access of
+# those who left (servers stopped, tokens revoked, SSH keys and port maps out
+# of their containers).  API tokens never live longer than 90 days unless the
+# site says otherwise.
+if "token_expires_in_max_seconds" not in c.JupyterHub:
+    c.JupyterHub.token_expires_in_max_seconds = 90 * 24 * 3600
+_labsync = LXCGPULabSync(config=c)
+_ldap = {**{k: (sorted(v) if isinstance(v, (set, frozenset)) else v)
+            for k, v in c.LDAPAuthenticator.items()},
+         **dict(c.LXCGPUAuthenticator.items())}
+for _k in ("allowed_users", "admin_users"):
+    if _k in c.Authenticator:
+        _ldap[_k] = sorted(c.Authenticator[_k])
+if _labsync.interval and _ldap.get("lookup_dn_search_user"):
+    _entry = _labsync.service({k: v for k, v in _ldap.items() if not callable(v)},
+                              dict(c.LXCSpawner.get("servers") or {}))
+    _entry["environment"].update({
+        "PYTHONPATH": str(_HERE.parent),
+        **{k: os.environ[k] for k in ("LXCGPU_CONFIG",) if os.environ.get(k)},
+    })
+    c.JupyterHub.services.append(_entry)
+    c.JupyterHub.load_roles.append(_labsync.role())
 
 _culler = LXCGPUCuller(config=c)
 if _culler.timeout:

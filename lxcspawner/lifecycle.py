@@ -50,10 +50,14 @@ class UserContainer:
         return f"ssh -p {self.ssh_port} {self.posix_user}@{self.server}"
 
 
-async def _wanted_ports(store: Store, user: str, server: str) -> tuple[int, dict[int, int]]:
-    """The user's SSH port and their TCP forwards on ``server``, from the store."""
+async def _wanted_ports(store: Store, user: str, server: str
+                        ) -> tuple[int | None, dict[int, int]]:
+    """The user's SSH port and their TCP forwards on ``server``, from the
+    store; none while the user is suspended (their container keeps none)."""
     def read():
         rec = store.user(user)
+        if rec.suspended is not None:
+            return None, []
         fwds = store.list_forwards(user=user, server=server)
         return rec.ssh_port, fwds
     ssh_port, fwds = await asyncio.to_thread(read)
@@ -180,6 +184,11 @@ async def ensure_user_container(lxd: LXD, store: Store, settings: Settings, user
 
     say("allocating SSH port and ids")
     rec = await asyncio.to_thread(store.ensure_user, user, actor=actor)
+    if rec.suspended is not None:
+        raise ContainerError(f"{user}'s account is suspended (no longer in the lab's groups, "
+                             f"since {rec.suspended:%Y-%m-%d %H:%M} UTC): their containers "
+                             "stay as they are but do not start; an administrator can "
+                             "restore access in the directory")
     spec = settings.container_spec(user, rec.idmap_base, server=server, **overrides)
     inst = await lxd.instance(spec.name)
     if inst is not None:

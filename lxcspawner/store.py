@@ -107,6 +107,9 @@ class UserRecord:
     ssh_port: int
     idmap_base: int
     created: datetime
+    # Set while the user is not in the lab's groups any more: their keys stay
+    # in the store but reach no container, and their port maps are removed.
+    suspended: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -179,6 +182,7 @@ class User(Base):
     ssh_port: Mapped[int] = mapped_column(Integer, unique=True)
     idmap_base: Mapped[int] = mapped_column(BigInteger, unique=True)
     created: Mapped[datetime] = mapped_column(_UTCDateTime, default=_now)
+    suspended: Mapped[datetime | None] = mapped_column(_UTCDateTime, nullable=True)
 
 
 class SSHKey(Base):
@@ -233,7 +237,7 @@ class Audit(Base):
 
 
 def _user_record(r: User) -> UserRecord:
-    return UserRecord(r.name, r.ssh_port, r.idmap_base, r.created)
+    return UserRecord(r.name, r.ssh_port, r.idmap_base, r.created, r.suspended)
 
 
 def _key_record(r: SSHKey) -> KeyRecord:
@@ -610,8 +614,30 @@ class Store:
         return self._read(lambda s: [_key_record(r) for r in s.scalars(q)])
 
     def authorized_keys(self, user: str) -> list[str]:
-        """The user's key lines, oldest first."""
+        """The user's key lines, oldest first; none while they are suspended
+        (the keys stay in the store)."""
+        rec = self.get_user(user)
+        if rec is not None and rec.suspended is not None:
+            return []
         return [k.key for k in self.list_keys(user)]
+
+    def set_suspended(self, name: str, suspended: bool, *, actor: str,
+                      reason: str = "") -> bool:
+        """Suspend a user who left the lab's groups (or resume one who is
+        back); True if that changed anything.  Nothing of theirs is deleted."""
+        name, actor = _check_name(name), _check_name(actor, "actor")
+
+        def txn(s: Session) -> bool:
+            row = s.get(User, name)
+            if row is None or (row.suspended is not None) == suspended:
+                return False
+            row.suspended = _now() if suspended else None
+            self._audit(s, actor, "user.suspend" if suspended else "user.resume", name,
+                        {"reason": reason} if reason else None)
+            log.info("user %s %s%s", name, "suspended" if suspended else "resumed",
+                     f": {reason}" if reason else "")
+            return True
+        return self._write(txn)
 
     def remove_key(self, user: str, fingerprint_or_id: str | int, *, actor: str) -> KeyRecord:
         """Remove one of the user's keys, named by fingerprint or id."""

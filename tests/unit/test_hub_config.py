@@ -208,3 +208,16 @@ def test_proxy_on_port_443_keeps_only_the_bind_capability(tmp_path, monkeypatch)
     caps = {k: int(v, 16) for k, v in (line.split(":") for line in status.splitlines()
                                        if line.startswith("Cap"))}
     assert caps["CapEff"] == caps["CapBnd"] == caps["CapAmb"] == 1 << 10  # CAP_NET_BIND_SERVICE
+
+
+def test_lab_sync_has_only_the_scopes_it_needs_and_no_secret_on_its_command_line():
+    import json
+
+    from hub_config.labsync import ENV_VAR, LXCGPULabSync
+
+    sync = LXCGPULabSync(interval=60)
+    svc = sync.service({"lookup_dn_search_password": "s3cret"}, {"gpu17": {}})
+    assert "s3cret" not in " ".join(svc["command"])
+    assert json.loads(svc["environment"][ENV_VAR])["ldap"]["lookup_dn_search_password"] == "s3cret"
+    assert sorted(sync.role()["scopes"]) == sorted(
+        ["list:users", "read:users", "read:servers", "delete:servers", "read:tokens", "tokens"])

@@ -393,7 +393,7 @@ def test_migrations_match_the_models_and_upgrade_is_idempotent(tmp_path):
         assert c.execute("SELECT type, name, sql FROM sqlite_master ORDER BY name"
                          ).fetchall() == schema
         assert c.execute("SELECT version_num FROM alembic_version").fetchall() == [
-            ("0002_addresses",)]
+            ("0003_suspended",)]
         assert c.execute("PRAGMA journal_mode").fetchone() == ("wal",)
     assert {n for t, n, _ in schema if t == "table"} == {
         "alembic_version", "users", "ssh_keys", "forwards", "addresses", "audit"}
@@ -539,3 +539,16 @@ def test_two_stores_never_assign_one_address_twice(tmp_path):
     assert len(set(got)) == 16
     a.close()
     b.close()
+
+
+def test_a_suspended_user_keeps_their_keys_in_the_store_but_none_reach_containers(store):
+    store.add_key("alice", fake_key(), actor="t")
+    assert store.set_suspended("alice", True, actor="lab-sync", reason="left") is True
+    assert store.set_suspended("alice", True, actor="lab-sync") is False     # already
+    assert store.user("alice").suspended is not None
+    assert store.authorized_keys("alice") == [] and len(store.list_keys("alice")) == 1
+    assert store.set_suspended("alice", False, actor="lab-sync") is True
+    assert len(store.authorized_keys("alice")) == 1 and store.user("alice").suspended is None
+    assert [a.action for a in store.audit_log(user="alice")][:2] == ["user.resume",
+                                                                     "user.suspend"]
+    assert store.set_suspended("nobody", True, actor="t") is False
