@@ -380,6 +380,25 @@ def cmd_container_sync(ctx: Context, args) -> None:
          else "not pushed: the container is stopped (they are at its next start)")]))
 
 
+def cmd_container_delete(ctx: Context, args) -> None:
+    server = _server(ctx, args)
+    name = naming.instance_name(args.name, server, ctx.settings.instance_prefix)
+    if not args.yes:
+        raise ValueError(f"deleting {name} deletes everything in it ({args.name}'s files, "
+                         "installed packages, running jobs); run again with --yes to do it")
+
+    async def delete(lxd: LXD) -> bool:
+        return await lifecycle.delete_user_container(
+            lxd, ctx.store, args.name, server, prefix=ctx.settings.instance_prefix,
+            actor=ctx.actor)
+    existed = _audited(ctx, "container.delete", args.name, {"server": server},
+                       lambda: ctx.with_lxd(delete))
+    ctx.emit({"container": name, "deleted": existed},
+             fields([("container", name),
+                     ("deleted", "yes; its address is free again" if existed
+                      else "there was none (its address, if any, is free again)")]))
+
+
 # ---------------------------------------------------------------- audit
 
 def cmd_audit(ctx: Context, args) -> None:
@@ -483,6 +502,11 @@ def build_parser() -> argparse.ArgumentParser:
     q = leaf(ctr, "sync", cmd_container_sync, "push a user's keys and port maps into "
              "their container")
     q.add_argument("name", **NAME)
+    server_opt(q)
+    q = leaf(ctr, "delete", cmd_container_delete, "delete a user's container and all in it "
+             "(their SSH port, keys and forwards stay theirs)")
+    q.add_argument("name", **NAME)
+    q.add_argument("--yes", action="store_true", help="really delete it")
     server_opt(q)
 
     q = groups.add_parser("audit", parents=[common], help="the audit log, newest first",

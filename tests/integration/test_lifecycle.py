@@ -259,9 +259,18 @@ async def test_a_container_made_before_pinning_is_pinned_with_one_restart(
                                               actor="test", extra_config={TEST_KEY: run_tag})
         assert "restarting container to pin its address" not in steps
         assert (await lxd.state(spec.name)).pid == pid
+        # Deleting asks for --yes and changes nothing without it.
+        no = await asyncio.to_thread(admin_cli, site[0], "container", "delete", user)
+        assert no.returncode != 0 and "run again with --yes" in no.stderr, no
+        assert await lxd.instance(spec.name) is not None
+        assert store.address(user, SERVER) == uc.address
+        yes = await asyncio.to_thread(admin_cli, site[0], "container", "delete", user, "--yes")
+        assert yes.returncode == 0 and "its address is free again" in yes.stdout, yes
     finally:
-        assert await lifecycle.delete_user_container(lxd, store, user, SERVER, prefix=run_tag,
-                                                     actor="test") in (True, False)
+        await lifecycle.delete_user_container(lxd, store, user, SERVER, prefix=run_tag,
+                                              actor="test")
     assert await lxd.instance(spec.name) is None
     assert store.address(user, SERVER) is None
-    assert [a.action for a in store.audit_log(user=user)][:1] == ["address.release"]
+    actions = [(a.action, a.ok) for a in store.audit_log(user=user)]
+    assert actions.count(("address.release", True)) == 1
+    assert actions.count(("container.delete", True)) == 1

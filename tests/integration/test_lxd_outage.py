@@ -30,6 +30,23 @@ pytestmark = pytest.mark.lxd
 USER = "olga"
 
 
+def kill_lxd() -> None:
+    """SIGKILL the daemon, as a crash would.  Where systemd runs LXD it
+    would start a new one at once (Restart=on-failure, socket activation)
+    and the spawn would just carry on: there its socket and its service are
+    stopped instead (KillMode=process: the containers keep running), so LXD
+    stays down until lxd_up()."""
+    sys.path.insert(0, str(REPO / "setup"))
+    import lxdhost
+
+    unit = lxdhost.systemd_unit()
+    if unit:
+        for what in (f"{unit}.socket", unit):
+            subprocess.run(["systemctl", "stop", what], capture_output=True, timeout=90)
+        return
+    os.kill(lxd_daemon_pid(), signal.SIGKILL)
+
+
 def lxd_daemon_pid() -> int:
     out = subprocess.run(["pgrep", "-o", "-f", "^lxd --group"], capture_output=True, text=True)
     if out.returncode != 0:
@@ -38,6 +55,12 @@ def lxd_daemon_pid() -> int:
 
 
 def lxd_up() -> None:
+    sys.path.insert(0, str(REPO / "setup"))
+    import lxdhost
+
+    unit = lxdhost.systemd_unit()
+    if unit:
+        subprocess.run(["systemctl", "start", f"{unit}.socket"], capture_output=True, timeout=60)
     p = subprocess.run([sys.executable, str(REPO / "setup" / "lxdhost.py"), "up"],
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
@@ -67,7 +90,7 @@ def test_lxd_killed_mid_spawn_says_so_and_the_retry_works(hub, lxd):
         while not any(e.get("message") == "creating container" for e in events):
             assert time.monotonic() < deadline, events
             time.sleep(0.02)
-        os.kill(lxd_daemon_pid(), signal.SIGKILL)
+        kill_lxd()
         reader.join(240)
         assert events and events[-1].get("failed"), events
         message = events[-1]["message"]
