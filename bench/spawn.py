@@ -4,7 +4,10 @@
     .venv/bin/python bench/spawn.py [-n 10] [--concurrent 10] [--keep]
 
 Run as root with LXD up and the template image built (``setup/quickstart``
-or ``setup/test``).  It starts its own JupyterHub with the shipped config
+or ``setup/test``).  Where setup/quickstart's node agent runs, pause it
+first (``setup/quickstart agent-stop && .venv/bin/lxcgpu-node
+--remove-rules``; ``setup/quickstart agent-start`` after): its host guard
+opens only the quickstart hub's API port to containers, not the bench hub's.  It starts its own JupyterHub with the shipped config
 and its proxy (the way ``tests/fixtures/hub.py`` does, reusing its ``Hub``),
 with a temporary store and a unique container prefix; users are made
 through the hub's API with a service token, so nobody logs in and no LDAP
@@ -22,7 +25,7 @@ is needed.  Measured, each from ``POST /hub/api/users/U/server`` until
 
 Containers are named ``<prefix>-<user>--node1``, tagged
 ``user.lxcgpu-bench.run=<prefix>`` and deleted at the end, also on failure
-(unless ``--keep``).  Their id blocks are 15060-15079, the benches' own.
+(unless ``--keep``).  Their id blocks are 15050-15079, the benches' own.
 """
 
 from __future__ import annotations
@@ -59,8 +62,8 @@ from tests.fixtures.hub import VENV_BIN, Hub, launch_hub  # noqa: E402
 BENCH_KEY = "user.lxcgpu-bench.run"
 SERVICE = "lxcgpu-bench"
 SERVER = "node1"
-# Id blocks 15050+ are the benches' (bench/container_lifecycle.py has 15050-15059).
-BLOCK_FIRST, BLOCK_LAST = 15060, 15079
+# Id blocks 15050-15079 are the benches' (bench/container_lifecycle.py uses 15050-15059 too: run one bench at a time).
+BLOCK_FIRST, BLOCK_LAST = 15050, 15079
 # Ports of their own, apart from the defaults and from the tests' ranges.
 SSH_PORTS, FORWARD_PORTS = "27900-27999", "11700-11799"
 SPAWN_TIMEOUT = 300  # seconds for one spawn to reach JupyterLab
@@ -516,7 +519,7 @@ async def main() -> None:
     ap.add_argument("-n", type=int, default=10, help="hot and warm spawns each (default 10)")
     ap.add_argument("--concurrent", type=int, default=10,
                     help="new users spawning at once in the burst (default 10; "
-                         "0 skips it; the hub allows 10 concurrent spawns)")
+                         "0 skips it; spawns beyond the spawner's lxd_concurrency queue)")
     ap.add_argument("--keep", action="store_true", help="keep the containers")
     args = ap.parse_args()
     if args.n < 1 or not 0 <= args.concurrent <= BLOCK_LAST - BLOCK_FIRST:

@@ -204,9 +204,14 @@ class LXD:
                 raise LXDUnavailable(f"{self._hint()} ({e})") from e
         return self._client
 
-    def _api(self, path: str):
-        """The pylxd API node for an absolute ``/1.0/...`` path."""
+    def _api(self, path: str, *, any_project: bool = False):
+        """The pylxd API node for an absolute ``/1.0/...`` path.
+        ``any_project``: without this client's project (LXD refuses one
+        beside ``all-projects``)."""
         node = self._connect().api
+        if any_project and getattr(node, "_project", None) is not None:
+            node = type(node)(node._api_endpoint, session=node.session,
+                              timeout=node._timeout, project=None)
         for seg in path.split("?")[0].strip("/").split("/")[1:]:
             node = node[seg]
         return node
@@ -257,7 +262,7 @@ class LXD:
     def _request(self, method: str, path: str, *, params=None, json=None,
                  data=None, headers=None, timeout=None, ok=(200, 201, 202), raw=False,
                  stream=False):
-        node = self._api(path)
+        node = self._api(path, any_project=bool(params and params.get("all-projects")))
         # raw: the body is file content, not an LXD JSON envelope.
         kwargs: dict[str, Any] = {"is_api": False} if raw else {}
         if stream:

@@ -114,6 +114,9 @@ async def lab(nat_project, node_agent, pinned_nics, idmap_blocks, run_tag):
         await ensure_container(nat_project, spec)
         await nat_project.update_config(spec.name, {SSH_PORT_KEY: str(PORTS[user])})
         specs[user] = spec
+    # The address allocator looks across projects, from a project's client too.
+    listed = {i["name"] for i in await nat_project.list_instances(all_projects=True)}
+    assert {s.name for s in specs.values()} <= listed
     await asyncio.gather(*(nat_project.start(s.name) for s in specs.values()))
     for user, spec in specs.items():
         addr = spec.nic["ipv4.address"]
