@@ -193,15 +193,32 @@ def check_owner(instance: Mapping, user: str) -> None:
                              f"{owner or 'no lxcgpu user'}, not {user!r}")
 
 
+async def half_made(lxd: LXD, instance: Mapping) -> bool:
+    """Whether ``instance`` is what an interrupted creation left (LXD stopped
+    while unpacking the image): never started, and its root volume missing.
+    Such an instance holds nothing of its user's and cannot be used."""
+    cfg = instance.get("config") or {}
+    if cfg.get("volatile.apply_template") != "create" or \
+            str(instance.get("status", "")).lower() != "stopped":
+        return False
+    pool = ((instance.get("expanded_devices") or {}).get("root") or {}).get("pool")
+    return bool(pool) and not await lxd.has_volume(pool, instance["name"])
+
+
 async def ensure_container(lxd: LXD, spec: ContainerSpec) -> dict:
     """Create the user's container if it does not exist; return its record.
 
     An existing instance of that name must belong to the same user (its
-    ``user.lxcgpu.owner``): lxcgpu never adopts someone else's container."""
+    ``user.lxcgpu.owner``): lxcgpu never adopts someone else's container.
+    One that an interrupted creation left half-made is made anew."""
     existing = await lxd.instance(spec.name)
     if existing is not None:
         check_owner(existing, spec.user)
-        return existing
+        if not await half_made(lxd, existing):
+            return existing
+        log.warning("%s was left half-made by an interrupted creation (never started, no "
+                    "root volume): deleting it and creating it again", spec.name)
+        await lxd.delete_instance(spec.name)
     log.info("creating %s for %s on %s", spec.name, spec.user, spec.server)
     return await lxd.create_instance(spec.name, image_alias=spec.image, config=spec.config(),
                                      devices=spec.devices(), profiles=spec.profiles)

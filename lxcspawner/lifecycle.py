@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 from . import naming, network
-from .container import ContainerError, check_owner, ensure_container
+from .container import ContainerError, check_owner, ensure_container, half_made
 from .lxd import LXD, LXDNotFound
 from .portmap import config_changes
 from .provision import provision
@@ -193,6 +193,8 @@ async def ensure_user_container(lxd: LXD, store: Store, settings: Settings, user
     inst = await lxd.instance(spec.name)
     if inst is not None:
         check_owner(inst, user)
+        if await half_made(lxd, inst):
+            inst = None     # ensure_container makes it anew
     profiles = list(inst.get("profiles") or ()) if inst is not None else list(spec.profiles)
     nic = await _fixed_nic(lxd, store, settings, user, server, spec.name, profiles,
                            inst.get("devices") if inst is not None else None, actor)

@@ -28,7 +28,9 @@ from traitlets import Bool, Dict, Enum, Integer, List, Unicode, default, validat
 
 from . import jupyter, naming
 from .lifecycle import ensure_user_container
+from .container import ContainerError
 from .lxd import LXD, LXDError, is_outage
+from .provision import ProvisionError
 from .settings import Settings
 
 # Progress (percent) the spawn page shows for each step.
@@ -54,6 +56,20 @@ class GPUServerDown(web.HTTPError):
                          "please try again in a minute, and tell your administrator if it "
                          "keeps happening.")
         super().__init__(503, self.sentence)
+
+    def __str__(self) -> str:
+        return self.sentence
+
+
+class SpawnFailed(web.HTTPError):
+    """A spawn failed on an LXD error that is not an outage: 500, with a
+    sentence for the spawn page instead of LXD's text (which the log has)."""
+
+    def __init__(self, server: str):
+        self.sentence = (f"Your server could not be started on the GPU server {server}: its "
+                         "LXD reported an error (the hub's log has the details). Please try "
+                         "again; if it fails again, tell your administrator.")
+        super().__init__(500, self.sentence)
 
     def __str__(self) -> str:
         return self.sentence
@@ -293,14 +309,17 @@ class LXCSpawner(Spawner):
         self._start_task = asyncio.ensure_future(self._start())
         try:
             return await self._start_task
+        except (ContainerError, ProvisionError):
+            raise       # lxcgpu's own sentences, for the user as they are
         except LXDError as e:
-            if not is_outage(e):
-                raise
             # The log has LXD's own words; the user gets a sentence.
             server = self.gpu_server()
-            self.log.error("%s: spawn on %s failed, LXD stopped answering: %s",
-                           self._log_name, server, e)
-            raise GPUServerDown(server) from e
+            if is_outage(e):
+                self.log.error("%s: spawn on %s failed, LXD stopped answering: %s",
+                               self._log_name, server, e)
+                raise GPUServerDown(server) from e
+            self.log.error("%s: spawn on %s failed: %s", self._log_name, server, e)
+            raise SpawnFailed(server) from e
         finally:
             self._spawn_done = True
             self._new_event.set()
