@@ -195,14 +195,15 @@ def check_owner(instance: Mapping, user: str) -> None:
 
 async def half_made(lxd: LXD, instance: Mapping) -> bool:
     """Whether ``instance`` is what an interrupted creation left (LXD stopped
-    while unpacking the image): never started, and its root volume missing.
-    Such an instance holds nothing of its user's and cannot be used."""
+    while unpacking the image): stopped, never started (no
+    ``volatile.idmap.current`` nor ``volatile.last_state.power``), and
+    without the ``volatile.apply_template`` that LXD sets once a creation is
+    complete.  Such an instance holds nothing of its user's and cannot be
+    used ("Failed to write backup file: Instance storage pool not found")."""
     cfg = instance.get("config") or {}
-    if cfg.get("volatile.apply_template") != "create" or \
-            str(instance.get("status", "")).lower() != "stopped":
-        return False
-    pool = ((instance.get("expanded_devices") or {}).get("root") or {}).get("pool")
-    return bool(pool) and not await lxd.has_volume(pool, instance["name"])
+    return (str(instance.get("status", "")).lower() == "stopped"
+            and not any(k in cfg for k in ("volatile.apply_template", "volatile.idmap.current",
+                                           "volatile.last_state.power")))
 
 
 async def ensure_container(lxd: LXD, spec: ContainerSpec) -> dict:
@@ -216,8 +217,8 @@ async def ensure_container(lxd: LXD, spec: ContainerSpec) -> dict:
         check_owner(existing, spec.user)
         if not await half_made(lxd, existing):
             return existing
-        log.warning("%s was left half-made by an interrupted creation (never started, no "
-                    "root volume): deleting it and creating it again", spec.name)
+        log.warning("%s was left half-made by an interrupted creation (never started, "
+                    "never completed): deleting it and creating it again", spec.name)
         await lxd.delete_instance(spec.name)
     log.info("creating %s for %s on %s", spec.name, spec.user, spec.server)
     return await lxd.create_instance(spec.name, image_alias=spec.image, config=spec.config(),

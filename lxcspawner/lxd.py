@@ -752,16 +752,6 @@ class LXD:
                 pass
         await self.run(delete, what=f"delete project {name}")
 
-    async def has_volume(self, pool: str, name: str) -> bool:
-        """Whether the storage pool holds the instance's volume."""
-        def get():
-            try:
-                self._request("get", f"/1.0/storage-pools/{pool}/volumes/container/{name}")
-                return True
-            except LXDNotFound:
-                return False
-        return await self.run(get, what=f"volume {name} in {pool}")
-
     async def profile(self, name: str) -> dict:
         """A profile's record (config, devices)."""
         def get():

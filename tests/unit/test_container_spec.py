@@ -95,3 +95,22 @@ def test_idmap_ranges_reads_volatile_map():
 def test_pool_overrides_the_root_disk():
     assert "root" not in spec().devices()
     assert spec(pool="fast").devices()["root"] == {"type": "disk", "path": "/", "pool": "fast"}
+
+
+@pytest.mark.parametrize("status,keys,expected", [
+    # What LXD 5.0.2 left here when it was killed 0.15 s into a creation.
+    ("Stopped", ["volatile.base_image", "volatile.eth0.hwaddr", "volatile.idmap.next",
+                 "volatile.last_state.idmap", "volatile.uuid"], True),
+    # A creation that completed, never started.
+    ("Stopped", ["volatile.apply_template", "volatile.base_image", "volatile.uuid"], False),
+    # Started once, now stopped: the user's data may be there.
+    ("Stopped", ["volatile.base_image", "volatile.idmap.current",
+                 "volatile.last_state.power", "volatile.uuid"], False),
+    ("Running", ["volatile.base_image"], False),
+])
+def test_half_made_is_only_an_interrupted_creation(status, keys, expected):
+    import asyncio
+
+    from lxcspawner.container import half_made
+    inst = {"name": "a--gpu17", "status": status, "config": {k: "x" for k in keys}}
+    assert asyncio.run(half_made(None, inst)) is expected
