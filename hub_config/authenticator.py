@@ -105,15 +105,19 @@ class LXCGPUAuthenticator(LDAPAuthenticator):
 
     _executor: ThreadPoolExecutor | None = None
 
-    async def authenticate(self, handler, data):
-        """The parent's LDAP login, run to completion in a worker thread."""
+    def _pool(self) -> ThreadPoolExecutor:
+        """The directory's worker threads (made at first use)."""
         if self._executor is None:
             self._executor = ThreadPoolExecutor(
                 max_workers=self.ldap_threads, thread_name_prefix="lxcgpu-ldap"
             )
+        return self._executor
+
+    async def authenticate(self, handler, data):
+        """The parent's LDAP login, run to completion in a worker thread."""
         # The parent's coroutine never awaits, so a private event loop in the
         # worker runs it through; it needs nothing from the hub's loop.
-        future = self._executor.submit(asyncio.run, super().authenticate(handler, data))
+        future = self._pool().submit(asyncio.run, super().authenticate(handler, data))
         try:
             return await asyncio.wait_for(asyncio.wrap_future(future), self.ldap_timeout)
         except asyncio.TimeoutError:
@@ -166,14 +170,10 @@ class LXCGPUAuthenticator(LDAPAuthenticator):
             return True
         if user.name in (self.allowed_users or set()) or user.name in (self.admin_users or set()):
             return True
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(
-                max_workers=self.ldap_threads, thread_name_prefix="lxcgpu-ldap"
-            )
         loop = asyncio.get_running_loop()
         try:
             groups = await asyncio.wait_for(
-                loop.run_in_executor(self._executor, self.membership, user.name),
+                loop.run_in_executor(self._pool(), self.membership, user.name),
                 self.ldap_timeout)
         except (asyncio.TimeoutError, LDAPException) as e:
             self.log.warning("Cannot refresh %s against the directory (%s); keeping their "

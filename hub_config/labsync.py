@@ -125,9 +125,7 @@ class LabSync:
         self.settings = settings
         self.store = settings.open_store()
         self.lxd = {
-            name: LXD(spec.get("lxd"), cert=tuple(spec["cert"]) if spec.get("cert") else None,
-                      verify=spec.get("verify", True), project=spec.get("project"))
-            for name, spec in (servers or {settings.server: {}}).items()}
+            name: LXD.for_server(spec) for name, spec in (servers or {settings.server: {}}).items()}
         self.keep = set(auth.allowed_users or ()) | set(auth.admin_users or ())
 
     async def round(self) -> dict[str, str]:

@@ -210,9 +210,7 @@ class LXCSpawner(Spawner):
         shared = self._shared_parts()
         if server not in shared.lxd:
             spec = self.servers[server]
-            shared.lxd[server] = LXD(
-                spec.get("lxd"), cert=tuple(spec["cert"]) if spec.get("cert") else None,
-                verify=spec.get("verify", True), project=spec.get("project"))
+            shared.lxd[server] = LXD.for_server(spec)
             shared.limits[server] = asyncio.Semaphore(self.lxd_concurrency)
         return shared.lxd[server]
 
