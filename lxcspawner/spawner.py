@@ -185,9 +185,18 @@ class LXCSpawner(Spawner):
 
     @default("start_timeout")
     def _default_start_timeout(self):
-        # A first start creates the container and shifts its id map; spawns
-        # queue behind lxd_concurrency: JupyterHub's 60 s is too short.
-        return 300
+        # A first start creates the container and shifts its id map, and a
+        # burst of spawns queues behind lxd_concurrency: JupyterHub's 60 s is
+        # too short. Every step has its own bound (address_timeout,
+        # http_timeout with a liveness check), so this only ends a long wait.
+        return 900
+
+    @default("http_timeout")
+    def _default_http_timeout(self):
+        # Jupyter's first start in a new container on a loaded server (a
+        # burst of starts on two cores) takes over JupyterHub's 30 s; a
+        # Jupyter that dies is reported at once (wait_listening checks it).
+        return 180
 
     address_timeout = Integer(
         120, config=True,

@@ -53,7 +53,6 @@ c.LXCGPULabSync.interval = {SYNC_INTERVAL}
     instance = launch_hub(root, toml, ldap_settings=settings,
                           admin_group=ldap_directory.admins_group_dn, tag_key=TEST_KEY,
                           tag=tag, service=TEST_SERVICE)
-    instance.store_url = f"sqlite:///{root / 'lxcgpu.sqlite'}"
     try:
         instance.start()
         yield instance
