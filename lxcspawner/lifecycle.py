@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 from . import naming, network
-from .container import ContainerError, check_owner, ensure_container, half_made
-from .lxd import LXD, LXDNotFound
+from .container import ContainerError, ContainerSpec, check_owner, ensure_container, half_made
+from .lxd import LXD, LXDError, LXDNotFound, is_outage
 from .portmap import config_changes
 from .provision import provision
 from .settings import Settings
@@ -148,6 +148,26 @@ async def _fixed_nic(lxd: LXD, store: Store, settings: Settings, user: str, serv
     return network.nic_device(base, address, port_isolation=settings.port_isolation)
 
 
+async def _start(lxd: LXD, spec: ContainerSpec, *, created: bool,
+                 say: Callable[[str], None]) -> None:
+    """Start the container.  The first start of one made just now shifts its
+    whole root file system to the user's ids; where LXD fails that (seen in
+    bursts of first starts on a dir pool: "Failed to handle idmapped
+    storage"), the half-shifted container holds nothing of the user's and
+    is made anew, once, rather than started again."""
+    try:
+        await lxd.start(spec.name)
+    except LXDError as e:
+        if not created or is_outage(e):
+            raise
+        log.warning("%s: its first start failed (%s): deleting it and creating it again",
+                    spec.name, e)
+        say("starting container failed; making it again")
+        await lxd.delete_instance(spec.name)
+        await ensure_container(lxd, spec)
+        await lxd.start(spec.name)
+
+
 async def delete_user_container(lxd: LXD, store: Store, user: str, server: str, *,
                                 prefix: str = "", actor: str = "system") -> bool:
     """Delete ``user``'s container on ``server`` and free its address; True
@@ -204,6 +224,7 @@ async def ensure_user_container(lxd: LXD, store: Store, settings: Settings, user
             overrides = {**overrides, "gpus": await lxd.gpu_count()}
         spec = settings.container_spec(user, rec.idmap_base, server=server, nic=nic,
                                        **overrides)
+    created = inst is None
     inst = await ensure_container(lxd, spec)
     address = nic["ipv4.address"]
 
@@ -226,7 +247,7 @@ async def ensure_user_container(lxd: LXD, store: Store, settings: Settings, user
         state = await lxd.state(spec.name)
         if not state.running:
             say("starting container")
-            await lxd.start(spec.name)
+            await _start(lxd, spec, created=created, say=say)
         if address not in state.addresses:
             say("waiting for network")
             await lxd.wait_for_address(spec.name, timeout=address_timeout, expected=address)
