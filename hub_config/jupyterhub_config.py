@@ -49,6 +49,8 @@ from hub_config.proxy import DEFAULT_USER as PROXY_USER  # noqa: E402
 from hub_config.proxy import proxy_user, unprivileged_command  # noqa: E402
 from hub_config.statedir import hub_dir, secret_file  # noqa: E402
 from lxcspawner.network import hub_api_port  # noqa: E402
+from lxcspawner.settings import ENV_VAR as LXCGPU_CONFIG_VAR  # noqa: E402
+from lxcspawner.settings import Settings  # noqa: E402
 from hub_config.tls import DEFAULT_DIR as TLS_DIR  # noqa: E402
 from hub_config.tls import (  # noqa: E402
     ensure_hub_certificate, install_for_proxy, machine_addresses, machine_hostname,
@@ -113,8 +115,8 @@ c.JupyterHub.concurrent_spawn_limit = 100
 # hub finds them again through the spawner's saved state and poll().
 c.JupyterHub.cleanup_servers = False
 # The spawner's settings are the site's; their defaults serve one machine:
-#   c.LXCSpawner.servers = {"<[server] name>": {}}   # GPU server -> its LXD ({}: local)
-#   c.LXCSpawner.default_server = <the first of servers>
+#   (the GPU servers are the site file's [servers.<name>] tables; the first
+#   is the default)
 #   c.LXCSpawner.lxcgpu_config = $LXCGPU_CONFIG or "/etc/lxcgpu/lxcgpu.toml"
 #   c.LXCSpawner.extra_container_config = {}
 #   c.LXCSpawner.stop_container_on_stop = False      # stopping Jupyter keeps the container
@@ -142,7 +144,8 @@ if "hub_bind_url" not in c.JupyterHub and "hub_connect_url" not in c.JupyterHub:
 # One named server per GPU server (each is named after its GPU server), so a
 # user cannot start more servers than there are GPU servers.
 if "named_server_limit_per_user" not in c.JupyterHub:
-    c.JupyterHub.named_server_limit_per_user = max(1, len(c.LXCSpawner.get("servers") or {}))
+    c.JupyterHub.named_server_limit_per_user = len(
+        Settings.load(c.LXCSpawner.get("lxcgpu_config") or None).servers)
 
 # --- origins: each user's servers on an origin of their own -------------------
 # A user is root in their container and controls every byte their server
@@ -242,11 +245,12 @@ for _k in ("allowed_users", "admin_users"):
     if _k in c.Authenticator:
         _ldap[_k] = sorted(c.Authenticator[_k])
 if _labsync.interval and _ldap.get("lookup_dn_search_user"):
-    _entry = _labsync.service({k: v for k, v in _ldap.items() if not callable(v)},
-                              dict(c.LXCSpawner.get("servers") or {}))
+    _entry = _labsync.service({k: v for k, v in _ldap.items() if not callable(v)})
     _entry["environment"].update({
         "PYTHONPATH": str(_HERE.parent),
-        **{k: os.environ[k] for k in ("LXCGPU_CONFIG",) if os.environ.get(k)},
+        # The same site file as the spawner's.
+        **({LXCGPU_CONFIG_VAR: str(_config)} if (_config := c.LXCSpawner.get("lxcgpu_config")
+                                                 or os.environ.get(LXCGPU_CONFIG_VAR)) else {}),
     })
     c.JupyterHub.services.append(_entry)
     c.JupyterHub.load_roles.append(_labsync.role())

@@ -60,10 +60,9 @@ class LXCGPULabSync(Configurable):
             raise TraitError("LXCGPULabSync.interval must be >= 0")
         return proposal.value
 
-    def service(self, ldap: dict, servers: dict | None) -> dict:
+    def service(self, ldap: dict) -> dict:
         """The entry for ``JupyterHub.services``."""
-        env = {ENV_VAR: json.dumps({"interval": self.interval, "ldap": ldap,
-                                    "servers": servers or {}})}
+        env = {ENV_VAR: json.dumps({"interval": self.interval, "ldap": ldap})}
         return {"name": SERVICE, "command": [sys.executable, "-m", "hub_config.labsync"],
                 "environment": env}
 
@@ -117,15 +116,14 @@ class Hub:
 class LabSync:
     """One round: every hub user against the directory (see the module docstring)."""
 
-    def __init__(self, auth, hub: Hub, settings, servers: dict):
-        from lxcspawner.lxd import LXD
+    def __init__(self, auth, hub: Hub, settings):
+        from lxcspawner.fleet import Fleet
 
         self.auth = auth
         self.hub = hub
         self.settings = settings
         self.store = settings.open_store()
-        self.lxd = {
-            name: LXD.for_server(spec) for name, spec in (servers or {settings.server: {}}).items()}
+        self.fleet = Fleet(settings, self.store, actor=ACTOR)
         self.keep = set(auth.allowed_users or ()) | set(auth.admin_users or ())
 
     async def round(self) -> dict[str, str]:
@@ -153,9 +151,6 @@ class LabSync:
         return changed
 
     async def end_access(self, user: dict, why: str) -> bool:
-        from lxcspawner.lifecycle import sync_user_container
-        from lxcspawner.lxd import LXDError, LXDNotFound
-
         name = user["name"]
         stopped = await asyncio.to_thread(self.hub.stop_servers, user)
         revoked = await asyncio.to_thread(self.hub.revoke_tokens, name)
@@ -166,17 +161,13 @@ class LabSync:
             await asyncio.to_thread(self.store.audit, ACTOR, "user.access-ended", name,
                                     {"reason": why, "servers": stopped, "tokens": revoked})
         if known:
-            for server, lxd in self.lxd.items():
-                try:
-                    await sync_user_container(lxd, self.store, name, server,
-                                              prefix=self.settings.instance_prefix)
-                except LXDNotFound:
-                    continue
-                except LXDError as e:
-                    # Tried again next round (the store says suspended).
-                    log.warning("%s on %s: removing keys and port maps failed: %s", name,
-                                server, e)
-                    suspended = True
+            # Keys and port maps out of their containers on every GPU server;
+            # a server that fails is tried again next round (still suspended).
+            failed = [r for r in await self.fleet.sync_user(name) if not r.ok]
+            if failed:
+                log.warning("%s: removing keys and port maps failed on %s", name,
+                            "; ".join(f"{r.server} ({r.detail})" for r in failed))
+                suspended = True
         if stopped or revoked or suspended:
             log.warning("%s is %s: servers stopped %s, %d tokens revoked, keys and port maps "
                         "removed", name, why, stopped or "none", revoked)
@@ -203,7 +194,7 @@ def main() -> int:
     conf = json.loads(os.environ[ENV_VAR])
     auth = LXCGPUAuthenticator(**conf["ldap"])
     hub = Hub(os.environ["JUPYTERHUB_API_URL"], os.environ["JUPYTERHUB_API_TOKEN"])
-    sync = LabSync(auth, hub, Settings.load(), conf.get("servers") or {})
+    sync = LabSync(auth, hub, Settings.load())
     asyncio.run(run(sync, int(conf["interval"])))
     return 0
 

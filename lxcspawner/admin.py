@@ -2,8 +2,9 @@
 containers, until the web portal lands.
 
 It reads the site settings (``--config`` or ``$LXCGPU_CONFIG``, else
-``/etc/lxcgpu/lxcgpu.toml``), works on the store they name and on this GPU
-server's LXD, and records every change in the audit log as
+``/etc/lxcgpu/lxcgpu.toml``), works on the store they name and on the LXD
+of each GPU server they list (:mod:`lxcspawner.fleet` applies a user's
+change on every server and reports each one), and records every change in the audit log as
 ``admin:<login>``.  Output is a table for people and JSON with ``--json``.
 Errors are one line on stderr and exit status 1 (2 for a bad command line).
 SSH keys are read from a file or stdin, never from the command line.
@@ -25,7 +26,8 @@ from typing import Any, Awaitable, Callable, Sequence, TypeVar
 from sqlalchemy.exc import SQLAlchemyError
 
 from . import lifecycle, naming
-from .lxd import LXD, LXDError, LXDUnavailable
+from .fleet import Fleet, ServerResult, summary
+from .lxd import LXD, LXDError
 from .settings import Settings
 from .store import KeyRecord, Store, StoreError, key_fingerprint
 
@@ -118,19 +120,31 @@ class Context:
         if not self.json:
             print(text, file=sys.stderr)
 
-    def with_lxd(self, fn: Callable[[LXD], Awaitable[T]]) -> T:
+    def with_lxd(self, server: str, fn: Callable[[LXD], Awaitable[T]]) -> T:
+        """Run ``fn`` with GPU server ``server``'s LXD."""
         async def go() -> T:
             # No retries: a one-shot command reports an unreachable LXD at once.
-            lxd = self.settings.open_lxd(retries=0)
+            lxd = self.settings.open_lxd(server, retries=0)
             try:
                 return await fn(lxd)
             finally:
                 lxd.close()
         return asyncio.run(go())
 
+    def on_every_server(self, fn: Callable[[Fleet], Awaitable[T]]) -> T:
+        """Run ``fn`` with the site's fleet of GPU servers (one result each)."""
+        async def go() -> T:
+            fleet = Fleet(self.settings, self.store, actor=self.actor)
+            try:
+                return await fn(fleet)
+            finally:
+                fleet.close()
+        return asyncio.run(go())
+
 
 def _server(ctx: Context, args) -> str:
-    return args.server or ctx.settings.server
+    """``--server`` if it names a server of the site, else the default one."""
+    return ctx.settings.gpu_server(args.server).name
 
 
 def _new_user_note(ctx: Context, user: str, existed: bool) -> None:
@@ -247,27 +261,18 @@ def cmd_key_remove(ctx: Context, args) -> None:
 
 
 def _push_keys(ctx: Context, user: str) -> str:
-    """Put the user's keys into their running container on this server, if
-    there is one; say what happened.  The store change stands either way."""
-    server = ctx.settings.server
-    name = naming.instance_name(user, server, ctx.settings.instance_prefix)
+    """Put the user's keys into their containers on every GPU server; say,
+    per server, what happened.  The store change stands either way."""
+    results = ctx.on_every_server(lambda fleet: fleet.sync_user(user))
+    return _results_note(results, user)
 
-    async def sync(lxd: LXD):
-        if await lxd.instance(name) is None:
-            return None
-        return await lifecycle.sync_user_container(lxd, ctx.store, user, server,
-                                                   prefix=ctx.settings.instance_prefix)
-    later = (f"other servers' containers get the keys at their next start, or with "
-             f"`{PROG} container sync {user}` there")
-    try:
-        res = ctx.with_lxd(sync)
-    except LXDUnavailable as e:
-        return f"container not updated: {e}; run `{PROG} container sync {user}` later"
-    if res is None:
-        return f"{user} has no container on {server}; {later}"
-    if not res.provisioned:
-        return f"{name} is stopped: it gets the keys when it starts; {later}"
-    return f"keys updated in {name}; {later}"
+
+def _results_note(results: Sequence[ServerResult], user: str) -> str:
+    text = summary(results)
+    if not all(r.ok for r in results):
+        text += (f"\nthe store has the change: a container gets it at its next start, or "
+                 f"run `{PROG} container sync {user}` once its server is back")
+    return text
 
 
 # ---------------------------------------------------------------- forwards
@@ -279,32 +284,11 @@ def _forwards_table(fwds) -> str:
 
 
 def _push_port_maps(ctx: Context, user: str, server: str) -> dict:
-    """Write the user's port maps into their container on this server, if it
-    is here; say what happened.  The store change stands either way."""
-    name = naming.instance_name(user, server, ctx.settings.instance_prefix)
-    if server != ctx.settings.server:
-        note = (f"{server} is not this server ({ctx.settings.server}): run "
-                f"`{PROG} container sync {user}` there, or the map is written at the "
-                "container's next start")
-        return {"name": name, "updated": None, "note": note}
-
-    async def sync(lxd: LXD):
-        if await lxd.instance(name) is None:
-            return None
-        return await lifecycle.sync_port_maps(lxd, ctx.store, user, server,
-                                              prefix=ctx.settings.instance_prefix)
-    try:
-        changed = ctx.with_lxd(sync)
-    except LXDUnavailable as e:
-        return {"name": name, "updated": None,
-                "note": f"container not updated: {e}; run `{PROG} container sync {user}` later"}
-    if changed is None:
-        note = f"{user} has no container on {server} yet; it gets the map when created"
-    elif changed:
-        note = f"container {name} updated; the node agent maps the port now"
-    else:
-        note = f"container {name} already had this map"
-    return {"name": name, "updated": changed, "note": note}
+    """Write the user's port maps into their container on ``server``; say
+    what happened.  The store change stands either way."""
+    [res] = ctx.on_every_server(lambda fleet: fleet.sync_port_maps(user, [server]))
+    return {"server": res.server, "status": res.status,
+            "note": _results_note([res], user)}
 
 
 def cmd_forward_add(ctx: Context, args) -> None:
@@ -357,7 +341,7 @@ def cmd_container_up(ctx: Context, args) -> None:
             lxd, ctx.store, ctx.settings, args.name, server, actor=ctx.actor,
             progress=lambda msg: ctx.note(f"{msg} ..."))
     uc = _audited(ctx, "container.up", args.name, {"server": server},
-                  lambda: ctx.with_lxd(up))
+                  lambda: ctx.with_lxd(server, up))
     text = fields([("container", uc.name), ("address", uc.address),
                    ("ssh", uc.ssh_command)] +
                   [(f"forward {h}", f"{uc.server}:{h} -> container port {p}")
@@ -366,18 +350,16 @@ def cmd_container_up(ctx: Context, args) -> None:
 
 
 def cmd_container_sync(ctx: Context, args) -> None:
-    server = _server(ctx, args)
-
-    async def sync(lxd: LXD) -> lifecycle.ContainerSync:
-        return await lifecycle.sync_user_container(lxd, ctx.store, args.name, server,
-                                                   prefix=ctx.settings.instance_prefix)
-    res = _audited(ctx, "container.sync", args.name, {"server": server},
-                   lambda: ctx.with_lxd(sync))
-    ctx.emit(res, fields([
-        ("container", res.name),
-        ("port maps", "updated" if res.ports_changed else "unchanged"),
-        ("keys", "pushed" if res.provisioned
-         else "not pushed: the container is stopped (they are at its next start)")]))
+    servers = [_server(ctx, args)] if args.server else None
+    results = ctx.on_every_server(lambda fleet: fleet.sync_user(args.name, servers))
+    ctx.store.audit(ctx.actor, "container.sync", args.name,
+                    {"servers": {r.server: r.status for r in results}},
+                    ok=all(r.ok for r in results))
+    ctx.emit(results, _results_note(results, args.name))
+    if not all(r.ok for r in results):
+        bad = [r.server for r in results if not r.ok]
+        raise CommandError(f"{args.name}'s containers on {', '.join(bad)} are not up to date "
+                           "(see above)")
 
 
 def cmd_container_delete(ctx: Context, args) -> None:
@@ -392,7 +374,7 @@ def cmd_container_delete(ctx: Context, args) -> None:
             lxd, ctx.store, args.name, server, prefix=ctx.settings.instance_prefix,
             actor=ctx.actor)
     existed = _audited(ctx, "container.delete", args.name, {"server": server},
-                       lambda: ctx.with_lxd(delete))
+                       lambda: ctx.with_lxd(server, delete))
     ctx.emit({"container": name, "deleted": existed},
              fields([("container", name),
                      ("deleted", "yes; its address is free again" if existed
@@ -453,8 +435,8 @@ def build_parser() -> argparse.ArgumentParser:
         return q
 
     def server_opt(q):
-        q.add_argument("--server", metavar="S", help="GPU server name (default: this "
-                       "server, [server] name)")
+        q.add_argument("--server", metavar="S", help="GPU server name (default: the "
+                       "site's first, [servers.<name>])")
 
     user = groups.add_parser("user", help="users: SSH port and id block").add_subparsers(
         dest="cmd", metavar="ACTION", required=True)
@@ -494,15 +476,15 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--host-port", action="store_true", help="PORT is the host port")
     server_opt(q)
 
-    ctr = groups.add_parser("container", help="users' containers on this server"
+    ctr = groups.add_parser("container", help="users' containers on the GPU servers"
                             ).add_subparsers(dest="cmd", metavar="ACTION", required=True)
     q = leaf(ctr, "up", cmd_container_up, "create, start and prepare a user's container")
     q.add_argument("name", **NAME)
     server_opt(q)
     q = leaf(ctr, "sync", cmd_container_sync, "push a user's keys and port maps into "
-             "their container")
+             "their containers on every GPU server")
     q.add_argument("name", **NAME)
-    server_opt(q)
+    q.add_argument("--server", metavar="S", help="only on this GPU server")
     q = leaf(ctr, "delete", cmd_container_delete, "delete a user's container and all in it "
              "(their SSH port, keys and forwards stay theirs)")
     q.add_argument("name", **NAME)

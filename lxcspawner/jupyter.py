@@ -17,6 +17,7 @@ import asyncio
 import re
 from typing import Awaitable, Callable, Mapping, Sequence
 
+from . import naming
 from .lxd import LXD
 
 UNIT = "lxcgpu-jupyter"
@@ -30,9 +31,7 @@ def unit_name(server_name: str) -> str:
     named server (named after its GPU server, a lower-case DNS label)."""
     if not server_name:
         return UNIT
-    if not re.fullmatch(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?", server_name):
-        raise ValueError(f"not a server name: {server_name!r}")
-    return f"{UNIT}-{server_name}"
+    return f"{UNIT}-{naming.check_server_name(server_name)}"
 
 
 def env_file(env: Mapping[str, str]) -> str:

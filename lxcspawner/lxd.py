@@ -783,13 +783,6 @@ class LXD:
         """Follow LXD's event stream in a thread of its own (see EventStream)."""
         return EventStream(self, on_event, types=types, on_connect=on_connect).start()
 
-    @classmethod
-    def for_server(cls, spec: Mapping[str, Any], **kwargs: Any) -> "LXD":
-        """The client for one entry of ``LXCSpawner.servers``: ``lxd`` (socket
-        or URL), ``cert`` ([cert, key]), ``verify``, ``project``."""
-        return cls(spec.get("lxd"), cert=tuple(spec["cert"]) if spec.get("cert") else None,
-                   verify=spec.get("verify", True), project=spec.get("project"), **kwargs)
-
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
 

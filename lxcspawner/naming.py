@@ -108,6 +108,26 @@ def hostname(user: str, server: str) -> str:
     return safe_slug(f"{server}-{user}", LXD_NAME_MAX)
 
 
+_SERVER_NAME = re.compile(r"^[a-z](?:[a-z0-9-]{0,61}[a-z0-9])?$")
+
+
+def is_server_name(name: object) -> bool:
+    """The one rule for a GPU server's name (the site file's
+    ``[servers.<name>]``, the named server ``/user/alice/<name>``, the
+    store's records, the Jupyter unit): a lower-case hostname label that
+    starts with a letter, as LXD's instance names must."""
+    return isinstance(name, str) and _SERVER_NAME.fullmatch(name) is not None
+
+
+def check_server_name(name: object) -> str:
+    """``name`` if :func:`is_server_name` holds, else ValueError saying the rule."""
+    if not is_server_name(name):
+        raise ValueError(f"{name!r} is not a GPU server name: use a lower-case hostname "
+                         "label (letters, digits and inner hyphens, starting with a letter, "
+                         "at most 63 characters)")
+    return name  # type: ignore[return-value]
+
+
 def is_valid_lxd_name(name: str) -> bool:
     """LXD's rule for instance names (a valid hostname label)."""
     return _VALID_LXD.fullmatch(name) is not None

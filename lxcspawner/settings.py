@@ -11,9 +11,14 @@ errors that name them, so a typo never silently falls back to a default::
     ssh = "22000-29999"
     forward = "11000-11999"
     forward_limit = 10
-    [server]
-    name = "gpu17"
-    lxd = "/var/lib/lxd/unix.socket"
+    [servers.gpu17]                      # this machine: its local LXD
+    address = "gpu17.lab.example.org"    # where users SSH to (default: the name)
+    [servers.gpu18]                      # another GPU server, over HTTPS
+    lxd = "https://gpu18.lab.example.org:8443"
+    client_cert = "/etc/lxcgpu/lxd-client.crt"   # the hub's LXD client certificate
+    client_key = "/etc/lxcgpu/lxd-client.key"
+    server_cert = "/etc/lxcgpu/servers/gpu18.crt"  # gpu18's LXD certificate, pinned
+    project = "default"
     [containers]
     prefix = ""
     image = "lxcgpu/default"
@@ -24,6 +29,11 @@ errors that name them, so a typo never silently falls back to a default::
     mounts = ["/data:/data:ro"]
     [network]
     port_isolation = true
+
+The servers' order is the order users see them in; the first is the default.
+A file without ``[servers]`` may name the one server of a one-machine lab
+the older way, ``[server] name = "gpu17"`` (and ``lxd``); without either,
+the one server is this machine's local LXD under its short hostname.
 """
 
 from __future__ import annotations
@@ -52,6 +62,62 @@ def default_server_name() -> str:
 
 
 @dataclass(frozen=True)
+class GPUServer:
+    """One GPU server of the site: how the hub reaches its LXD, and where
+    users reach it over SSH."""
+
+    name: str
+    lxd: str | None = None           # unix socket path or https://HOST:PORT; None: local socket
+    project: str | None = None       # LXD project; None: LXD's default
+    client_cert: str | None = None   # HTTPS: the hub's client certificate and key
+    client_key: str | None = None
+    server_cert: str | None = None   # HTTPS: the server's certificate, pinned
+    address: str | None = None       # the host users SSH to; None: the name
+
+    def __post_init__(self):
+        naming.check_server_name(self.name)
+        for attr in ("lxd", "project", "client_cert", "client_key", "server_cert", "address"):
+            v = getattr(self, attr)
+            if v is not None and (not isinstance(v, str) or not v or v != v.strip()):
+                raise ValueError(f"GPU server {self.name}: {attr} must be a non-empty string")
+        certs = (self.client_cert, self.client_key, self.server_cert)
+        if self.remote:
+            if not self.lxd.startswith("https://") or len(self.lxd) <= len("https://"):
+                raise ValueError(f"GPU server {self.name}: lxd {self.lxd!r} must be a unix "
+                                 "socket path or https://HOST:PORT")
+            missing = [k for k, v in zip(("client_cert", "client_key", "server_cert"), certs)
+                       if v is None]
+            if missing:
+                raise ValueError(f"GPU server {self.name}: LXD over HTTPS needs "
+                                 f"{', '.join(missing)} (the hub's client certificate and key, "
+                                 "and the server's certificate to pin; docs/admin.md section 6)")
+        elif any(v is not None for v in certs):
+            raise ValueError(f"GPU server {self.name}: client_cert, client_key and "
+                             "server_cert are for LXD over https:// only")
+        if self.project is not None and not naming.is_valid_lxd_name(self.project):
+            raise ValueError(f"GPU server {self.name}: project {self.project!r} is not an "
+                             "LXD project name")
+
+    @property
+    def remote(self) -> bool:
+        """Whether its LXD is reached over the network (not a local socket)."""
+        return self.lxd is not None and not self.lxd.startswith("/")
+
+    @property
+    def ssh_host(self) -> str:
+        """The host name users give ssh for this server."""
+        return self.address or self.name
+
+    def open_lxd(self, **kwargs: Any):
+        """An LXD client for this server (certificates pinned over HTTPS)."""
+        from .lxd import LXD
+
+        cert = (self.client_cert, self.client_key) if self.client_cert else None
+        return LXD(self.lxd, cert=cert, verify=self.server_cert or True,
+                   project=self.project, **kwargs)
+
+
+@dataclass(frozen=True)
 class Settings:
     """The site's settings; see the module docstring for the file layout."""
 
@@ -60,8 +126,11 @@ class Settings:
     ssh_ports: tuple[int, int] = store.SSH_PORTS
     forward_ports: tuple[int, int] = store.FORWARD_PORTS
     forward_limit: int = store.FORWARD_LIMIT
-    server: str = field(default_factory=default_server_name)
-    lxd: str | None = None           # LXD endpoint; None: the local socket
+    # The GPU servers, in the order users see them; the first is the default.
+    # Empty: one server, ``server`` (default: the short hostname) on ``lxd``.
+    servers: tuple[GPUServer, ...] = ()
+    server: str | None = None        # the default server's name (None: the first)
+    lxd: str | None = None           # the one-server form's LXD endpoint
     instance_prefix: str = ""
     image: str = "lxcgpu/default"
     profiles: tuple[str, ...] = ("lxcgpu",)
@@ -89,16 +158,7 @@ class Settings:
             raise ValueError(f"ssh ports {a}-{b} overlap forward ports {c}-{d}")
         if not _is_int(self.forward_limit) or self.forward_limit < 0:
             raise ValueError("forward_limit must be a whole number >= 0")
-        if not isinstance(self.server, str) or not naming.is_valid_lxd_name(self.server) \
-                or self.server != self.server.lower():
-            raise ValueError(
-                f"server name {self.server!r} is not a lowercase hostname label "
-                "(letters, digits, inner hyphens, starting with a letter): "
-                "set [server] name")
-        if self.lxd is not None and not (
-                isinstance(self.lxd, str)
-                and (self.lxd.startswith("/") or self.lxd.startswith("https://"))):
-            raise ValueError(f"lxd endpoint {self.lxd!r}: a unix socket path or https://HOST:PORT")
+        self._settle_servers()
         if self.instance_prefix and not naming.is_kept(self.instance_prefix, 16):
             raise ValueError(f"instance prefix {self.instance_prefix!r}: up to 16 lowercase "
                              "letters, digits and single hyphens, starting with a letter")
@@ -113,6 +173,55 @@ class Settings:
             raise ValueError("mounts must be Mount objects")
         # The limits and mounts are checked by the one place that owns them.
         self.container_spec("settings-check", IDMAP_USER_FIRST)
+
+    def _settle_servers(self) -> None:
+        servers = self.servers
+        if not isinstance(servers, tuple) or not all(isinstance(g, GPUServer) for g in servers):
+            raise ValueError("servers must be a tuple of GPUServer")
+        if not servers:
+            name = self.server or default_server_name()
+            try:
+                naming.check_server_name(name)
+            except ValueError as e:
+                hint = ("; it is this machine's short hostname: name the GPU server in a "
+                        "[servers.<name>] table") if self.server is None else ""
+                raise ValueError(f"{e}{hint}") from None
+            if self.lxd is not None and not (isinstance(self.lxd, str)
+                                             and self.lxd.startswith("/")):
+                raise ValueError(f"[server] lxd {self.lxd!r}: a unix socket path; a GPU "
+                                 "server over HTTPS is a [servers.<name>] table with its "
+                                 "certificates")
+            servers = (GPUServer(name, self.lxd),)
+        elif self.lxd is not None:
+            raise ValueError("give each GPU server's LXD in its [servers.<name>] table, "
+                             "not in [server]")
+        names = [g.name for g in servers]
+        if len(set(names)) != len(names):
+            raise ValueError(f"GPU server names repeat: {', '.join(names)}")
+        server = self.server or names[0]
+        if server not in names:
+            raise ValueError(f"default server {server!r} is not one of the GPU servers "
+                             f"({', '.join(names)})")
+        object.__setattr__(self, "servers", servers)
+        object.__setattr__(self, "server", server)
+
+    @property
+    def server_names(self) -> tuple[str, ...]:
+        return tuple(g.name for g in self.servers)
+
+    def gpu_server(self, name: str | None = None) -> GPUServer:
+        """The GPU server called ``name`` (default: the default server);
+        SettingsError naming the known ones if there is none."""
+        name = name or self.server
+        try:
+            naming.check_server_name(name)
+        except ValueError as e:
+            raise SettingsError(str(e)) from None
+        for g in self.servers:
+            if g.name == name:
+                return g
+        raise SettingsError(f"unknown GPU server {name!r}: this site's servers are "
+                            f"{', '.join(self.server_names)} ({self.source or 'settings'})")
 
     # ------------------------------------------------------------ reading
 
@@ -145,9 +254,15 @@ class Settings:
         def fail(msg: str) -> SettingsError:
             return SettingsError(f"{source}: {msg}")
 
-        unknown = sorted(set(data) - set(_SCHEMA))
+        unknown = sorted(set(data) - set(_SCHEMA) - {"servers"})
         if unknown:
-            raise fail(f"unknown section [{unknown[0]}] (known: {', '.join(_SCHEMA)})")
+            raise fail(f"unknown section [{unknown[0]}] "
+                       f"(known: {', '.join([*_SCHEMA, 'servers'])})")
+        if "servers" in data:
+            if "server" in data:
+                raise fail("[server] is the one-server form: with [servers.<name>] tables, "
+                           "list every GPU server there and drop [server]")
+            kw["servers"] = _servers(data["servers"], fail)
         for section, keys in _SCHEMA.items():
             table = data.get(section, {})
             if not isinstance(table, Mapping):
@@ -195,11 +310,9 @@ class Settings:
         kwargs.setdefault("forward_limit", self.forward_limit)
         return store.Store(self.store_url, **kwargs)
 
-    def open_lxd(self, **kwargs: Any):
-        """An LXD client for ``[server] lxd`` (the local socket by default)."""
-        from .lxd import LXD
-
-        return LXD(self.lxd, **kwargs)
+    def open_lxd(self, server: str | None = None, **kwargs: Any):
+        """An LXD client for GPU server ``server`` (default: the default server)."""
+        return self.gpu_server(server).open_lxd(**kwargs)
 
 
 def _is_int(v: object) -> bool:
@@ -243,6 +356,28 @@ def _cpu(v) -> str:
 
 def _mounts(v) -> tuple[Mount, ...]:
     return tuple(Mount.parse(m) for m in _str_list(v))
+
+
+# the keys of a [servers.<name>] table (GPUServer's fields)
+_SERVER_KEYS = ("lxd", "project", "client_cert", "client_key", "server_cert", "address")
+
+
+def _servers(tables, fail) -> tuple[GPUServer, ...]:
+    if not isinstance(tables, Mapping) or not tables:
+        raise fail("[servers] must hold one [servers.<name>] table per GPU server")
+    out = []
+    for name, table in tables.items():
+        if not isinstance(table, Mapping):
+            raise fail(f"[servers.{name}] must be a table")
+        unknown = sorted(set(table) - set(_SERVER_KEYS))
+        if unknown:
+            raise fail(f"unknown key {unknown[0]!r} in [servers.{name}] "
+                       f"(known: {', '.join(_SERVER_KEYS)})")
+        try:
+            out.append(GPUServer(name, **{k: _str(v) for k, v in table.items()}))
+        except (TypeError, ValueError) as e:
+            raise fail(f"[servers.{name}]: {e}") from None
+    return tuple(out)
 
 
 # section -> key -> (Settings attribute, converter)

@@ -8,7 +8,7 @@ inside), :mod:`lxcspawner.jupyter` (the Jupyter unit inside), and
 
 - One JupyterHub named server per GPU server (``/user/alice/gpu17``); the
   default server runs on the server picked in the options form, by default
-  :attr:`LXCSpawner.default_server`.
+  the first of the site file's ``[servers]`` (:mod:`lxcspawner.settings`).
 - ``stop()`` stops Jupyter only: the container keeps running, and so do the
   user's SSH jobs in it (unless :attr:`LXCSpawner.stop_container_on_stop`).
 - The state saved in JupyterHub's database names the instance, the GPU server
@@ -24,7 +24,8 @@ from typing import Any
 
 from jupyterhub.spawner import Spawner
 from tornado import web
-from traitlets import Bool, Dict, Enum, Integer, List, Unicode, default, validate
+from traitlets import Any as AnyTrait
+from traitlets import Bool, Dict, Integer, List, TraitError, Unicode, default, validate
 
 from . import jupyter, naming
 from .lifecycle import ensure_user_container
@@ -32,6 +33,7 @@ from .container import ContainerError
 from .lxd import LXD, LXDError, is_outage
 from .provision import ProvisionError
 from .settings import Settings
+from .store import Store
 
 # Progress (percent) the spawn page shows for each step.
 _STEPS = {
@@ -81,10 +83,18 @@ class _Shared:
 
     def __init__(self, settings: Settings):
         self.settings = settings
-        self.store = settings.open_store()
+        self._store: Store | None = None
+        self._store_lock = asyncio.Lock()
         self.lxd: dict[str, LXD] = {}
         self.limits: dict[str, asyncio.Semaphore] = {}
         self.queued: dict[str, int] = {}   # spawns waiting for their turn, per server
+
+    async def store(self) -> Store:
+        """The store, opened (and migrated) once, off the event loop."""
+        async with self._store_lock:
+            if self._store is None:
+                self._store = await asyncio.to_thread(self.settings.open_store)
+        return self._store
 
 
 class LXCSpawner(Spawner):
@@ -96,45 +106,27 @@ class LXCSpawner(Spawner):
     _spawn_done = True
     _start_task: asyncio.Future | None = None
 
-    servers = Dict(
+    servers = AnyTrait(
         config=True,
-        help="""The GPU servers users may pick: name -> how to reach its LXD.
-
-        ``{"gpu17": {}}`` is the local LXD (unix socket).  A dict may give
-        ``lxd`` (a socket path or ``https://host:8443``), ``cert`` ([cert
-        file, key file] for HTTPS), ``verify`` (the server certificate to
-        pin) and ``project`` (an LXD project).  The name is what users see,
-        what the named server is called (``/user/alice/gpu17``), and part of
-        the container's name.  Default: this machine, under the name from the
-        site settings (``[server] name``, else the short hostname).""",
+        help="Not a setting any more: the GPU servers are the site file's "
+             "[servers.<name>] tables (docs/admin.md section 6).",
     )
-
-    @default("servers")
-    def _default_servers(self):
-        return {self._settings.server: {}}
 
     @validate("servers")
-    def _check_servers(self, proposal):
-        servers = proposal["value"]
-        if not servers:
-            raise ValueError("LXCSpawner.servers is empty: name at least one GPU server")
-        for name, spec in servers.items():
-            if not naming.is_valid_lxd_name(name) or name != name.lower():
-                raise ValueError(f"GPU server name {name!r} must be a lower-case DNS label")
-            if not isinstance(spec, dict) or set(spec) - {"lxd", "cert", "verify", "project"}:
-                raise ValueError(f"GPU server {name!r}: expected a dict with lxd, cert, "
-                                 f"verify or project, not {spec!r}")
-        return servers
+    def _moved_servers(self, proposal):
+        raise TraitError("LXCSpawner.servers moved to the site file: list the GPU servers as "
+                         "[servers.<name>] tables in /etc/lxcgpu/lxcgpu.toml (docs/admin.md "
+                         "section 6), and remove c.LXCSpawner.servers")
 
-    default_server = Unicode(
+    default_server = AnyTrait(
         config=True,
-        help="The GPU server of the default (unnamed) server when the form is not used; "
-             "default: the first of `servers`.",
+        help="Not a setting any more: the first of the site file's [servers] is the default.",
     )
 
-    @default("default_server")
-    def _default_default_server(self):
-        return next(iter(self.servers))
+    @validate("default_server")
+    def _moved_default(self, proposal):
+        raise TraitError("LXCSpawner.default_server moved to the site file: the first "
+                         "[servers.<name>] table is the default GPU server")
 
     lxcgpu_config = Unicode(
         config=True,
@@ -168,13 +160,6 @@ class LXCSpawner(Spawner):
     singleuser_command = List(
         Unicode(), ["/opt/jupyter/bin/jupyterhub-singleuser"], config=True,
         help="jupyterhub-singleuser inside the container (the template image's).",
-    )
-
-    connect = Enum(
-        ["bridge"], "bridge", config=True,
-        help="How the hub reaches Jupyter: 'bridge' = at the container's address on "
-             "the LXD bridge, for a hub on the GPU server itself. Hubs that reach "
-             "remote GPU servers will route through the server's NAT port.",
     )
 
     lxd_concurrency = Integer(
@@ -218,8 +203,7 @@ class LXCSpawner(Spawner):
     def _lxd(self, server: str) -> LXD:
         shared = self._shared_parts()
         if server not in shared.lxd:
-            spec = self.servers[server]
-            shared.lxd[server] = LXD.for_server(spec)
+            shared.lxd[server] = shared.settings.gpu_server(server).open_lxd()
             shared.limits[server] = asyncio.Semaphore(self.lxd_concurrency)
         return shared.lxd[server]
 
@@ -230,24 +214,26 @@ class LXCSpawner(Spawner):
         return self._options_form
 
     def _options_form(self, spawner) -> str:
-        if self.name or len(self.servers) == 1:
+        names = self._settings.server_names
+        if self.name or len(names) == 1:
             return ""
         options = "\n".join(
             f'<option value="{web.escape.xhtml_escape(n)}"'
-            f'{" selected" if n == self.default_server else ""}>'
-            f"{web.escape.xhtml_escape(n)}</option>" for n in self.servers)
+            f'{" selected" if n == self._settings.server else ""}>'
+            f"{web.escape.xhtml_escape(n)}</option>" for n in names)
         return (f'<label for="gpu_server">GPU server</label>\n'
                 f'<select class="form-control" name="gpu_server" id="gpu_server">\n'
                 f"{options}\n</select>")
 
     def options_from_form(self, formdata: dict) -> dict:
-        choice = (formdata.get("gpu_server") or [self.default_server])[0]
+        choice = (formdata.get("gpu_server") or [self._settings.server])[0]
         return {"gpu_server": self._check_server(choice)}
 
     def _check_server(self, name: Any) -> str:
-        if not isinstance(name, str) or name not in self.servers:
+        names = self._settings.server_names
+        if not isinstance(name, str) or name not in names:
             raise web.HTTPError(400, f"unknown GPU server {name!r}; choose one of "
-                                     f"{', '.join(self.servers)}")
+                                     f"{', '.join(names)}")
         return name
 
     def gpu_server(self) -> str:
@@ -255,7 +241,7 @@ class LXCSpawner(Spawner):
         if self.name:
             # A named server is named after its GPU server.
             return self._check_server(self.name)
-        return self._check_server(self.user_options.get("gpu_server", self.default_server))
+        return self._check_server(self.user_options.get("gpu_server", self._settings.server))
 
     # ------------------------------------------------------------ state
 
@@ -357,7 +343,7 @@ class LXCSpawner(Spawner):
         settings = shared.settings
         async with self._turn(shared, server):
             uc = await ensure_user_container(
-                lxd, shared.store, settings, self.user.name, server,
+                lxd, await shared.store(), settings, self.user.name, server,
                 progress=self._say, actor=f"hub:{self.user.name}",
                 address_timeout=self.address_timeout,
                 extra_config=dict(self.extra_container_config))

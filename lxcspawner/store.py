@@ -50,7 +50,7 @@ from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from . import container, portmap
+from . import container, naming, portmap
 from .provision import KEY_TYPES, normalize_public_key
 
 log = logging.getLogger("lxcspawner.store")
@@ -70,7 +70,6 @@ _WRITE = "lxcgpu_write"
 _ATTEMPTS = 8             # write attempts on a unique-constraint race
 _PG_UPGRADE_LOCK = 0x6C786367  # "lxcg": the advisory lock serializing upgrades
 
-_SERVER = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 _PORT = re.compile(r"^[0-9]{1,5}$")
 # A second key pasted on the same line ends up in the first one's comment.
 _ANOTHER_KEY = re.compile(
@@ -350,10 +349,10 @@ def _check_name(name: Any, what: str = "user name") -> str:
 
 
 def _check_server(server: Any) -> str:
-    if not isinstance(server, str) or _SERVER.fullmatch(server) is None:
-        raise InvalidInput(f"{server!r} is not a GPU server name (lowercase letters, "
-                           "digits and hyphens).")
-    return server
+    try:
+        return naming.check_server_name(server)
+    except ValueError as e:
+        raise InvalidInput(f"{e}.") from None
 
 
 def _check_port(port: Any, what: str) -> int:

@@ -33,9 +33,10 @@ def site(tmp_path, monkeypatch):
 url = "sqlite:///{tmp_path / 'store.sqlite'}"
 [ports]
 forward_limit = 2
-[server]
-name = "gpu17"
+[servers.gpu17]
 lxd = "{tmp_path / 'no-lxd.socket'}"
+[servers.gpu18]
+lxd = "{tmp_path / 'no-lxd-either.socket'}"
 """)
     monkeypatch.setenv("LXCGPU_CONFIG", str(config))
     monkeypatch.setenv("SUDO_USER", "sysadm")
@@ -178,15 +179,20 @@ def test_key_remove(cli, store):
 def test_forwards(cli, store):
     rc, out, err = cli("forward", "add", "alice", "8888")
     assert rc == 0, err
-    first, note = out.splitlines()
+    first, result, hint = out.splitlines()
     assert first == "alice: gpu17:11000 -> container port 8888/tcp"
     # LXD is not reachable here: the store keeps the forward, the output says so.
-    assert "container not updated" in note and "container sync alice" in note
+    assert result.startswith("gpu17: unreachable: the GPU server's LXD did not answer")
+    assert "next start" in hint and "container sync alice" in hint
     rc, out, _ = cli("forward", "add", "alice", "8888", "--json")  # the same again
     data = json.loads(out)
-    assert data["forward"]["host_port"] == 11000 and data["container"]["updated"] is None
+    assert data["forward"]["host_port"] == 11000
+    assert data["container"]["server"] == "gpu17"
+    assert data["container"]["status"] == "unreachable"
     rc, out, _ = cli("forward", "add", "alice", "6006", "--server", "gpu18")
-    assert "gpu18:11000" in out and "not this server" in out
+    assert "gpu18:11000" in out and "gpu18: unreachable" in out
+    rc, _, err = cli("forward", "add", "alice", "6006", "--server", "gpu19")
+    assert rc == 1 and "unknown GPU server 'gpu19'" in err and "gpu17, gpu18" in err
     cli("forward", "add", "bob", "22")
     rc, out, _ = cli("forward", "list", "--json")
     assert [(f["user"], f["server"], f["host_port"], f["container_port"])
@@ -282,10 +288,15 @@ def test_store_that_cannot_be_opened(cli, site):
 
 def test_container_commands_without_lxd(cli, store):
     store.ensure_user("alice")
-    for args in (["container", "up", "alice"], ["container", "sync", "alice"]):
-        rc, out, err = cli(*args)
-        assert rc == 1 and out == ""
-        assert "LXD is not reachable" in err and "Traceback" not in err
+    rc, out, err = cli("container", "up", "alice")
+    assert rc == 1 and out == ""
+    assert "LXD is not reachable" in err and "Traceback" not in err
+    # sync goes to every server and says, per server, what happened.
+    rc, out, err = cli("container", "sync", "alice")
+    assert rc == 1 and "Traceback" not in err
+    assert [line.split(":", 2)[:2] for line in out.splitlines()[:2]] == [
+        ["gpu17", " unreachable"], ["gpu18", " unreachable"]]
+    assert "LXD is not reachable" in out and "on gpu17, gpu18 are not up to date" in err
     entries = store.audit_log(user="alice")
     assert [(e.action, e.ok) for e in entries[:2]] == [("container.sync", False),
                                                        ("container.up", False)]

@@ -216,7 +216,7 @@ def test_lab_sync_has_only_the_scopes_it_needs_and_no_secret_on_its_command_line
     from hub_config.labsync import ENV_VAR, LXCGPULabSync
 
     sync = LXCGPULabSync(interval=60)
-    svc = sync.service({"lookup_dn_search_password": "s3cret"}, {"gpu17": {}})
+    svc = sync.service({"lookup_dn_search_password": "s3cret"})
     assert "s3cret" not in " ".join(svc["command"])
     assert json.loads(svc["environment"][ENV_VAR])["ldap"]["lookup_dn_search_password"] == "s3cret"
     assert sorted(sync.role()["scopes"]) == sorted(

@@ -126,9 +126,20 @@ def test_missing_files(tmp_path, monkeypatch):
     ('[containers]\nmounts = ["/a:/d:rx"]\n', r"SOURCE:PATH\[:ro\|rw\]"),
     ('[containers]\nprefix = "Lab_1"\n', r"instance prefix 'Lab_1'"),
     ('[containers]\nimage = ""\n', r"image must be"),
-    ('[server]\nname = "GPU17"\n', r"server name 'GPU17'"),
-    ('[server]\nname = "gpu_17"\n', r"server name 'gpu_17'"),
-    ('[server]\nlxd = "gpu17:8443"\n', r"lxd endpoint 'gpu17:8443'"),
+    ('[server]\nname = "GPU17"\n', r"'GPU17' is not a GPU server name"),
+    ('[server]\nname = "gpu_17"\n', r"'gpu_17' is not a GPU server name"),
+    ('[server]\nlxd = "gpu17:8443"\n', r"\[server\] lxd 'gpu17:8443': a unix socket path"),
+    ('[server]\nlxd = "https://gpu17:8443"\n', r"is a \[servers.<name>\] table"),
+    ('[servers.gpu17]\n[server]\nname = "gpu17"\n', r"\[server\] is the one-server form"),
+    ('[servers]\n', r"one \[servers.<name>\] table per GPU server"),
+    ('[servers.GPU17]\n', r"\[servers.GPU17\]: 'GPU17' is not a GPU server name"),
+    ('[servers.gpu17]\nhost = "x"\n', r"unknown key 'host' in \[servers.gpu17\]"),
+    ('[servers.gpu17]\nlxd = 8443\n', r"\[servers.gpu17\]: must be a string"),
+    ('[servers.gpu17]\nlxd = "gpu17:8443"\n', r"must be a unix socket path or https://"),
+    ('[servers.gpu18]\nlxd = "https://gpu18:8443"\nclient_cert = "/c"\n',
+     r"needs client_key, server_cert"),
+    ('[servers.gpu17]\nserver_cert = "/c"\n', r"for LXD over https:// only"),
+    ('[servers.gpu17]\nproject = "a b"\n', r"project 'a b' is not an LXD project name"),
     ('[server]\nlxd = 8443\n', r"\[server\] lxd: must be a string"),
     ('[store]\nurl = ""\n', r"store url"),
     ('[store\nurl = "x"\n', r"not valid TOML"),
@@ -147,7 +158,8 @@ def test_errors_are_value_errors():
 
 def test_bad_hostname_asks_for_a_server_name(monkeypatch):
     monkeypatch.setattr(socket, "gethostname", lambda: "My_Box.lab.example")
-    with pytest.raises(ValueError, match=r"set \[server\] name"):
+    with pytest.raises(ValueError, match=r"'my_box' is not a GPU server name.*short hostname: "
+                                          r"name the GPU server in a \[servers.<name>\]"):
         Settings()
     monkeypatch.setattr(socket, "gethostname", lambda: "GPU17.lab.example")
     assert Settings().server == "gpu17"
@@ -185,3 +197,56 @@ def test_first_id_block_moves_the_stores_id_range(tmp_path):
     for bad in (-1, 10**6, "12", True):
         with pytest.raises((SettingsError, ValueError, TypeError)):
             Settings.from_dict({"store": {"first_id_block": bad}})
+
+
+def test_servers_one_table_each_in_order_the_first_the_default(tmp_path):
+    s = load(tmp_path, """
+[servers.gpu18]
+address = "gpu18.lab.example.org"
+[servers.gpu17]
+lxd = "https://gpu17.lab.example.org:8443"
+client_cert = "/etc/lxcgpu/lxd-client.crt"
+client_key = "/etc/lxcgpu/lxd-client.key"
+server_cert = "/etc/lxcgpu/servers/gpu17.crt"
+project = "lab"
+""")
+    assert s.server_names == ("gpu18", "gpu17") and s.server == "gpu18"
+    local, remote = s.servers
+    assert not local.remote and local.lxd is None and local.ssh_host == "gpu18.lab.example.org"
+    assert remote.remote and remote.ssh_host == "gpu17" and remote.project == "lab"
+    assert s.gpu_server("gpu17") is remote and s.gpu_server() is local
+    with pytest.raises(SettingsError, match=r"unknown GPU server 'gpu19'.*gpu18, gpu17"):
+        s.gpu_server("gpu19")
+    with pytest.raises(SettingsError, match=r"'GPU 1' is not a GPU server name"):
+        s.gpu_server("GPU 1")
+    lxd = s.open_lxd("gpu17")
+    try:
+        assert lxd.endpoint == remote.lxd and lxd.project == "lab"
+        assert lxd.cert == (remote.client_cert, remote.client_key)
+        assert lxd.verify == remote.server_cert      # pinned, never the system CAs
+    finally:
+        lxd.close()
+
+
+def test_the_one_server_form_is_one_server(tmp_path):
+    s = load(tmp_path, '[server]\nname = "gpu17"\nlxd = "/run/lxd.socket"\n')
+    assert s.server_names == ("gpu17",)
+    assert s.servers[0].lxd == "/run/lxd.socket" and not s.servers[0].remote
+
+
+def test_one_server_name_rule_everywhere():
+    from lxcspawner import jupyter, naming, store
+
+    for good in ("gpu17", "node-2", "a"):
+        assert naming.is_server_name(good)
+        assert jupyter.unit_name(good).endswith(good)
+        assert store._check_server(good) == good
+    for bad in ("17gpu", "GPU17", "gpu_17", "gpu17-", "", "x" * 64, None, "gpu17.lab"):
+        assert not naming.is_server_name(bad)
+        with pytest.raises(ValueError, match="not a GPU server name"):
+            jupyter.unit_name(bad or "?")
+        with pytest.raises(ValueError, match="not a GPU server name"):
+            store._check_server(bad)
+        with pytest.raises(ValueError, match="not a GPU server name"):
+            Settings.from_dict({"servers": {bad or "?": {}}} if isinstance(bad, str) else
+                               {"server": {"name": "?"}}).gpu_server()
