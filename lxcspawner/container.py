@@ -14,18 +14,13 @@ from pathlib import PurePosixPath
 from typing import Mapping
 
 from . import naming
+from .idmap import IDMAP_BLOCK, IDMAP_USER_FIRST, IDMAP_USER_LAST  # noqa: F401
+from .naming import KEY_PREFIX  # noqa: F401
 from .lxd import LXD, LXDError
 from .network import NIC
 
 log = logging.getLogger("lxcspawner.container")
 
-KEY_PREFIX = "user.lxcgpu."
-IDMAP_BLOCK = 65536
-# Host ids below this stay free for LXD's own allocations (non-isolated
-# containers, isolated ones without a pinned base).  setup/lxdhost.py grants
-# root ids 100000 .. 100000 + 1e9; users' blocks are pinned from here upwards.
-IDMAP_USER_FIRST = 10_000_000
-IDMAP_USER_LAST = 100_000 + 1_000_000_000 - IDMAP_BLOCK
 
 
 class ContainerError(LXDError):

@@ -31,6 +31,8 @@ import requests
 import urllib3
 from pylxd import exceptions as pylxd_exc
 
+from . import network
+
 log = logging.getLogger("lxcspawner.lxd")
 
 T = TypeVar("T")
@@ -525,15 +527,9 @@ class LXD:
                 st = self._request("get", f"/1.0/instances/{name}/state").json()["metadata"]
             except LXDNotFound:
                 return InstanceState(name, "missing")
-            addrs = []
-            for ifname, net in (st.get("network") or {}).items():
-                if ifname == "lo":
-                    continue
-                for a in net.get("addresses") or []:
-                    if a.get("scope") == "global" and a.get("family") in ("inet", "inet6"):
-                        addrs.append(a["address"])
+            addrs = network.reported_addresses(st)
             mem = (st.get("memory") or {}).get("usage")
-            return InstanceState(name, str(st.get("status", "")).lower(), tuple(addrs),
+            return InstanceState(name, str(st.get("status", "")).lower(), addrs,
                                  mem, st.get("pid") or None, md.get("config") or {})
         return await self.run(get, what=f"state of {name}")
 

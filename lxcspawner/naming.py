@@ -20,6 +20,8 @@ import hashlib
 import re
 import unicodedata
 
+# lxcgpu's own keys in LXD's instance config (owner, SSH port, forwards).
+KEY_PREFIX = "user.lxcgpu."
 LXD_NAME_MAX = 63
 POSIX_NAME_MAX = 32
 SERVER_SLUG_MAX = 24

@@ -187,3 +187,14 @@ def assigned_ipv4(instance: Mapping, bridges: Mapping[str, Bridge]) -> str | Non
     if bridge is None or not bridge.holds(address):
         return None
     return str(address)
+
+
+def reported_addresses(state: Mapping) -> tuple[str, ...]:
+    """The global addresses an instance's state (LXD's ``/state``) reports on
+    lxcgpu's NIC, eth0: the one reading of them.  Other interfaces (a
+    ``docker0`` inside, say) are the container's own business.  These are
+    what the container says; what lxcgpu trusts is :func:`assigned_ipv4`."""
+    net = (state.get("network") or {}).get(NIC) or {}
+    return tuple(a["address"] for a in net.get("addresses") or ()
+                 if a.get("scope") == "global" and a.get("family") in ("inet", "inet6")
+                 and a.get("address"))

@@ -22,7 +22,7 @@ import re
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
 
-from .container import KEY_PREFIX
+from .naming import KEY_PREFIX
 from .network import Bridge, assigned_ipv4
 
 log = logging.getLogger("lxcspawner.portmap")

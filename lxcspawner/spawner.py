@@ -27,7 +27,7 @@ from tornado import web
 from traitlets import Any as AnyTrait
 from traitlets import Bool, Dict, Integer, List, TraitError, Unicode, default, validate
 
-from . import jupyter, naming
+from . import jupyter
 from .lifecycle import ensure_user_container
 from .container import ContainerError
 from .lxd import LXD, LXDError, is_outage

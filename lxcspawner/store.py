@@ -50,8 +50,9 @@ from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from . import container, naming, portmap
-from .provision import KEY_TYPES, normalize_public_key
+from . import idmap, naming, portmap
+from .idmap import subuid_range  # noqa: F401  (lxcspawner.store.subuid_range)
+from .sshkeys import KEY_TYPES, normalize_public_key
 
 log = logging.getLogger("lxcspawner.store")
 
@@ -275,38 +276,11 @@ def _check_range(value: Any, what: str) -> tuple[int, int]:
     return lo, hi
 
 
-def subuid_range(user: str = "root", path: str = "/etc/subuid") -> tuple[int, int] | None:
-    """``(first, count)`` of the largest range ``user`` is granted in ``path``
-    (the first of equal ones), or None if the file or a grant is missing."""
-    try:
-        lines = Path(path).read_text().splitlines()
-    except FileNotFoundError:
-        return None
-    names = {user, "0"} if user == "root" else {user}
-    best = None
-    for line in lines:
-        m = re.fullmatch(r"\s*([^:#\s]+):([0-9]+):([0-9]+)\s*", line)
-        if m and m[1] in names and (best is None or int(m[3]) > best[1]):
-            best = (int(m[2]), int(m[3]))
-    return best
-
-
 def _idmap_bases(first: int, last: int, grant: tuple[int, int] | None) -> range:
-    """The block bases users may get: aligned like ContainerSpec wants them,
-    inside ``first..last``, and each whole block inside root's grant."""
-    block = container.IDMAP_BLOCK
-    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (first, last)) \
-            or not container.IDMAP_USER_FIRST <= first <= last <= container.IDMAP_USER_LAST \
-            or (first - container.IDMAP_USER_FIRST) % block:
-        raise InvalidInput(
-            f"The id map range {first!r}..{last!r} must lie within "
-            f"{container.IDMAP_USER_FIRST}..{container.IDMAP_USER_LAST} and start on a "
-            f"{block}-id block from {container.IDMAP_USER_FIRST}.")
-    lo, hi = first, last
-    if grant is not None:
-        lo, hi = max(lo, grant[0]), min(hi, grant[0] + grant[1] - block)
-    start = first + -(-(lo - first) // block) * block
-    return range(start, max(hi + 1, start), block)
+    try:
+        return idmap.block_bases(first, last, grant)
+    except ValueError as e:
+        raise InvalidInput(str(e)) from None
 
 
 def key_fingerprint(public_key: str) -> str:
@@ -440,8 +414,8 @@ class Store:
                  ssh_ports: tuple[int, int] | str = SSH_PORTS,
                  forward_ports: tuple[int, int] | str = FORWARD_PORTS,
                  forward_limit: int = FORWARD_LIMIT,
-                 idmap_first: int = container.IDMAP_USER_FIRST,
-                 idmap_last: int = container.IDMAP_USER_LAST,
+                 idmap_first: int = idmap.IDMAP_USER_FIRST,
+                 idmap_last: int = idmap.IDMAP_USER_LAST,
                  subuid_file: str = "/etc/subuid", upgrade: bool = True):
         self.ssh_ports = _check_range(ssh_ports, "The SSH port range")
         self.forward_ports = _check_range(forward_ports, "The forward port range")
@@ -544,7 +518,7 @@ class Store:
         if port is None:
             raise Exhausted(f"All {hi - lo + 1} SSH ports ({lo}-{hi}) are taken, so no new "
                             "user can be added; ask an administrator to widen the range.")
-        bases, block = self.idmap_bases, container.IDMAP_BLOCK
+        bases, block = self.idmap_bases, idmap.IDMAP_BLOCK
         base = _lowest_free(bases, set(s.scalars(select(User.idmap_base))))
         if base is None:
             why = (f"all {len(bases)} blocks of {block} host ids ({bases[0]}-"

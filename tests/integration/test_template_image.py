@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from lxcspawner import image
+from imagebuilder import image
 from lxcspawner.container import start_container
 
 pytestmark = pytest.mark.lxd

@@ -1,4 +1,4 @@
-"""Pure parts of the template image builder (lxcspawner.image)."""
+"""Pure parts of the template image builder (imagebuilder.image)."""
 
 import ast
 import dataclasses
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lxcspawner import image
+from imagebuilder import image
 
 
 def opts(*args):

@@ -6,6 +6,7 @@ import pytest
 
 from lxcspawner.network import (
     Bridge, NetworkError, assigned_ipv4, dynamic_range, hub_api_port, nic_device, profile_nic,
+    reported_addresses,
 )
 
 
@@ -82,3 +83,20 @@ def test_hub_api_port_from_the_environment():
     assert hub_api_port({"LXCGPU_HUB_API_PORT": "9000"}) == 9000
     with pytest.raises(ValueError, match="not a port number"):
         hub_api_port({"LXCGPU_HUB_API_PORT": "80x"})
+
+
+def test_reported_addresses_are_eth0s_only_whatever_comes_first():
+    # A container running Docker: docker0 is listed before eth0 (seen in
+    # LXD's state); the proxy was once routed to docker0's 172.17.0.1.
+    state = {"network": {
+        "docker0": {"addresses": [{"family": "inet", "address": "172.17.0.1",
+                                   "scope": "global"}]},
+        "lo": {"addresses": [{"family": "inet", "address": "127.0.0.1", "scope": "local"}]},
+        "eth0": {"addresses": [
+            {"family": "inet6", "address": "fe80::1", "scope": "link"},
+            {"family": "inet", "address": "10.213.87.5", "scope": "global"},
+            {"family": "inet6", "address": "fd42::5", "scope": "global"}]},
+    }}
+    assert reported_addresses(state) == ("10.213.87.5", "fd42::5")
+    assert reported_addresses({"network": None}) == ()
+    assert reported_addresses({}) == ()

@@ -5,7 +5,8 @@ import struct
 
 import pytest
 
-from lxcspawner.provision import authorized_keys_text, hosts_text, normalize_public_key, parse_passwd
+from lxcspawner.provision import authorized_keys_text, hosts_text, parse_passwd
+from lxcspawner.sshkeys import normalize_public_key
 
 
 def fake_key(kind="ssh-ed25519"):

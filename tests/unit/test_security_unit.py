@@ -13,7 +13,8 @@ import pytest
 
 from lxcspawner.container import IDMAP_USER_FIRST, ContainerSpec, check_extra_key
 from lxcspawner.lxd import LXD
-from lxcspawner.provision import WeakKeyError, authorized_keys_text, normalize_public_key, rsa_bits
+from lxcspawner.provision import authorized_keys_text
+from lxcspawner.sshkeys import WeakKeyError, normalize_public_key, rsa_bits
 from lxcspawner.store import InvalidInput, Store
 
 

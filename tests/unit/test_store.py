@@ -552,3 +552,17 @@ def test_a_suspended_user_keeps_their_keys_in_the_store_but_none_reach_container
     assert [a.action for a in store.audit_log(user="alice")][:2] == ["user.resume",
                                                                      "user.suspend"]
     assert store.set_suspended("nobody", True, actor="t") is False
+
+
+def test_the_store_imports_nothing_that_talks_to_lxd():
+    # The portal and the hub open the store without pylxd: key parsing and id
+    # arithmetic are modules of their own (sshkeys, idmap).
+    import subprocess
+    import sys
+
+    code = ("import sys, lxcspawner.store; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'pylxd' or m in "
+            "('lxcspawner.lxd', 'lxcspawner.container', 'lxcspawner.provision')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "[]"
