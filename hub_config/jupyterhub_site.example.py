@@ -54,16 +54,9 @@ c.LDAPAuthenticator.allowed_groups = ["cn=gpu-users,ou=groups,dc=example,dc=org"
 c.LXCGPUAuthenticator.admin_groups = ["cn=gpu-admins,ou=groups,dc=example,dc=org"]
 
 # --- the GPU servers ---------------------------------------------------------
-# Name -> how the hub reaches its LXD.  {} is this machine's LXD; a remote
-# server's LXD is reached over HTTPS with a trusted client certificate.
-# Default: only this machine, named as in /etc/lxcgpu/lxcgpu.toml ([server] name).
-# c.LXCSpawner.servers = {
-#     "gpu1": {},
-#     "gpu2": {"lxd": "https://gpu2.example.org:8443",
-#              "cert": ["/etc/lxcgpu/lxd-client.crt", "/etc/lxcgpu/lxd-client.key"],
-#              "verify": "/etc/lxcgpu/gpu2-lxd.crt"},
-# }
-# c.LXCSpawner.default_server = "gpu1"     # default: the first of `servers`
+# They are listed once, for every part of lxcgpu, in the lxcgpu site file
+# (/etc/lxcgpu/lxcgpu.toml, [servers.<name>] tables; docs/admin.md section 6),
+# not here.  The hub reads that file from:
 # c.LXCSpawner.lxcgpu_config = "/etc/lxcgpu/lxcgpu.toml"
 
 # --- idle Jupyter servers ---------------------------------------------------

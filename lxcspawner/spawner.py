@@ -338,6 +338,14 @@ class LXCSpawner(Spawner):
 
     async def _start(self):
         server = self.gpu_server()
+        if self._settings.gpu_server(server).remote:
+            # The hub's proxy reaches Jupyter at the container's address on the
+            # server's own bridge, which a remote server's bridge is not.
+            local = [g.name for g in self._settings.servers if not g.remote]
+            raise ContainerError(
+                f"Jupyter from the hub is not available on {server} yet (a GPU server the "
+                "hub reaches over the network); your container there is reachable over "
+                "SSH." + (f" Start your server on {local[0]} for Jupyter." if local else ""))
         shared = self._shared_parts()
         lxd = self._lxd(server)
         settings = shared.settings

@@ -16,9 +16,11 @@ for the user, and changes nothing.
 Concurrency.  On SQLite (the default) every writing transaction starts with
 ``BEGIN IMMEDIATE``, so allocators in different processes serialize on the
 database's write lock (WAL keeps readers unblocked, and a 30 s busy timeout
-makes writers wait rather than fail).  On other databases (PostgreSQL)
-allocation relies on the unique constraints: a transaction that loses a race
-gets an IntegrityError and is retried a few times.
+makes writers wait rather than fail).  On PostgreSQL every writing
+transaction first takes one advisory lock (``pg_advisory_xact_lock``), to
+the same effect.  The unique constraints stay the last word: a transaction
+that loses a race anyway (another database) gets an IntegrityError and is
+retried a few times.
 
 The schema is managed by alembic (``lxcspawner/migrations``); ``Store()``
 upgrades to the newest revision on start, inside the same kind of write
@@ -70,6 +72,7 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 _WRITE = "lxcgpu_write"
 _ATTEMPTS = 8             # write attempts on a unique-constraint race
 _PG_UPGRADE_LOCK = 0x6C786367  # "lxcg": the advisory lock serializing upgrades
+_PG_WRITE_LOCK = 0x6C786377    # "lxcw": the one serializing writers
 
 _PORT = re.compile(r"^[0-9]{1,5}$")
 # A second key pasted on the same line ends up in the first one's comment.
@@ -371,6 +374,13 @@ def _sqlite_connect(dbapi_connection, connection_record) -> None:
     cur.close()
 
 
+def _pg_begin(conn: Connection) -> None:
+    # Writers take one advisory lock for their transaction: they serialize as
+    # on SQLite, instead of racing for the lowest free port and retrying.
+    if conn.get_execution_options().get(_WRITE):
+        conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_PG_WRITE_LOCK})")
+
+
 def _sqlite_begin(conn: Connection) -> None:
     conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get(_WRITE)
                          else "BEGIN")
@@ -378,6 +388,10 @@ def _sqlite_begin(conn: Connection) -> None:
 
 def _make_engine(url: str) -> Engine:
     u = make_url(url)
+    if u.get_backend_name() == "postgresql":
+        engine = create_engine(u, pool_pre_ping=True)
+        event.listen(engine, "begin", _pg_begin)
+        return engine
     if u.get_backend_name() != "sqlite":
         return create_engine(u, pool_pre_ping=True)
     if u.database and u.database != ":memory:" and not u.query.get("uri"):

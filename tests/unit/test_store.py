@@ -1,4 +1,5 @@
-"""The store on temporary SQLite files: allocation, keys, forwards, audit,
+"""The store, on a temporary SQLite file and on a real PostgreSQL database
+(Debian's, tests/fixtures/postgres.py): allocation, keys, forwards, audit,
 migrations, and allocators in several processes at once."""
 
 import base64
@@ -9,6 +10,7 @@ import subprocess
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 
 import pytest
+import sqlalchemy
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
@@ -33,14 +35,22 @@ def url(tmp_path, name="store.sqlite"):
     return f"sqlite:///{tmp_path / name}"
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request, tmp_path):
+    """An empty database: a temp SQLite file, or a new PostgreSQL database."""
+    if request.param == "sqlite":
+        return url(tmp_path)
+    return request.getfixturevalue("postgres").new_database()
+
+
 @pytest.fixture
-def make_store(tmp_path):
-    """Stores on one temp file; no subuid grant unless a test passes one."""
+def make_store(db_url, tmp_path):
+    """Stores on one database; no subuid grant unless a test passes one."""
     stores = []
 
     def make(**kw):
         kw.setdefault("subuid_file", str(tmp_path / "no-subuid"))
-        s = Store(url(tmp_path), **kw)
+        s = Store(db_url, **kw)
         stores.append(s)
         return s
     yield make
@@ -53,9 +63,13 @@ def store(make_store):
     return make_store()
 
 
-def table_rows(tmp_path, table):
-    with sqlite3.connect(tmp_path / "store.sqlite") as c:
-        return c.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+def table_rows(db_url, table):
+    engine = sqlalchemy.create_engine(db_url)
+    try:
+        with engine.connect() as c:
+            return c.execute(sqlalchemy.text(f'SELECT count(*) FROM "{table}"')).scalar()
+    finally:
+        engine.dispose()
 
 
 # ---------------------------------------------------------------- allocation
@@ -81,7 +95,7 @@ def test_bad_user_names_are_refused(store, name):
     assert store.list_users() == []
 
 
-def test_ssh_ports_exhausted(make_store, tmp_path):
+def test_ssh_ports_exhausted(make_store, db_url):
     store = make_store(ssh_ports=(22000, 22001))
     store.ensure_user("a"), store.ensure_user("b")
     with pytest.raises(Exhausted, match=r"All 2 SSH ports \(22000-22001\) are taken"):
@@ -89,7 +103,7 @@ def test_ssh_ports_exhausted(make_store, tmp_path):
     with pytest.raises(Exhausted):
         store.add_key("c", fake_key(), actor="c")
     assert [u.name for u in store.list_users()] == ["a", "b"]
-    assert len(store.audit_log()) == 2 and table_rows(tmp_path, "ssh_keys") == 0
+    assert len(store.audit_log()) == 2 and table_rows(db_url, "ssh_keys") == 0
 
 
 def test_id_blocks_exhausted(make_store):
@@ -196,7 +210,7 @@ def test_keys_are_normalized_and_deduplicated(store):
     lambda k, priv: f"{k} {'c' * 20000}",
     lambda k, priv: 42,
 ])
-def test_bad_keys_are_refused_and_nothing_is_stored(store, tmp_path, make_bad):
+def test_bad_keys_are_refused_and_nothing_is_stored(store, db_url, tmp_path, make_bad):
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "k")],
                    check=True)
     priv = (tmp_path / "k").read_text()
@@ -204,7 +218,7 @@ def test_bad_keys_are_refused_and_nothing_is_stored(store, tmp_path, make_bad):
         store.add_key("alice", make_bad(fake_key(), priv), actor="alice")
     assert str(e.value)[0].isupper() and str(e.value).endswith(".")
     assert store.get_user("alice") is None and store.list_keys("alice") == []
-    assert store.audit_log() == [] and table_rows(tmp_path, "ssh_keys") == 0
+    assert store.audit_log() == [] and table_rows(db_url, "ssh_keys") == 0
 
 
 def test_private_key_message(store, tmp_path):
@@ -378,7 +392,7 @@ def test_every_mutation_is_audited_newest_first(store):
 
 def test_migrations_match_the_models_and_upgrade_is_idempotent(tmp_path):
     store = Store(url(tmp_path), upgrade=False, subuid_file=str(tmp_path / "none"))
-    assert not (tmp_path / "store.sqlite").exists() or table_rows(tmp_path, "sqlite_master") == 0
+    assert not (tmp_path / "store.sqlite").exists() or table_rows(url(tmp_path), "sqlite_master") == 0
     store.upgrade()
     store.ensure_user("alice")
     with sqlite3.connect(tmp_path / "store.sqlite") as c:
@@ -399,12 +413,38 @@ def test_migrations_match_the_models_and_upgrade_is_idempotent(tmp_path):
         "alembic_version", "users", "ssh_keys", "forwards", "addresses", "audit"}
 
 
+def test_migrations_on_postgresql_match_the_models(postgres, tmp_path):
+    db = postgres.new_database()
+    store = Store(db, upgrade=False, subuid_file=str(tmp_path / "none"))
+    assert table_names(db) == set()
+    store.upgrade()
+    store.upgrade()     # again: nothing to do
+    store.ensure_user("alice")
+    store.close()
+    with Store(db, subuid_file=str(tmp_path / "none")) as again:
+        assert again.user("alice").ssh_port == 22000
+        with again._engine.connect() as conn:
+            assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
+            assert conn.execute(sqlalchemy.text("SELECT version_num FROM alembic_version")
+                                ).scalars().all() == ["0003_suspended"]
+    assert table_names(db) == {"alembic_version", "users", "ssh_keys", "forwards",
+                               "addresses", "audit"}
+
+
+def table_names(db_url) -> set[str]:
+    engine = sqlalchemy.create_engine(db_url)
+    try:
+        return set(sqlalchemy.inspect(engine).get_table_names())
+    finally:
+        engine.dispose()
+
+
 def test_foreign_keys_are_enforced(store):
     store.ensure_user("alice")
     with store._engine.begin() as conn:
-        with pytest.raises(Exception, match="FOREIGN KEY"):
+        with pytest.raises(Exception, match="(?i)foreign key"):
             conn.exec_driver_sql(
-                "INSERT INTO ssh_keys (user, key, fingerprint, comment, created) "
+                'INSERT INTO ssh_keys ("user", key, fingerprint, comment, created) '
                 "VALUES ('ghost', 'k', 'f', '', '2026-01-01')")
 
 
@@ -428,7 +468,13 @@ def _in_process(db_url, subuid_file, job, i):
     """One allocator process: start together, open the store (all at once on
     a fresh file, so the first upgrade races too), then do ``job``."""
     _barrier.wait(timeout=60)
-    with Store(db_url, subuid_file=subuid_file) as store:
+    limit = {"forward_limit": 3} if job == "limited-forwards" else {}
+    with Store(db_url, subuid_file=subuid_file, **limit) as store:
+        if job == "limited-forwards":
+            try:
+                return [store.add_forward("alice", "gpu1", 8000 + i, actor=f"p{i}")]
+            except LimitReached:
+                return []
         if job == "users":
             return [store.ensure_user(f"p{i}-u{j}", actor=f"p{i}") for j in range(25)]
         if job == "same-forward":
@@ -441,34 +487,40 @@ def processes():
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(N_PROCS, mp_context=ctx, initializer=_init_worker,
                              initargs=(ctx.Barrier(N_PROCS),)) as pool:
-        def run(tmp_path, job):
-            futures = [pool.submit(_in_process, url(tmp_path), str(tmp_path / "none"), job, i)
+        def run(db_url, tmp_path, job):
+            futures = [pool.submit(_in_process, db_url, str(tmp_path / "none"), job, i)
                        for i in range(N_PROCS)]
             return [r for f in futures for r in f.result(timeout=120)]
         yield run
 
 
-def test_parallel_users_never_collide(processes, tmp_path):
-    users = processes(tmp_path, "users")
+def test_parallel_users_never_collide(processes, db_url, tmp_path):
+    users = processes(db_url, tmp_path, "users")
     assert len(users) == N_PROCS * 25
     assert sorted(u.ssh_port for u in users) == list(range(22000, 22000 + len(users)))
     assert sorted(u.idmap_base for u in users) == [
         FIRST + k * IDMAP_BLOCK for k in range(len(users))]
-    assert table_rows(tmp_path, "users") == len(users)
-    assert table_rows(tmp_path, "audit") == len(users)
+    assert table_rows(db_url, "users") == len(users)
+    assert table_rows(db_url, "audit") == len(users)
 
 
-def test_parallel_identical_forwards_make_one(processes, tmp_path):
-    forwards = processes(tmp_path, "same-forward")
+def test_parallel_identical_forwards_make_one(processes, db_url, tmp_path):
+    forwards = processes(db_url, tmp_path, "same-forward")
     assert len(set(forwards)) == 1 and forwards[0].host_port == 11000
-    assert table_rows(tmp_path, "forwards") == 1 and table_rows(tmp_path, "users") == 1
-    assert table_rows(tmp_path, "audit") == 2
+    assert table_rows(db_url, "forwards") == 1 and table_rows(db_url, "users") == 1
+    assert table_rows(db_url, "audit") == 2
 
 
-def test_parallel_different_forwards_get_distinct_ports(processes, tmp_path):
-    forwards = processes(tmp_path, "different-forwards")
+def test_parallel_different_forwards_get_distinct_ports(processes, db_url, tmp_path):
+    forwards = processes(db_url, tmp_path, "different-forwards")
     assert sorted(f.host_port for f in forwards) == list(range(11000, 11000 + N_PROCS))
     assert sorted(f.user for f in forwards) == sorted(f"user{i}" for i in range(N_PROCS))
+
+
+def test_parallel_forwards_never_pass_the_limit(processes, db_url, tmp_path):
+    forwards = processes(db_url, tmp_path, "limited-forwards")
+    assert len(forwards) == 3 and table_rows(db_url, "forwards") == 3
+    assert len({f.host_port for f in forwards}) == 3
 
 
 def test_forward_to_a_chosen_host_port(store):
@@ -530,9 +582,9 @@ def test_a_released_address_is_reused(store):
     assert store.assign_address("bob", "gpu17", FREE, actor="t") == "10.213.87.2"
 
 
-def test_two_stores_never_assign_one_address_twice(tmp_path):
-    a = Store(url(tmp_path), subuid_file=str(tmp_path / "none"))
-    b = Store(url(tmp_path), subuid_file=str(tmp_path / "none"))
+def test_two_stores_never_assign_one_address_twice(db_url, tmp_path):
+    a = Store(db_url, subuid_file=str(tmp_path / "none"))
+    b = Store(db_url, subuid_file=str(tmp_path / "none"))
     with ThreadPoolExecutor(8) as pool:
         got = list(pool.map(lambda i: (a if i % 2 else b).assign_address(
             f"user{i}", "gpu17", [f"10.0.0.{n}" for n in range(2, 40)], actor="t"), range(16)))
