@@ -148,6 +148,17 @@ async def _fixed_nic(lxd: LXD, store: Store, settings: Settings, user: str, serv
     return network.nic_device(base, address, port_isolation=settings.port_isolation)
 
 
+_ADDRESS_LOCKS: dict[tuple[str, int], asyncio.Lock] = {}
+
+
+def _address_lock(lxd: LXD) -> asyncio.Lock:
+    """One lock per LXD endpoint (and event loop) for address allocation."""
+    key = (lxd.endpoint, id(asyncio.get_running_loop()))
+    if key not in _ADDRESS_LOCKS:
+        _ADDRESS_LOCKS[key] = asyncio.Lock()
+    return _ADDRESS_LOCKS[key]
+
+
 async def _start(lxd: LXD, spec: ContainerSpec, *, created: bool,
                  say: Callable[[str], None]) -> None:
     """Start the container.  The first start of one made just now shifts its
@@ -216,16 +227,20 @@ async def ensure_user_container(lxd: LXD, store: Store, settings: Settings, user
         if await half_made(lxd, inst):
             inst = None     # ensure_container makes it anew
     profiles = list(inst.get("profiles") or ()) if inst is not None else list(spec.profiles)
-    nic = await _fixed_nic(lxd, store, settings, user, server, spec.name, profiles,
-                           inst.get("devices") if inst is not None else None, actor)
-    if inst is None:
-        say("creating container")
-        if "gpus" not in overrides:
-            overrides = {**overrides, "gpus": await lxd.gpu_count()}
-        spec = settings.container_spec(user, rec.idmap_base, server=server, nic=nic,
-                                       **overrides)
-    created = inst is None
-    inst = await ensure_container(lxd, spec)
+    # From choosing a free address to LXD holding it on the new instance,
+    # no other container of this process takes one on the same LXD (two
+    # lxcgpu servers may be projects of one LXD, sharing its bridge).
+    async with _address_lock(lxd):
+        nic = await _fixed_nic(lxd, store, settings, user, server, spec.name, profiles,
+                               inst.get("devices") if inst is not None else None, actor)
+        if inst is None:
+            say("creating container")
+            if "gpus" not in overrides:
+                overrides = {**overrides, "gpus": await lxd.gpu_count()}
+            spec = settings.container_spec(user, rec.idmap_base, server=server, nic=nic,
+                                           **overrides)
+        created = inst is None
+        inst = await ensure_container(lxd, spec)
     address = nic["ipv4.address"]
 
     restart = False
