@@ -200,19 +200,21 @@ async def test_admin_command_end_to_end(lxd, erin, store, site, tmp_path, logs_o
     add = await asyncio.to_thread(admin_cli, config, "forward", "add", USER, "6006")
     assert add.returncode == 0, add.stderr
     host_port = int(add.stdout.split(f"{SERVER}:")[1].split()[0])
-    assert f"container {uc.name} updated" in add.stdout
+    assert f"{SERVER}: done: port maps updated in {uc.name}" in add.stdout
     cfg = (await lxd.instance(uc.name))["config"]
     assert cfg[f"{FORWARD_PREFIX}{host_port}"] == "6006"
     rm = await asyncio.to_thread(admin_cli, config, "forward", "remove", USER, "6006")
-    assert rm.returncode == 0 and f"container {uc.name} updated" in rm.stdout
+    assert rm.returncode == 0 and f"{SERVER}: done: port maps updated in {uc.name}" in rm.stdout
     assert f"{FORWARD_PREFIX}{host_port}" not in (await lxd.instance(uc.name))["config"]
     sync = await asyncio.to_thread(admin_cli, config, "container", "sync", USER)
-    assert sync.returncode == 0 and "pushed" in sync.stdout, sync.stderr
+    assert sync.returncode == 0, sync.stderr
+    assert sync.stdout.strip() == f"{SERVER}: done: keys and port maps updated in {uc.name}"
     # A key added with the command reaches the running container at once;
     # removing it takes it out again.
     _, newpub = keypair(tmp_path, "erin3")
     add = await asyncio.to_thread(admin_cli, config, "key", "add", USER, str(tmp_path / "erin3.pub"))
-    assert add.returncode == 0 and f"keys updated in {uc.name}" in add.stderr + add.stdout, add
+    assert add.returncode == 0 and f"{SERVER}: done: keys and port maps updated in {uc.name}" \
+        in add.stderr, add
     ak = (await lxd.get_file(uc.name, "/home/erin/.ssh/authorized_keys")).decode()
     assert newpub in ak
     fp = store.list_keys(USER)[-1].fingerprint
