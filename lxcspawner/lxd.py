@@ -190,6 +190,11 @@ class LXD:
                 session.trust_env = False
                 session.verify = self.verify
                 session.cert = self.cert
+                if isinstance(self.verify, str):
+                    # Pinned: the server must present exactly this certificate
+                    # (its SHA-256 fingerprint; pylxd's adapter), whatever
+                    # name or address the site reaches it by.
+                    session.mount(self.endpoint, pylxd.client.LXDSSLAdapter())
             endpoint = self.endpoint
             if endpoint.startswith("/"):
                 # pylxd turns a socket path into a URL only if it exists;

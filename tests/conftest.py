@@ -11,6 +11,7 @@ from tests.fixtures.hub import hub  # noqa: F401  (fixture)
 from tests.fixtures.ldap import ldap_directory  # noqa: F401  (fixture)
 from tests.fixtures.netns import client_netns, nat_project, node_agent  # noqa: F401  (fixtures)
 from tests.fixtures.postgres import postgres  # noqa: F401  (fixture)
+from tests.fixtures.lxd2 import second_lxd  # noqa: F401  (fixture)
 from tests.fixtures.lxd import (  # noqa: F401  (fixtures)
     idmap_blocks, logs_on_failure, lxd, pinned_nics, run_tag, template_image, user_containers,
 )
