@@ -194,6 +194,7 @@ class LXD:
                     # Pinned: the server must present exactly this certificate
                     # (its SHA-256 fingerprint; pylxd's adapter), whatever
                     # name or address the site reaches it by.
+                    _check_pinned(self.verify, self.endpoint)
                     session.mount(self.endpoint, pylxd.client.LXDSSLAdapter())
             endpoint = self.endpoint
             if endpoint.startswith("/"):
@@ -786,6 +787,20 @@ class LXD:
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _check_pinned(path: str, endpoint: str) -> None:
+    """A pinned certificate that cannot be read is the site's mistake: say so
+    (before any connection), rather than fail each request obscurely."""
+    from cryptography import x509
+
+    try:
+        with open(path, "rb") as f:
+            x509.load_pem_x509_certificate(f.read())
+    except (OSError, ValueError) as e:
+        raise LXDError(f"the certificate pinned for {endpoint} ({path}) cannot be used: "
+                       f"{getattr(e, 'strerror', None) or e}; copy the server's "
+                       "/var/lib/lxd/server.crt there (docs/admin.md section 6)") from None
 
 
 class _UnixPool(pylxd.client._UnixSocketHTTPConnectionPool):

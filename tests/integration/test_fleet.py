@@ -12,6 +12,7 @@ next start.  (A second LXD *daemon* over HTTPS is the multi-server test's.)
 from __future__ import annotations
 
 import asyncio
+import shutil
 
 import pytest
 
@@ -21,6 +22,7 @@ from lxcspawner.portmap import FORWARD_PREFIX
 from lxcspawner.settings import Settings
 from tests.fixtures.ldap import free_loopback_port
 from tests.fixtures.lxd import TEST_KEY
+from tests.fixtures.lxd2 import client_certificate
 from tests.fixtures.sshkeys import keypair
 
 pytestmark = pytest.mark.lxd
@@ -34,8 +36,9 @@ SSH_PORTS, FORWARD_PORTS = "28100-28199", "11900-11999"
 @pytest.fixture(scope="module")
 def site(tmp_path_factory, run_tag, nat_project):
     tmp = tmp_path_factory.mktemp("fleet")
-    for name in ("client.crt", "client.key", "gone.crt"):
-        (tmp / name).write_text("not used: nothing answers at that port\n")
+    # Real certificates; nothing answers at that port anyway.
+    crt, key = client_certificate(tmp)
+    shutil.copy(crt, tmp / "gone.crt")
     config = tmp / "lxcgpu.toml"
     config.write_text(f"""
 [store]
@@ -48,8 +51,8 @@ forward = "{FORWARD_PORTS}"
 project = "{nat_project.project}"
 [servers.gone]
 lxd = "https://127.0.0.1:{free_loopback_port()}"
-client_cert = "{tmp / 'client.crt'}"
-client_key = "{tmp / 'client.key'}"
+client_cert = "{crt}"
+client_key = "{key}"
 server_cert = "{tmp / 'gone.crt'}"
 [containers]
 prefix = "{run_tag}"

@@ -250,3 +250,26 @@ def test_one_server_name_rule_everywhere():
         with pytest.raises(ValueError, match="not a GPU server name"):
             Settings.from_dict({"servers": {bad or "?": {}}} if isinstance(bad, str) else
                                {"server": {"name": "?"}}).gpu_server()
+
+
+def test_a_pinned_certificate_that_is_no_certificate_is_named(tmp_path):
+    import asyncio
+
+    from lxcspawner.lxd import LXDError
+
+    for name in ("client.crt", "client.key", "gpu18.crt"):
+        (tmp_path / name).write_text("not a certificate\n")
+    s = load(tmp_path, f"""
+[servers.gpu18]
+lxd = "https://127.0.0.1:1"
+client_cert = "{tmp_path / 'client.crt'}"
+client_key = "{tmp_path / 'client.key'}"
+server_cert = "{tmp_path / 'gpu18.crt'}"
+""")
+    lxd = s.open_lxd("gpu18", retries=0)
+    try:
+        with pytest.raises(LXDError, match=r"the certificate pinned for https://127.0.0.1:1 "
+                                            r"\(.*gpu18.crt\) cannot be used"):
+            asyncio.run(lxd.server_info())
+    finally:
+        lxd.close()
