@@ -220,8 +220,10 @@ class Settings:
         for g in self.servers:
             if g.name == name:
                 return g
+        where = (f"in {self.source}" if self.source
+                 else f"there is no {DEFAULT_PATH}: only this machine")
         raise SettingsError(f"unknown GPU server {name!r}: this site's servers are "
-                            f"{', '.join(self.server_names)} ({self.source or 'settings'})")
+                            f"{', '.join(self.server_names)} ({where})")
 
     # ------------------------------------------------------------ reading
 
