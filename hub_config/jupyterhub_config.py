@@ -128,6 +128,11 @@ if _site and not Path(_site).is_file():
     raise FileNotFoundError(f"LXCGPU_HUB_SITE={_site}: no such file")
 _site = Path(_site or DEFAULT_SITE).absolute()
 load_subconfig(str(_site))  # noqa: F821 - injected by traitlets; a missing default is skipped
+for _moved in ("servers", "default_server"):
+    if _moved in c.LXCSpawner:
+        raise ValueError(f"{_site}: c.LXCSpawner.{_moved} moved to the lxcgpu site file: list "
+                         "the GPU servers as [servers.<name>] tables in /etc/lxcgpu/lxcgpu.toml "
+                         "(the first is the default; docs/admin.md section 6) and remove it here")
 
 # --- what depends on the site's settings -------------------------------------
 # The hub API listens on the LXD bridge's address, which containers reach

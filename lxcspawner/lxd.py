@@ -68,6 +68,9 @@ class LXDTooLarge(LXDError):
     """Output or a file from inside an instance is over the size allowed."""
 
 
+# How long a GPU server's GPU count is taken as known (seconds).
+GPU_COUNT_TTL_S = 60
+
 # What lxcgpu reads back from inside an instance (a command's output, a file)
 # at most: the container's root decides its size, so it is bounded.
 MAX_READ_BYTES = 1 << 20
@@ -165,6 +168,8 @@ class LXD:
         self._executor = executor or ThreadPoolExecutor(
             max_workers=max_workers, thread_name_prefix="lxcgpu-lxd")
         self._client: pylxd.Client | None = None
+        self._gpus: tuple[int, float] | None = None      # (count, when read)
+        self._gpu_locks: dict[int, asyncio.Lock] = {}    # per event loop
 
     # ------------------------------------------------------------ plumbing
 
@@ -367,9 +372,29 @@ class LXD:
                               what="server resources")
 
     async def gpu_count(self) -> int:
-        """GPUs LXD sees on this server (0 where there are none)."""
-        res = await self.resources()
-        return int((res.get("gpu") or {}).get("total") or 0)
+        """GPUs LXD sees on this server (0 where there are none).
+
+        Read at most once a minute, by one caller at a time, and tried again
+        once on an error: LXD's resources call walks sysfs, and a burst of
+        them at once fails now and then (seen: "Failed to list
+        /sys/bus/pci/devices: ... bad file descriptor")."""
+        key = id(asyncio.get_running_loop())
+        lock = self._gpu_locks.setdefault(key, asyncio.Lock())
+        async with lock:
+            cached = self._gpus
+            if cached is not None and time.monotonic() - cached[1] < GPU_COUNT_TTL_S:
+                return cached[0]
+            try:
+                res = await self.resources()
+            except LXDUnavailable:
+                raise
+            except LXDError as e:
+                log.warning("reading the GPUs of %s failed (%s); trying once more", self, e)
+                await asyncio.sleep(0.5)
+                res = await self.resources()
+            count = int((res.get("gpu") or {}).get("total") or 0)
+            self._gpus = (count, time.monotonic())
+            return count
 
     async def image_by_alias(self, alias: str) -> dict:
         """The image behind ``alias``; ImageNotFound names the command to run."""

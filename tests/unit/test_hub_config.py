@@ -221,3 +221,13 @@ def test_lab_sync_has_only_the_scopes_it_needs_and_no_secret_on_its_command_line
     assert json.loads(svc["environment"][ENV_VAR])["ldap"]["lookup_dn_search_password"] == "s3cret"
     assert sorted(sync.role()["scopes"]) == sorted(
         ["list:users", "read:users", "read:servers", "delete:servers", "read:tokens", "tokens"])
+
+
+def test_the_gpu_servers_come_from_the_site_file_only(tmp_path, monkeypatch):
+    site = tmp_path / "lxcgpu.toml"
+    site.write_text("[servers.gpu17]\n[servers.gpu18]\n")
+    monkeypatch.setenv("LXCGPU_CONFIG", str(site))
+    hub = load_hub_config(tmp_path, monkeypatch, "")
+    assert hub.named_server_limit_per_user == 2     # one named server per GPU server
+    with pytest.raises(ValueError, match=r"c.LXCSpawner.servers moved to the lxcgpu site file"):
+        load_hub_config(tmp_path, monkeypatch, 'c.LXCSpawner.servers = {"gpu1": {}}\n')
