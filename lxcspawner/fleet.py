@@ -145,11 +145,11 @@ class Fleet:
         prefix = self.settings.instance_prefix
 
         async def sync(server: str, lxd: LXD) -> ServerResult:
-            name = naming.instance_name(user, server, prefix)
-            if await lxd.instance(name) is None:
-                return ServerResult(server, NONE, f"{user} has no container on {server}")
             changed = await lifecycle.sync_port_maps(lxd, self.store, user, server,
                                                      prefix=prefix)
+            if changed is None:
+                return ServerResult(server, NONE, f"{user} has no container on {server}")
+            name = naming.instance_name(user, server, prefix)
             return ServerResult(server, DONE, f"port maps {'updated' if changed else 'unchanged'}"
                                               f" in {name}")
         return await self.each(f"port maps of {user}", sync, servers)

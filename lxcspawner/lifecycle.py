@@ -81,13 +81,14 @@ async def _write_port_maps(lxd: LXD, name: str, config: dict, ssh_port: int,
 
 
 async def sync_port_maps(lxd: LXD, store: Store, user: str, server: str, *,
-                         prefix: str = "") -> bool:
+                         prefix: str = "") -> bool | None:
     """Write the user's SSH port and forwards on ``server`` into their
-    container's config, if that container exists; True if anything changed."""
+    container's config, if that container exists; True if anything changed,
+    None if there is no container."""
     name = naming.instance_name(user, server, prefix)
     inst = await lxd.instance(name)
     if inst is None:
-        return False
+        return None
     check_owner(inst, user)
     ssh_port, forwards = await _wanted_ports(store, user, server)
     return await _write_port_maps(lxd, name, inst.get("config") or {}, ssh_port, forwards)

@@ -266,13 +266,7 @@ class Settings:
                            "list every GPU server there and drop [server]")
             kw["servers"] = _servers(data["servers"], fail)
         for section, keys in _SCHEMA.items():
-            table = data.get(section, {})
-            if not isinstance(table, Mapping):
-                raise fail(f"[{section}] must be a table")
-            unknown = sorted(set(table) - set(keys))
-            if unknown:
-                raise fail(f"unknown key {unknown[0]!r} in [{section}] "
-                           f"(known: {', '.join(keys)})")
+            table = _table(data.get(section, {}), section, keys, fail)
             for key, (attr, convert) in keys.items():
                 if key not in table:
                     continue
@@ -364,17 +358,22 @@ def _mounts(v) -> tuple[Mount, ...]:
 _SERVER_KEYS = ("lxd", "project", "client_cert", "client_key", "server_cert", "address")
 
 
+def _table(table, section: str, known, fail) -> Mapping:
+    """``table`` if it is a TOML table holding only ``known`` keys."""
+    if not isinstance(table, Mapping):
+        raise fail(f"[{section}] must be a table")
+    unknown = sorted(set(table) - set(known))
+    if unknown:
+        raise fail(f"unknown key {unknown[0]!r} in [{section}] (known: {', '.join(known)})")
+    return table
+
+
 def _servers(tables, fail) -> tuple[GPUServer, ...]:
     if not isinstance(tables, Mapping) or not tables:
         raise fail("[servers] must hold one [servers.<name>] table per GPU server")
     out = []
     for name, table in tables.items():
-        if not isinstance(table, Mapping):
-            raise fail(f"[servers.{name}] must be a table")
-        unknown = sorted(set(table) - set(_SERVER_KEYS))
-        if unknown:
-            raise fail(f"unknown key {unknown[0]!r} in [servers.{name}] "
-                       f"(known: {', '.join(_SERVER_KEYS)})")
+        table = _table(table, f"servers.{name}", _SERVER_KEYS, fail)
         try:
             out.append(GPUServer(name, **{k: _str(v) for k, v in table.items()}))
         except (TypeError, ValueError) as e:
