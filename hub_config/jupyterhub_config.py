@@ -120,7 +120,7 @@ c.JupyterHub.cleanup_servers = False
 #   c.LXCSpawner.lxcgpu_config = $LXCGPU_CONFIG or "/etc/lxcgpu/lxcgpu.toml"
 #   c.LXCSpawner.extra_container_config = {}
 #   c.LXCSpawner.stop_container_on_stop = False      # stopping Jupyter keeps the container
-#   c.LXCSpawner.jupyter_port = 8888
+#   c.LXCSpawner.hub_ca_file = <the generated CA>    # trusted by containers on remote servers
 
 # --- the site's settings ------------------------------------------------------
 _site = os.environ.get("LXCGPU_HUB_SITE")
@@ -200,6 +200,10 @@ if _https:
             optional=wanted_names(None, addresses=_addresses))
         c.JupyterHub.ssl_cert = str(_tls / "hub.crt")
         c.JupyterHub.ssl_key = str(_tls / "hub.key")
+        # Containers on GPU servers elsewhere call the hub API over HTTPS:
+        # the spawner puts this CA into their trust store.
+        if "hub_ca_file" not in c.LXCSpawner:
+            c.LXCSpawner.hub_ca_file = str(_tls / "ca.crt")
     if not (c.JupyterHub.get("ssl_cert") and c.JupyterHub.get("ssl_key")):
         raise ValueError("set both c.JupyterHub.ssl_cert and c.JupyterHub.ssl_key")
     c.JupyterHub.bind_url = _bind._replace(scheme="https").geturl()

@@ -3,6 +3,9 @@
 ``LXCGPU-DNAT`` holds one rule per port map::
 
     -p tcp --dport 22031 -m comment --comment lxcgpu:alice--gpu17 -j DNAT --to-destination 10.213.87.5:22
+    -s 192.0.2.10/32 -p tcp --dport 20040 -m comment --comment lxcgpu:alice--gpu17 -j DNAT --to-destination 10.213.87.5:8888
+
+(the second a Jupyter port, for the hub's address only)
 
 and is jumped to from ``PREROUTING`` (clients elsewhere) and ``OUTPUT``
 (clients on the server itself), both for local destinations only.
@@ -60,6 +63,9 @@ XTABLES_LOCK = "/run/xtables.lock"
 COMMENT_PREFIX = "lxcgpu:"
 _IFNAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
 _IPT_ENTRY_SIZE = 112
+# struct ipt_ip starts the entry: source address, destination, source mask.
+_SRC_AT, _SMSK_AT = 0, 8
+_HOST_MASK = b"\xff\xff\xff\xff"
 
 
 class XtablesUnavailable(RuntimeError):
@@ -181,9 +187,11 @@ class _EntryCodec:
             log.warning("python-iptables rule layout not recognised; building every "
                         "rule through python-iptables (slower, same rules)")
 
-    def _rule(self, host_port: int, address: str, port: int, comment: str):
+    def _rule(self, host_port: int, address: str, port: int, comment: str, source: str = ""):
         iptc = self.iptc
         rule = iptc.Rule()
+        if source:
+            rule.src = f"{source}/32"
         rule.protocol = "tcp"
         match = rule.create_match("tcp")
         match.dport = str(host_port)
@@ -199,9 +207,11 @@ class _EntryCodec:
                 and self.comment_at > _IPT_ENTRY_SIZE):
             return False
         for sample in (PortMap(22031, "10.213.87.5", 22, "alice--gpu17"),
-                       PortMap(1, "192.168.255.254", 65535, "x" * 63)):
+                       PortMap(1, "192.168.255.254", 65535, "x" * 63),
+                       PortMap(20040, "10.213.87.5", 8888, "alice--gpu18", "192.0.2.10")):
             built = _clean(bytes(self._rule(sample.host_port, sample.address, sample.port,
-                                            COMMENT_PREFIX + sample.instance).rule))
+                                            COMMENT_PREFIX + sample.instance,
+                                            sample.source).rule))
             if self._patch(sample) != built:
                 return False
         return True
@@ -217,6 +227,9 @@ class _EntryCodec:
             struct.pack_into("!H", buf, at, m.port)
         comment = (COMMENT_PREFIX + m.instance).encode()[:self.comment_len - 1]
         buf[self.comment_at:self.comment_at + self.comment_len] = comment.ljust(self.comment_len, b"\0")
+        if m.source:
+            buf[_SRC_AT:_SRC_AT + 4] = ipaddress.IPv4Address(m.source).packed
+            buf[_SMSK_AT:_SMSK_AT + 4] = _HOST_MASK
         return bytes(buf)
 
     def key(self, raw: bytes) -> bytes:
@@ -244,7 +257,7 @@ class _EntryCodec:
         if self.fast:
             return self._patch(m)
         return _clean(bytes(self._rule(m.host_port, m.address, m.port,
-                                       COMMENT_PREFIX + m.instance).rule))
+                                       COMMENT_PREFIX + m.instance, m.source).rule))
 
     def decode(self, raw: bytes) -> PortMap | None:
         """The port map an entry read back from the kernel holds, or None if
@@ -258,11 +271,13 @@ class _EntryCodec:
             port = struct.unpack_from("!H", raw, self.port_at[0])[0]
             comment = raw[self.comment_at:self.comment_at + self.comment_len].split(b"\0", 1)[0]
             instance = comment.decode()
+            source = (str(ipaddress.IPv4Address(raw[_SRC_AT:_SRC_AT + 4]))
+                      if raw[_SMSK_AT:_SMSK_AT + 4] == _HOST_MASK else "")
         except (ValueError, UnicodeDecodeError):
             return None
         if not instance.startswith(COMMENT_PREFIX):
             return None
-        m = PortMap(host_port, address, port, instance[len(COMMENT_PREFIX):])
+        m = PortMap(host_port, address, port, instance[len(COMMENT_PREFIX):], source)
         # Compare all but the fields the kernel owns (nfcache, comefrom, counters).
         return m if self.encode(m) == raw else None
 
@@ -279,8 +294,10 @@ class _EntryCodec:
             if (rule.protocol != "tcp" or rule.target.name != "DNAT"
                     or not comment.startswith(COMMENT_PREFIX)):
                 return None
+            src, _, mask = rule.src.partition("/")
             m = PortMap(int(params["tcp"]["dport"][0]), address, int(port),
-                        comment[len(COMMENT_PREFIX):])
+                        comment[len(COMMENT_PREFIX):],
+                        src if mask == "255.255.255.255" else "")
         except Exception:  # noqa: BLE001 - unreadable means "not ours"
             return None
         return m if self.encode(m)[_IPT_ENTRY_SIZE:] == _clean(raw)[_IPT_ENTRY_SIZE:] else None

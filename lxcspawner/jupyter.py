@@ -19,8 +19,13 @@ from typing import Awaitable, Callable, Mapping, Sequence
 
 from . import naming
 from .lxd import LXD
+from .portmap import JUPYTER_CONTAINER_PORTS
 
 UNIT = "lxcgpu-jupyter"
+# The hub's CA, where the container's system trust store takes it in (on a
+# GPU server elsewhere, Jupyter reaches the hub API over HTTPS).
+HUB_CA = "/usr/local/share/ca-certificates/lxcgpu-hub.crt"
+CA_MAX = 64 * 1024
 ENV_DIR = "/run/lxcgpu"
 PATH = "/opt/jupyter/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -32,6 +37,12 @@ def unit_name(server_name: str) -> str:
     if not server_name:
         return UNIT
     return f"{UNIT}-{naming.check_server_name(server_name)}"
+
+
+def container_port(server_name: str) -> int:
+    """The port Jupyter listens on in the container: the default server's,
+    or a named server's (both may run in one container)."""
+    return JUPYTER_CONTAINER_PORTS[1 if server_name else 0]
 
 
 def env_file(env: Mapping[str, str]) -> str:
@@ -63,6 +74,21 @@ async def start(lxd: LXD, name: str, *, unit: str, login: str, argv: Sequence[st
            "--property=KillMode=mixed", "--property=TimeoutStopSec=10",
            "--description=Jupyter for the hub", "--", *argv]
     (await lxd.execute(name, cmd, timeout=60)).check(cmd[:2])
+
+
+async def trust_hub_ca(lxd: LXD, name: str, pem: str) -> bool:
+    """Make the container's system trust store hold the hub's CA
+    (``update-ca-certificates``); True if it had to change."""
+    if "-----BEGIN CERTIFICATE-----" not in pem or len(pem) > CA_MAX:
+        raise ValueError("the hub's CA file is not a PEM certificate")
+    entry = await lxd.file_entry(name, HUB_CA)
+    if entry is not None and entry.type == "file" and entry.data == pem.encode():
+        return False
+    await lxd.make_dir(name, "/usr/local/share/ca-certificates", mode=0o755)
+    await lxd.put_file(name, HUB_CA, pem, mode=0o644)
+    cmd = ["update-ca-certificates"]
+    (await lxd.execute(name, cmd, timeout=60)).check(cmd)
+    return True
 
 
 async def answers(address: str, port: int, *, timeout: float = 3) -> bool:

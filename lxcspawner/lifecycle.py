@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping, Sequence
 from . import naming, network
 from .container import ContainerError, ContainerSpec, check_owner, ensure_container, half_made
 from .lxd import LXD, LXDError, LXDNotFound, is_outage
-from .portmap import config_changes
+from .portmap import config_changes, jupyter_maps
 from .provision import provision
 from .settings import Settings
 from .store import Store
@@ -44,36 +44,46 @@ class UserContainer:
     address: str | None            # its assigned IPv4 on the bridge
     ssh_port: int                  # the user's port on the server (-> container:22)
     forwards: dict[int, int] = field(default_factory=dict)  # host port -> container port
+    jupyter_port: int | None = None  # the first of the user's Jupyter host ports
 
     @property
     def ssh_command(self) -> str:
         return f"ssh -p {self.ssh_port} {self.posix_user}@{self.server}"
 
 
-async def _wanted_ports(store: Store, user: str, server: str
-                        ) -> tuple[int | None, dict[int, int]]:
-    """The user's SSH port and their TCP forwards on ``server``, from the
-    store; none while the user is suspended (their container keeps none)."""
+@dataclass(frozen=True)
+class PortMaps:
+    """The host ports a user's container on one server asks for."""
+
+    ssh_port: int | None = None                          # -> container:22
+    forwards: dict[int, int] = field(default_factory=dict)  # host port -> container port
+    jupyter_port: int | None = None                      # the first of the Jupyter pair
+
+
+async def _wanted_ports(store: Store, user: str, server: str) -> PortMaps:
+    """The user's SSH port, their TCP forwards on ``server`` and their
+    Jupyter ports, from the store; none while the user is suspended (their
+    container keeps none)."""
     def read():
         rec = store.user(user)
         if rec.suspended is not None:
-            return None, []
+            return PortMaps(), []
         fwds = store.list_forwards(user=user, server=server)
-        return rec.ssh_port, fwds
-    ssh_port, fwds = await asyncio.to_thread(read)
-    forwards = {}
+        jupyter = rec.jupyter_port or store.jupyter_port(user)
+        return PortMaps(rec.ssh_port, jupyter_port=jupyter), fwds
+    maps, fwds = await asyncio.to_thread(read)
     for f in fwds:
         if f.proto != "tcp":
             log.warning("forward %s of %s on %s is %s; only tcp is mapped", f.host_port,
                         user, server, f.proto)
             continue
-        forwards[f.host_port] = f.container_port
-    return ssh_port, forwards
+        maps.forwards[f.host_port] = f.container_port
+    return maps
 
 
-async def _write_port_maps(lxd: LXD, name: str, config: dict, ssh_port: int,
-                           forwards: dict[int, int]) -> bool:
-    changes = config_changes(config, ssh_port, forwards)
+async def _write_port_maps(lxd: LXD, name: str, config: dict, maps: PortMaps) -> bool:
+    changes = config_changes(config, maps.ssh_port, maps.forwards,
+                             jupyter_maps(maps.jupyter_port))
     if changes:
         log.info("port maps of %s: %s", name, changes)
         await lxd.update_config(name, changes)
@@ -90,8 +100,8 @@ async def sync_port_maps(lxd: LXD, store: Store, user: str, server: str, *,
     if inst is None:
         return None
     check_owner(inst, user)
-    ssh_port, forwards = await _wanted_ports(store, user, server)
-    return await _write_port_maps(lxd, name, inst.get("config") or {}, ssh_port, forwards)
+    maps = await _wanted_ports(store, user, server)
+    return await _write_port_maps(lxd, name, inst.get("config") or {}, maps)
 
 
 @dataclass(frozen=True)
@@ -112,8 +122,8 @@ async def sync_user_container(lxd: LXD, store: Store, user: str, server: str, *,
     if inst is None:
         raise LXDNotFound(f"{user} has no container on {server} (no instance {name})", 404)
     check_owner(inst, user)
-    ssh_port, forwards = await _wanted_ports(store, user, server)
-    changed = await _write_port_maps(lxd, name, inst.get("config") or {}, ssh_port, forwards)
+    maps = await _wanted_ports(store, user, server)
+    changed = await _write_port_maps(lxd, name, inst.get("config") or {}, maps)
     if not (await lxd.state(name)).running:
         return ContainerSync(name, changed, False)
     keys = await asyncio.to_thread(store.authorized_keys, user)
@@ -256,8 +266,8 @@ async def ensure_user_container(lxd: LXD, store: Store, settings: Settings, user
         await lxd.update_devices(spec.name, {network.NIC: nic})
 
     # Before the start, so the node agent maps the ports on the start event.
-    ssh_port, forwards = await _wanted_ports(store, user, server)
-    await _write_port_maps(lxd, spec.name, inst.get("config") or {}, ssh_port, forwards)
+    maps = await _wanted_ports(store, user, server)
+    await _write_port_maps(lxd, spec.name, inst.get("config") or {}, maps)
 
     if start or restart:
         state = await lxd.state(spec.name)
@@ -271,4 +281,5 @@ async def ensure_user_container(lxd: LXD, store: Store, settings: Settings, user
         keys = await asyncio.to_thread(store.authorized_keys, user)
         await provision(lxd, spec.name, login=spec.posix_user, keys=keys,
                         hostname=spec.hostname)
-    return UserContainer(spec.name, server, user, spec.posix_user, address, ssh_port, forwards)
+    return UserContainer(spec.name, server, user, spec.posix_user, address, maps.ssh_port,
+                         maps.forwards, maps.jupyter_port)

@@ -6,7 +6,11 @@ container carries, in ``user.lxcgpu.*`` keys, the host ports it owns —
 - ``user.lxcgpu.ssh-port = 22031``: the owner's SSH port, mapped to the
   container's port 22;
 - ``user.lxcgpu.forward.11003 = 8080``: one key per port forward, host port
-  in the key, container port in the value (TCP).
+  in the key, container port in the value (TCP);
+- ``user.lxcgpu.jupyter.20040 = 8888`` and ``user.lxcgpu.jupyter.20041 =
+  8889``: the owner's Jupyter ports (their default server's and a named
+  server's), for a hub that reaches this server over the network; mapped
+  for connections from the hub's address only (``[hub] address``).
 
 The store allocates the numbers; the spawner and the portal write them here
 whenever they change; the node agent on the server reads them back, with the
@@ -29,9 +33,14 @@ log = logging.getLogger("lxcspawner.portmap")
 
 SSH_PORTS = (22000, 29999)        # each user's SSH port, the same on every server
 FORWARD_PORTS = (11000, 11999)    # forwarded host ports, per server
+JUPYTER_PORTS = (20000, 21999)    # each user's pair of Jupyter ports, the same on every server
 SSH_PORT_KEY = KEY_PREFIX + "ssh-port"
 FORWARD_PREFIX = KEY_PREFIX + "forward."
+JUPYTER_PREFIX = KEY_PREFIX + "jupyter."
 SSH_CONTAINER_PORT = 22
+# Where Jupyter listens in a container: the default server, then a named
+# server (both may run in one container).
+JUPYTER_CONTAINER_PORTS = (8888, 8889)
 
 
 @dataclass(frozen=True, order=True)
@@ -42,6 +51,7 @@ class PortMap:
     address: str
     port: int
     instance: str = ""
+    source: str = ""    # only connections from this IPv4 address; "": from anywhere
 
 
 _RANGE = re.compile(r"^\s*([0-9]{1,5})\s*-\s*([0-9]{1,5})\s*$")
@@ -68,43 +78,58 @@ def _port(value: object) -> int:
     return port
 
 
-def wanted_ports(config: Mapping[str, str]) -> dict[int, int]:
-    """Host port -> container port, as a container's config asks.
+def _ours(key: str) -> bool:
+    return key == SSH_PORT_KEY or key.startswith((FORWARD_PREFIX, JUPYTER_PREFIX))
+
+
+def wanted_ports(config: Mapping[str, str]) -> dict[int, tuple[int, bool]]:
+    """Host port -> (container port, for the hub only), as a container's
+    config asks.
 
     A malformed key or value is logged and skipped: one bad entry written by
     hand must not take the other containers' SSH down with it.
     """
-    ports: dict[int, int] = {}
+    ports: dict[int, tuple[int, bool]] = {}
     for key, value in config.items():
         try:
             if key == SSH_PORT_KEY:
-                ports[_port(value)] = SSH_CONTAINER_PORT
+                ports[_port(value)] = (SSH_CONTAINER_PORT, False)
             elif key.startswith(FORWARD_PREFIX):
-                ports[_port(key[len(FORWARD_PREFIX):])] = _port(value)
+                ports[_port(key[len(FORWARD_PREFIX):])] = (_port(value), False)
+            elif key.startswith(JUPYTER_PREFIX):
+                ports[_port(key[len(JUPYTER_PREFIX):])] = (_port(value), True)
         except ValueError as e:
             log.warning("ignoring %s=%r: %s", key, value, e)
     return ports
 
 
+def jupyter_maps(first_port: int | None) -> dict[int, int]:
+    """A user's Jupyter host ports -> the container's Jupyter ports."""
+    if first_port is None:
+        return {}
+    return {first_port + i: port for i, port in enumerate(JUPYTER_CONTAINER_PORTS)}
+
+
 def config_changes(config: Mapping[str, str], ssh_port: int | None,
-                   forwards: Mapping[int, int]) -> dict[str, str | None]:
+                   forwards: Mapping[int, int],
+                   jupyter: Mapping[int, int] | None = None) -> dict[str, str | None]:
     """The smallest config update that makes ``config`` ask for exactly this
-    SSH port and these forwards (``None`` deletes a key); empty if nothing
-    changes."""
+    SSH port, these forwards and these Jupyter ports (``None`` deletes a
+    key); empty if nothing changes."""
     want = {}
     if ssh_port is not None:
         want[SSH_PORT_KEY] = str(_port(ssh_port))
-    for host_port, port in forwards.items():
-        want[f"{FORWARD_PREFIX}{_port(host_port)}"] = str(_port(port))
-    changes: dict[str, str | None] = {
-        k: None for k in config
-        if (k == SSH_PORT_KEY or k.startswith(FORWARD_PREFIX)) and k not in want}
+    for prefix, ports in ((FORWARD_PREFIX, forwards), (JUPYTER_PREFIX, jupyter or {})):
+        for host_port, port in ports.items():
+            want[f"{prefix}{_port(host_port)}"] = str(_port(port))
+    changes: dict[str, str | None] = {k: None for k in config if _ours(k) and k not in want}
     changes.update({k: v for k, v in want.items() if config.get(k) != v})
     return changes
 
 
 def maps_for(instances: Iterable[Mapping], bridges: Mapping[str, Bridge],
-             allowed: Sequence[tuple[int, int]] | None = None) -> list[PortMap]:
+             allowed: Sequence[tuple[int, int]] | None = None,
+             hub_address: str | None = None) -> list[PortMap]:
     """The DNAT rules a server needs, from its instances' records with state
     (LXD ``/1.0/instances?recursion=2``): one per wanted port of each running
     container, to the address lxcgpu pinned on its NIC inside one of
@@ -113,6 +138,9 @@ def maps_for(instances: Iterable[Mapping], bridges: Mapping[str, Bridge],
 
     Host ports outside ``allowed`` (ranges, inclusive) are refused and logged:
     a config edited by hand must never take over the server's own SSH port.
+
+    Jupyter ports are mapped for connections from ``hub_address`` only, and
+    not at all without one.
 
     Two containers claiming the same host port (a config edited by hand, a
     copied container) are both reported in the log; the first by name wins,
@@ -133,7 +161,9 @@ def maps_for(instances: Iterable[Mapping], bridges: Mapping[str, Bridge],
                         "LXD bridge (a container made before lxcgpu pinned addresses: start "
                         "it once through lxcgpu); not mapped", name)
             continue
-        for host_port, port in sorted(wanted.items()):
+        for host_port, (port, hub_only) in sorted(wanted.items()):
+            if hub_only and not hub_address:
+                continue    # no hub reaches this server over the network
             if allowed is not None and not any(lo <= host_port <= hi for lo, hi in allowed):
                 log.warning("%s asks for host port %d, outside the allowed ranges %s; "
                             "not mapped", name, host_port,
@@ -143,5 +173,6 @@ def maps_for(instances: Iterable[Mapping], bridges: Mapping[str, Bridge],
                 log.warning("host port %d is claimed by %s and %s; keeping %s",
                             host_port, maps[host_port].instance, name, maps[host_port].instance)
                 continue
-            maps[host_port] = PortMap(host_port, address, port, name)
+            maps[host_port] = PortMap(host_port, address, port, name,
+                                      hub_address if hub_only else "")
     return sorted(maps.values())

@@ -11,6 +11,7 @@ errors that name them, so a typo never silently falls back to a default::
     ssh = "22000-29999"
     forward = "11000-11999"
     forward_limit = 10
+    jupyter = "20000-21999"              # pairs: the hub's way to Jupyter on remote servers
     [servers.gpu17]                      # this machine: its local LXD
     address = "gpu17.lab.example.org"    # where users SSH to (default: the name)
     [servers.gpu18]                      # another GPU server, over HTTPS
@@ -29,6 +30,9 @@ errors that name them, so a typo never silently falls back to a default::
     mounts = ["/data:/data:ro"]
     [network]
     port_isolation = true
+    [hub]                                # needed once a GPU server is remote
+    url = "https://hub.lab.example.org"  # the hub as containers on remote servers reach it
+    address = "192.0.2.10"               # the hub's address as GPU servers see it
 
 The servers' order is the order users see them in; the first is the default.
 A file without ``[servers]`` may name the one server of a one-machine lab
@@ -38,12 +42,14 @@ the one server is this machine's local LXD under its short hostname.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
+from urllib.parse import urlparse
 
 from . import naming, store
 from .container import IDMAP_BLOCK, IDMAP_USER_FIRST, IDMAP_USER_LAST, ContainerSpec, Mount
@@ -126,6 +132,7 @@ class Settings:
     ssh_ports: tuple[int, int] = store.SSH_PORTS
     forward_ports: tuple[int, int] = store.FORWARD_PORTS
     forward_limit: int = store.FORWARD_LIMIT
+    jupyter_ports: tuple[int, int] = store.JUPYTER_PORTS
     # The GPU servers, in the order users see them; the first is the default.
     # Empty: one server, ``server`` (default: the short hostname) on ``lxd``.
     servers: tuple[GPUServer, ...] = ()
@@ -141,21 +148,33 @@ class Settings:
     # LXD's security.port_isolation on containers' NICs: containers on one
     # bridge cannot reach each other directly (docs/security.md).
     port_isolation: bool = True
+    # How containers on remote GPU servers reach the hub (its public URL: the
+    # hub API through the proxy, over HTTPS), and the hub's address as the
+    # GPU servers see it (only it reaches users' Jupyter ports there).
+    hub_url: str | None = None
+    hub_address: str | None = None
     source: str | None = field(default=None, compare=False)  # the file, for messages
 
     def __post_init__(self):
         if not self.store_url or not isinstance(self.store_url, str):
             raise ValueError("store url must be a non-empty string")
-        for what, rng in (("ssh", self.ssh_ports), ("forward", self.forward_ports)):
+        for what, rng in (("ssh", self.ssh_ports), ("forward", self.forward_ports),
+                          ("jupyter", self.jupyter_ports)):
             if (not isinstance(rng, tuple) or len(rng) != 2
                     or not all(_is_int(p) for p in rng) or not 1 <= rng[0] <= rng[1] <= 65535):
                 raise ValueError(f"{what} port range {rng!r}: need (low, high) in 1..65535")
         last_block = (IDMAP_USER_LAST - IDMAP_USER_FIRST) // IDMAP_BLOCK
         if not _is_int(self.first_id_block) or not 0 <= self.first_id_block <= last_block:
             raise ValueError(f"first_id_block {self.first_id_block!r}: need 0..{last_block}")
-        (a, b), (c, d) = self.ssh_ports, self.forward_ports
-        if a <= d and c <= b:
-            raise ValueError(f"ssh ports {a}-{b} overlap forward ports {c}-{d}")
+        ranges = {"ssh": self.ssh_ports, "forward": self.forward_ports,
+                  "jupyter": self.jupyter_ports}
+        for i, (x, (a, b)) in enumerate(ranges.items()):
+            for y, (c, d) in list(ranges.items())[i + 1:]:
+                if a <= d and c <= b:
+                    raise ValueError(f"{x} ports {a}-{b} overlap {y} ports {c}-{d}")
+        if self.jupyter_ports[1] == self.jupyter_ports[0]:
+            raise ValueError("jupyter ports: need a range of at least two ports (a pair per user)")
+        self._check_hub()
         if not _is_int(self.forward_limit) or self.forward_limit < 0:
             raise ValueError("forward_limit must be a whole number >= 0")
         self._settle_servers()
@@ -173,6 +192,32 @@ class Settings:
             raise ValueError("mounts must be Mount objects")
         # The limits and mounts are checked by the one place that owns them.
         self.container_spec("settings-check", IDMAP_USER_FIRST)
+
+    def _check_hub(self) -> None:
+        if self.hub_url is not None:
+            url = urlparse(self.hub_url) if isinstance(self.hub_url, str) else None
+            if url is None or url.scheme not in ("http", "https") or not url.hostname \
+                    or url.path not in ("", "/") or url.query or url.fragment:
+                raise ValueError(f"[hub] url {self.hub_url!r}: the hub's public URL, such as "
+                                 "https://hub.lab.example.org or https://192.0.2.10:8000")
+        if self.hub_address is not None:
+            try:
+                ipaddress.IPv4Address(self.hub_address)
+            except (ipaddress.AddressValueError, ValueError):
+                raise ValueError(f"[hub] address {self.hub_address!r}: the hub's IPv4 address "
+                                 "as the GPU servers see it, such as 192.0.2.10") from None
+
+    def hub_for_remote(self, server: str) -> tuple[str, str]:
+        """The hub's URL and address for Jupyter on remote GPU server
+        ``server``; SettingsError saying what to set where they are missing."""
+        missing = [k for k, v in (("url", self.hub_url), ("address", self.hub_address))
+                   if v is None]
+        if missing:
+            where = self.source or DEFAULT_PATH
+            raise SettingsError(f"Jupyter on {server}, a GPU server the hub reaches over the "
+                                f"network, needs [hub] {' and '.join(missing)} in {where} "
+                                "(docs/admin.md section 6)")
+        return self.hub_url.rstrip("/"), self.hub_address
 
     def _settle_servers(self) -> None:
         servers = self.servers
@@ -304,6 +349,7 @@ class Settings:
         kwargs.setdefault("ssh_ports", self.ssh_ports)
         kwargs.setdefault("forward_ports", self.forward_ports)
         kwargs.setdefault("forward_limit", self.forward_limit)
+        kwargs.setdefault("jupyter_ports", self.jupyter_ports)
         return store.Store(self.store_url, **kwargs)
 
     def open_lxd(self, server: str | None = None, **kwargs: Any):
@@ -385,11 +431,13 @@ def _servers(tables, fail) -> tuple[GPUServer, ...]:
 _SCHEMA: dict[str, dict[str, tuple[str, Any]]] = {
     "store": {"url": ("store_url", _str), "first_id_block": ("first_id_block", _int)},
     "ports": {"ssh": ("ssh_ports", _range), "forward": ("forward_ports", _range),
-              "forward_limit": ("forward_limit", _int)},
+              "forward_limit": ("forward_limit", _int),
+              "jupyter": ("jupyter_ports", _range)},
     "server": {"name": ("server", _str), "lxd": ("lxd", _str)},
     "containers": {"prefix": ("instance_prefix", _str), "image": ("image", _str),
                    "profiles": ("profiles", _str_list), "cpu": ("cpu", _cpu),
                    "memory": ("memory", _str), "processes": ("processes", _int),
                    "mounts": ("mounts", _mounts)},
     "network": {"port_isolation": ("port_isolation", _bool)},
+    "hub": {"url": ("hub_url", _str), "address": ("hub_address", _str)},
 }

@@ -32,7 +32,7 @@ from .lifecycle import ensure_user_container
 from .container import ContainerError
 from .lxd import LXD, LXDError, is_outage
 from .provision import ProvisionError
-from .settings import Settings
+from .settings import Settings, SettingsError
 from .store import Store
 
 # Progress (percent) the spawn page shows for each step.
@@ -77,6 +77,9 @@ class SpawnFailed(web.HTTPError):
         return self.sentence
 
 
+_UNSET = object()
+
+
 class _Shared:
     """What all spawners of one hub share: settings, the store, one LXD
     client and one concurrency limit per GPU server."""
@@ -105,6 +108,9 @@ class LXCSpawner(Spawner):
     _events: list[dict] = []
     _spawn_done = True
     _start_task: asyncio.Future | None = None
+    # The configured hub_connect_url, for spawns on local GPU servers (one on
+    # a remote server sets its own).
+    _hub_connect_default: Any = _UNSET
 
     servers = AnyTrait(
         config=True,
@@ -151,10 +157,13 @@ class LXCSpawner(Spawner):
              "(by the user, the admin or the idle culler).",
     )
 
-    jupyter_port = Integer(
-        8888, config=True,
-        help="The port Jupyter listens on inside the container (the default server; "
-             "a named server uses the next one, as both may share a container).",
+    hub_ca_file = Unicode(
+        "", config=True,
+        help="The CA of the hub's HTTPS certificate, put into the trust store of "
+             "containers on GPU servers the hub reaches over the network (their Jupyter "
+             "calls the hub API at the site file's [hub] url). The shipped hub config sets "
+             "it to the generated CA; a site whose certificate comes from a CA the "
+             "template image already trusts leaves it empty.",
     )
 
     singleuser_command = List(
@@ -247,13 +256,15 @@ class LXCSpawner(Spawner):
 
     instance = Unicode("", help="The LXD instance the server runs in (state).")
     instance_server = Unicode("", help="Its GPU server (state).")
-    address = Unicode("", help="The address the hub reaches Jupyter at (state).")
+    address = Unicode("", help="The address the hub reaches Jupyter at (state): the "
+                               "container's on a local bridge, else the GPU server's.")
+    jupyter_at = Integer(0, help="The port the hub reaches Jupyter at there (state).")
 
     def get_state(self) -> dict:
         state = super().get_state()
         if self.instance:
             state.update(instance=self.instance, server=self.instance_server,
-                         address=self.address)
+                         address=self.address, port=self.jupyter_at)
         return state
 
     def load_state(self, state: dict) -> None:
@@ -261,18 +272,17 @@ class LXCSpawner(Spawner):
         self.instance = state.get("instance", "")
         self.instance_server = state.get("server", "")
         self.address = state.get("address", "")
+        self.jupyter_at = state.get("port") or jupyter.container_port(self.name)
 
     def clear_state(self) -> None:
         super().clear_state()
         self.instance = self.instance_server = self.address = ""
+        self.jupyter_at = 0
 
     # ------------------------------------------------------------ lifecycle
 
     def _unit(self) -> str:
         return jupyter.unit_name(self.name)
-
-    def _port(self) -> int:
-        return self.jupyter_port + (1 if self.name else 0)
 
     def _say(self, message: str) -> None:
         progress = _STEPS.get(message, 2 if message.startswith("queued") else 90)
@@ -336,40 +346,73 @@ class LXCSpawner(Spawner):
         finally:
             limit.release()
 
+    def _remote_hub(self, server: str) -> tuple[str, str | None]:
+        """For a GPU server the hub reaches over the network: the hub URL its
+        containers call, and the hub's CA (PEM) they must trust, if any."""
+        try:
+            hub_url, _ = self._settings.hub_for_remote(server)
+        except SettingsError as e:
+            self.log.error("%s: %s", self._log_name, e)
+            raise ContainerError(f"Jupyter on {server} is not set up on this hub yet (the "
+                                 "hub's log says what is missing); please tell your "
+                                 "administrator. Your container there is reachable over "
+                                 "SSH.") from None
+        if not (self.hub_ca_file and hub_url.startswith("https://")):
+            return hub_url, None
+        try:
+            with open(self.hub_ca_file, encoding="ascii") as f:
+                return hub_url, f.read(jupyter.CA_MAX + 1)
+        except (OSError, UnicodeDecodeError) as e:
+            self.log.error("%s: cannot read c.LXCSpawner.hub_ca_file %s: %s", self._log_name,
+                           self.hub_ca_file, e)
+            raise ContainerError(f"Jupyter on {server} is not set up on this hub yet (the "
+                                 "hub's certificate authority cannot be read); please tell "
+                                 "your administrator.") from None
+
     async def _start(self):
         server = self.gpu_server()
-        if self._settings.gpu_server(server).remote:
-            # The hub's proxy reaches Jupyter at the container's address on the
-            # server's own bridge, which a remote server's bridge is not.
-            local = [g.name for g in self._settings.servers if not g.remote]
-            raise ContainerError(
-                f"Jupyter from the hub is not available on {server} yet (a GPU server the "
-                "hub reaches over the network); your container there is reachable over "
-                "SSH." + (f" Start your server on {local[0]} for Jupyter." if local else ""))
+        gpu = self._settings.gpu_server(server)
+        # On a GPU server elsewhere the container calls the hub at its public
+        # URL, and the proxy reaches Jupyter through the user's Jupyter port
+        # on that server (mapped by its node agent for the hub's address only).
+        hub_url, hub_ca = self._remote_hub(server) if gpu.remote else (None, None)
         shared = self._shared_parts()
         lxd = self._lxd(server)
         settings = shared.settings
+        inside = jupyter.container_port(self.name)
         async with self._turn(shared, server):
             uc = await ensure_user_container(
                 lxd, await shared.store(), settings, self.user.name, server,
                 progress=self._say, actor=f"hub:{self.user.name}",
                 address_timeout=self.address_timeout,
                 extra_config=dict(self.extra_container_config))
-            self.instance, self.instance_server, self.address = uc.name, server, uc.address
+            if self._hub_connect_default is _UNSET:
+                self._hub_connect_default = self.hub_connect_url
+            if gpu.remote:
+                address = gpu.ssh_host
+                port = uc.jupyter_port + jupyter.JUPYTER_CONTAINER_PORTS.index(inside)
+                self.hub_connect_url = hub_url
+                if hub_ca:
+                    await jupyter.trust_hub_ca(lxd, uc.name, hub_ca)
+            else:
+                address, port = uc.address, inside
+                self.hub_connect_url = self._hub_connect_default
+            self.instance, self.instance_server = uc.name, server
+            self.address, self.jupyter_at = address, port
             self._say("starting Jupyter")
-            self.ip, self.port = "0.0.0.0", self._port()
+            self.ip, self.port = "0.0.0.0", inside
             env = self.get_env()
             await jupyter.start(lxd, uc.name, unit=self._unit(), login=uc.posix_user,
                                 argv=[*self.singleuser_command, *self.get_args()], env=env)
-        url = f"http://{uc.address}:{self.port}"
+        url = f"http://{address}:{port}"
         # JupyterHub polls a started server with waits growing to seconds;
         # following it closely here lets the hub find it up at its first try.
         self._say("waiting for Jupyter")
-        await jupyter.wait_listening(uc.address, self.port, timeout=self.http_timeout,
+        await jupyter.wait_listening(address, port, timeout=self.http_timeout,
                                      unit=self._unit(),
                                      alive=lambda: jupyter.active(lxd, uc.name, self._unit()))
         self.log.info("%s: Jupyter in %s on %s at %s:%d", self._log_name, uc.name, server,
-                      uc.address, self.port)
+                      address, port)
         return url
 
     async def poll(self):
@@ -386,7 +429,7 @@ class LXCSpawner(Spawner):
             return None
         if not state.running or not self.address:
             return 0
-        return None if await jupyter.answers(self.address, self._port()) else 0
+        return None if await jupyter.answers(self.address, self.jupyter_at) else 0
 
     async def stop(self, now: bool = False):
         task = self._start_task

@@ -1,7 +1,8 @@
 """The store: what must be unique across the lab, in one database.
 
-Each user's SSH port (the same on every GPU server) and id map base (a block
-of 65536 host ids), forwarded host ports (unique per GPU server), each
+Each user's SSH port (the same on every GPU server), their Jupyter port pair
+(the same on every server: how the hub's proxy reaches their Jupyter on a
+GPU server elsewhere) and id map base (a block of 65536 host ids), forwarded host ports (unique per GPU server), each
 container's address on its GPU server's bridge (unique per server), users'
 SSH public keys, and the audit log.  Allocation picks the lowest free value and
 never hands out one that is taken; nothing is ever deleted except a key, a
@@ -61,6 +62,7 @@ log = logging.getLogger("lxcspawner.store")
 DEFAULT_URL = "sqlite:////var/lib/lxcgpu/lxcgpu.sqlite"
 SSH_PORTS = portmap.SSH_PORTS
 FORWARD_PORTS = portmap.FORWARD_PORTS
+JUPYTER_PORTS = portmap.JUPYTER_PORTS
 FORWARD_LIMIT = 10
 PROTOCOLS = ("tcp",)
 BUSY_TIMEOUT_S = 30
@@ -113,6 +115,9 @@ class UserRecord:
     # Set while the user is not in the lab's groups any more: their keys stay
     # in the store but reach no container, and their port maps are removed.
     suspended: datetime | None = None
+    # The first of the user's two Jupyter host ports (allocated when first
+    # needed; see Store.jupyter_port).
+    jupyter_port: int | None = None
 
 
 @dataclass(frozen=True)
@@ -186,6 +191,7 @@ class User(Base):
     idmap_base: Mapped[int] = mapped_column(BigInteger, unique=True)
     created: Mapped[datetime] = mapped_column(_UTCDateTime, default=_now)
     suspended: Mapped[datetime | None] = mapped_column(_UTCDateTime, nullable=True)
+    jupyter_port: Mapped[int | None] = mapped_column(Integer, unique=True, nullable=True)
 
 
 class SSHKey(Base):
@@ -240,7 +246,7 @@ class Audit(Base):
 
 
 def _user_record(r: User) -> UserRecord:
-    return UserRecord(r.name, r.ssh_port, r.idmap_base, r.created, r.suspended)
+    return UserRecord(r.name, r.ssh_port, r.idmap_base, r.created, r.suspended, r.jupyter_port)
 
 
 def _key_record(r: SSHKey) -> KeyRecord:
@@ -418,8 +424,8 @@ def _make_engine(url: str) -> Engine:
 class Store:
     """Users' ports, id blocks, keys and forwards, and the audit log.
 
-    ``ssh_ports`` and ``forward_ports`` are (low, high) pairs or ``"low-high"``
-    strings and must not overlap.  Users' id blocks start at ``idmap_first``
+    ``ssh_ports``, ``forward_ports`` and ``jupyter_ports`` are (low, high)
+    pairs or ``"low-high"`` strings and must not overlap.  Users' id blocks start at ``idmap_first``
     plus a multiple of 65536, at most ``idmap_last``, and lie wholly inside
     root's grant in ``subuid_file`` when that file grants root any ids.
     """
@@ -428,15 +434,23 @@ class Store:
                  ssh_ports: tuple[int, int] | str = SSH_PORTS,
                  forward_ports: tuple[int, int] | str = FORWARD_PORTS,
                  forward_limit: int = FORWARD_LIMIT,
+                 jupyter_ports: tuple[int, int] | str = JUPYTER_PORTS,
                  idmap_first: int = idmap.IDMAP_USER_FIRST,
                  idmap_last: int = idmap.IDMAP_USER_LAST,
                  subuid_file: str = "/etc/subuid", upgrade: bool = True):
         self.ssh_ports = _check_range(ssh_ports, "The SSH port range")
         self.forward_ports = _check_range(forward_ports, "The forward port range")
-        if self.ssh_ports[0] <= self.forward_ports[1] and \
-                self.forward_ports[0] <= self.ssh_ports[1]:
-            raise InvalidInput(f"The SSH port range {self.ssh_ports} and the forward port "
-                               f"range {self.forward_ports} overlap.")
+        self.jupyter_ports = _check_range(jupyter_ports, "The Jupyter port range")
+        ranges = {"SSH": self.ssh_ports, "forward": self.forward_ports,
+                  "Jupyter": self.jupyter_ports}
+        for i, (a, ra) in enumerate(ranges.items()):
+            for b, rb in list(ranges.items())[i + 1:]:
+                if ra[0] <= rb[1] and rb[0] <= ra[1]:
+                    raise InvalidInput(f"The {a} port range {ra} and the {b} port range "
+                                       f"{rb} overlap.")
+        if self.jupyter_ports[1] - self.jupyter_ports[0] < 1:
+            raise InvalidInput(f"The Jupyter port range {self.jupyter_ports} needs room for "
+                               "at least one pair of ports.")
         if not isinstance(forward_limit, int) or isinstance(forward_limit, bool) \
                 or forward_limit < 0:
             raise InvalidInput(f"The forward limit must be a whole number >= 0, "
@@ -574,6 +588,41 @@ class Store:
     def list_users(self) -> list[UserRecord]:
         return self._read(lambda s: [_user_record(r) for r in
                                      s.scalars(select(User).order_by(User.name))])
+
+    def jupyter_port(self, name: str, *, actor: str = "system") -> int:
+        """The first of the user's two Jupyter host ports, allocated the first
+        time (the lowest free pair): on every GPU server the hub reaches over
+        the network, port P leads to their default server's Jupyter and P+1
+        to a named server's (see lxcspawner.portmap)."""
+        name, actor = _check_name(name), _check_name(actor, "actor")
+        existing = self.get_user(name)
+        if existing is not None and existing.jupyter_port is not None:
+            return existing.jupyter_port
+
+        def txn(s: Session) -> int:
+            row = self._ensure_user(s, name, actor)
+            if row.jupyter_port is not None:
+                return row.jupyter_port
+            lo, hi = self.jupyter_ports
+            # Ports of the other kinds count as used too, in case the ranges moved.
+            used: set[int] = set()
+            for column in (User.jupyter_port, User.ssh_port):
+                used |= set(s.scalars(select(column).where(column.between(lo - 1, hi))))
+            used |= set(s.scalars(select(Forward.host_port).where(
+                Forward.host_port.between(lo - 1, hi))))
+            port = next((p for p in range(lo, hi, 2) if p not in used and p + 1 not in used
+                         and p - 1 not in used), None)
+            if port is None:
+                pairs = (hi - lo + 1) // 2
+                raise Exhausted(f"All {pairs} Jupyter port pairs ({lo}-{hi}) are taken, so "
+                                f"{name} cannot get Jupyter on GPU servers elsewhere; ask an "
+                                "administrator to widen the range.")
+            row.jupyter_port = port
+            s.flush()
+            self._audit(s, actor, "user.jupyter-port", name, {"jupyter_port": port})
+            log.info("user %s: Jupyter ports %d-%d", name, port, port + 1)
+            return port
+        return self._write(txn)
 
     # -- keys
 

@@ -1,7 +1,8 @@
 """lxcgpu-node: the agent on each GPU server.
 
 It keeps the server's DNAT chain equal to what LXD's instance config asks for
-(``user.lxcgpu.ssh-port``, ``user.lxcgpu.forward.*``; see
+(``user.lxcgpu.ssh-port``, ``user.lxcgpu.forward.*``, and
+``user.lxcgpu.jupyter.*`` for connections from the hub's address only; see
 :mod:`lxcspawner.portmap`): one rule per wanted port of every running
 container, to the address lxcgpu pinned on the container's NIC (never one the
 container reports; see :mod:`lxcspawner.network`).  It needs nothing but the
@@ -38,7 +39,7 @@ from lxcspawner.dnat import DNATTable, SyncResult, XtablesUnavailable
 from lxcspawner.lxd import LXD, LXDError
 from lxcspawner.network import HUB_API_PORT, HUB_API_PORT_ENV, Bridge, NetworkError, hub_api_port
 from lxcspawner.portmap import (
-    FORWARD_PORTS, SSH_PORTS, PortMap, maps_for, parse_port_range, wanted_ports,
+    FORWARD_PORTS, JUPYTER_PORTS, SSH_PORTS, PortMap, maps_for, parse_port_range, wanted_ports,
 )
 from lxcspawner.settings import Settings, SettingsError
 
@@ -46,7 +47,7 @@ log = logging.getLogger("lxcgpu.node")
 
 DEFAULT_INTERVAL = 60.0
 _PREFIX = re.compile(r"^[A-Z][A-Z0-9_]{0,15}$")
-DEFAULT_PORTS = (SSH_PORTS, FORWARD_PORTS)
+DEFAULT_PORTS = (SSH_PORTS, FORWARD_PORTS, JUPYTER_PORTS)
 
 
 def parse_port_ranges(text: str) -> tuple[tuple[int, int], ...]:
@@ -59,8 +60,10 @@ class NodeAgent:
 
     def __init__(self, lxd: LXD, table: DNATTable, *, interval: float = DEFAULT_INTERVAL,
                  allowed: Sequence[tuple[int, int]] = DEFAULT_PORTS,
-                 hub_api_ports: Sequence[int] = (HUB_API_PORT,), isolate: bool = True):
+                 hub_api_ports: Sequence[int] = (HUB_API_PORT,), isolate: bool = True,
+                 hub_address: str | None = None):
         self.lxd = lxd
+        self.hub_address = hub_address  # the only source that reaches Jupyter ports
         self.allowed = tuple(allowed)
         self.table = table
         self.interval = interval
@@ -97,7 +100,7 @@ class NodeAgent:
                               hub_api_ports=self.hub_api_ports, isolate=self.isolate))
         instances = await self.lxd.list_instances(with_state=True)
         maps: dict[str, list[PortMap]] = {}
-        for m in maps_for(instances, self.bridges, self.allowed):
+        for m in maps_for(instances, self.bridges, self.allowed, self.hub_address):
             maps.setdefault(m.instance, []).append(m)
         self.maps = maps
         result = await self._apply()
@@ -122,7 +125,7 @@ class NodeAgent:
         """One container again: map it while it runs, unmap it otherwise.
         Its address is the one pinned on its NIC, known before it boots."""
         inst = await self.lxd.instance_with_state(name)
-        maps = maps_for([inst], self.bridges, self.allowed) if inst else []
+        maps = maps_for([inst], self.bridges, self.allowed, self.hub_address) if inst else []
         if not maps and self._wants_ports(inst) and inst and \
                 str((inst.get("state") or {}).get("status", "")).lower() == "running":
             # On a bridge this agent has not seen yet (made since the last
@@ -222,8 +225,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--project", metavar="NAME", default=os.environ.get("LXCGPU_LXD_PROJECT"),
                    help="the LXD project whose containers to map (default: LXD's default project)")
     p.add_argument("--ports", metavar="RANGES", default=os.environ.get("LXCGPU_NODE_PORTS"),
-                   help="host ports it may map (default: the SSH and forward ranges of the "
-                        "site settings, $LXCGPU_CONFIG or /etc/lxcgpu/lxcgpu.toml; env "
+                   help="host ports it may map (default: the SSH, forward and Jupyter ranges "
+                        "of the site settings, $LXCGPU_CONFIG or /etc/lxcgpu/lxcgpu.toml; env "
                         "LXCGPU_NODE_PORTS)")
     p.add_argument("--hub-api-port", metavar="PORTS", default=None,
                    help="the hub API's port on each bridge's address (a comma-separated list "
@@ -285,13 +288,14 @@ def main(argv: list[str] | None = None) -> int:
     except (SettingsError, ValueError) as e:
         print(f"lxcgpu-node: {e}", file=sys.stderr)
         return 2
-    allowed = allowed or (settings.ssh_ports, settings.forward_ports)
+    allowed = allowed or (settings.ssh_ports, settings.forward_ports, settings.jupyter_ports)
     if args.pidfile:
         Path(args.pidfile).parent.mkdir(parents=True, exist_ok=True)
         Path(args.pidfile).write_text(f"{os.getpid()}\n")
     lxd = LXD(args.lxd, project=args.project)
     agent = NodeAgent(lxd, table, interval=args.interval, allowed=allowed,
-                      hub_api_ports=api_ports, isolate=settings.port_isolation)
+                      hub_api_ports=api_ports, isolate=settings.port_isolation,
+                      hub_address=settings.hub_address)
 
     async def run() -> int:
         if args.once:

@@ -269,7 +269,7 @@ def test_settings_errors(cli, site, monkeypatch):
     bad.write_text('[ports]\nshh = "22000-29999"\n')
     rc, _, err = cli("--config", str(bad), "user", "list")
     assert rc == 1 and err == (f"lxcgpu-admin: {bad}: unknown key 'shh' in [ports] "
-                               "(known: ssh, forward, forward_limit)\n")
+                               "(known: ssh, forward, forward_limit, jupyter)\n")
     rc, _, err = cli("user", "list", "--config", str(site / "missing.toml"))
     assert rc == 1 and "missing.toml does not exist" in err
     monkeypatch.setenv("LXCGPU_CONFIG", str(site / "gone.toml"))

@@ -4,8 +4,8 @@ import pytest
 
 from lxcspawner.network import Bridge
 from lxcspawner.portmap import (
-    FORWARD_PREFIX, SSH_PORT_KEY, PortMap, config_changes, maps_for, parse_port_range,
-    wanted_ports,
+    FORWARD_PREFIX, JUPYTER_PREFIX, SSH_PORT_KEY, PortMap, config_changes, jupyter_maps,
+    maps_for, parse_port_range, wanted_ports,
 )
 
 
@@ -36,7 +36,24 @@ def inst(name, config, addr="10.213.87.5", network="lxcgpubr0", status="Running"
 def test_wanted_ports_reads_ssh_and_forwards():
     cfg = {SSH_PORT_KEY: "22031", f"{FORWARD_PREFIX}11003": "6006",
            f"{FORWARD_PREFIX}11004": "80", "user.lxcgpu.owner": "alice", "limits.cpu": "2"}
-    assert wanted_ports(cfg) == {22031: 22, 11003: 6006, 11004: 80}
+    assert wanted_ports(cfg) == {22031: (22, False), 11003: (6006, False), 11004: (80, False)}
+
+
+def test_jupyter_ports_are_for_the_hub_only():
+    cfg = {SSH_PORT_KEY: "22031", **{f"{JUPYTER_PREFIX}{p}": str(c)
+                                     for p, c in jupyter_maps(20040).items()}}
+    assert jupyter_maps(20040) == {20040: 8888, 20041: 8889} and jupyter_maps(None) == {}
+    assert wanted_ports(cfg) == {22031: (22, False), 20040: (8888, True), 20041: (8889, True)}
+    i = inst("alice--gpu18", cfg, addr="10.213.87.5")
+    # No hub address: no Jupyter map at all, SSH as ever.
+    assert maps_for([i], BRIDGES) == [PortMap(22031, "10.213.87.5", 22, "alice--gpu18")]
+    assert maps_for([i], BRIDGES, hub_address="192.0.2.10") == [
+        PortMap(20040, "10.213.87.5", 8888, "alice--gpu18", "192.0.2.10"),
+        PortMap(20041, "10.213.87.5", 8889, "alice--gpu18", "192.0.2.10"),
+        PortMap(22031, "10.213.87.5", 22, "alice--gpu18")]
+    assert config_changes(cfg, 22031, {}, jupyter_maps(20040)) == {}
+    assert config_changes(cfg, 22031, {}) == {f"{JUPYTER_PREFIX}20040": None,
+                                              f"{JUPYTER_PREFIX}20041": None}
 
 
 @pytest.mark.parametrize("key,value", [
@@ -46,7 +63,7 @@ def test_wanted_ports_reads_ssh_and_forwards():
 ])
 def test_malformed_entries_are_skipped_not_fatal(key, value, caplog):
     cfg = {key: value, f"{FORWARD_PREFIX}11009": "8080"}
-    assert wanted_ports(cfg) == {11009: 8080}
+    assert wanted_ports(cfg) == {11009: (8080, False)}
     assert "ignoring" in caplog.text
 
 

@@ -163,7 +163,8 @@ def test_parse_port_range_refuses(text):
     {"ssh_ports": (11000, 12000)}, {"forward_ports": "21000-22000"},
     {"ssh_ports": (11500, 11500)}, {"ssh_ports": (0, 10)}, {"forward_ports": ("a", 2)},
     {"forward_limit": -1}, {"idmap_first": FIRST + 1}, {"idmap_first": FIRST - IDMAP_BLOCK},
-    {"idmap_last": FIRST - 1},
+    {"idmap_last": FIRST - 1}, {"jupyter_ports": "22000-22001"},
+    {"jupyter_ports": (11990, 12010)}, {"jupyter_ports": (20000, 20000)},
 ])
 def test_bad_settings_are_refused(tmp_path, kw):
     with pytest.raises(InvalidInput):
@@ -175,6 +176,47 @@ def test_string_port_ranges(make_store):
     store = make_store(ssh_ports="30000-30010", forward_ports="12000-12010")
     assert store.ensure_user("a").ssh_port == 30000
     assert store.add_forward("a", "gpu1", 80, actor="a").host_port == 12000
+
+
+def test_jupyter_ports_come_in_pairs_once_per_user(store):
+    assert store.get_user("alice") is None
+    assert store.jupyter_port("alice", actor="hub") == 20000
+    assert store.jupyter_port("bob") == 20002
+    assert store.jupyter_port("alice") == 20000          # kept
+    assert store.user("alice").jupyter_port == 20000
+    assert store.user("alice").ssh_port == 22000          # made with the user
+    assert [(a.action, a.actor) for a in store.audit_log(user="alice")] == [
+        ("user.jupyter-port", "hub"), ("user.create", "hub")]
+
+
+def test_jupyter_ports_exhausted(make_store, db_url):
+    store = make_store(jupyter_ports=(20000, 20003))
+    assert [store.jupyter_port(u) for u in ("a", "b")] == [20000, 20002]
+    store.ensure_user("c")
+    with pytest.raises(Exhausted, match=r"All 2 Jupyter port pairs \(20000-20003\) are taken"):
+        store.jupyter_port("c")
+    assert store.user("c").jupyter_port is None
+
+
+def test_an_older_store_keeps_its_users_and_gains_jupyter_ports(tmp_path):
+    from alembic import command
+    from alembic.config import Config
+    from lxcspawner.store import MIGRATIONS
+    store = Store(url(tmp_path), upgrade=False, subuid_file=str(tmp_path / "none"))
+    with store._writer.begin() as conn:
+        cfg = Config()
+        cfg.set_main_option("script_location", str(MIGRATIONS))
+        cfg.set_main_option("path_separator", "os")
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0003_suspended")
+        conn.execute(sqlalchemy.text(
+            "INSERT INTO users (name, ssh_port, idmap_base, created) "
+            "VALUES ('alice', 22007, 1065536, '2026-12-01 10:00:00')"))
+    store.close()
+    with Store(url(tmp_path), subuid_file=str(tmp_path / "none")) as new:
+        rec = new.user("alice")
+        assert (rec.ssh_port, rec.idmap_base, rec.jupyter_port) == (22007, 1065536, None)
+        assert new.jupyter_port("alice") == 20000
 
 
 # ---------------------------------------------------------------- keys
@@ -407,7 +449,7 @@ def test_migrations_match_the_models_and_upgrade_is_idempotent(tmp_path):
         assert c.execute("SELECT type, name, sql FROM sqlite_master ORDER BY name"
                          ).fetchall() == schema
         assert c.execute("SELECT version_num FROM alembic_version").fetchall() == [
-            ("0003_suspended",)]
+            ("0004_jupyter_port",)]
         assert c.execute("PRAGMA journal_mode").fetchone() == ("wal",)
     assert {n for t, n, _ in schema if t == "table"} == {
         "alembic_version", "users", "ssh_keys", "forwards", "addresses", "audit"}
@@ -426,7 +468,7 @@ def test_migrations_on_postgresql_match_the_models(postgres, tmp_path):
         with again._engine.connect() as conn:
             assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
             assert conn.execute(sqlalchemy.text("SELECT version_num FROM alembic_version")
-                                ).scalars().all() == ["0003_suspended"]
+                                ).scalars().all() == ["0004_jupyter_port"]
     assert table_names(db) == {"alembic_version", "users", "ssh_keys", "forwards",
                                "addresses", "audit"}
 
