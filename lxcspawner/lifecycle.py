@@ -22,7 +22,7 @@ from .lxd import LXD, LXDError, LXDNotFound, is_outage
 from .portmap import config_changes, jupyter_maps
 from .provision import provision
 from .settings import Settings
-from .store import Store
+from .store import Exhausted, Store
 
 log = logging.getLogger("lxcspawner.lifecycle")
 
@@ -69,7 +69,14 @@ async def _wanted_ports(store: Store, user: str, server: str) -> PortMaps:
         if rec.suspended is not None:
             return PortMaps(), []
         fwds = store.list_forwards(user=user, server=server)
-        jupyter = rec.jupyter_port or store.jupyter_port(user)
+        jupyter = rec.jupyter_port
+        if jupyter is None:
+            try:
+                jupyter = store.jupyter_port(user)
+            except Exhausted as e:
+                # SSH and forwards must not depend on it: only Jupyter on
+                # GPU servers elsewhere is missing until the range is widened.
+                log.error("%s", e)
         return PortMaps(rec.ssh_port, jupyter_port=jupyter), fwds
     maps, fwds = await asyncio.to_thread(read)
     for f in fwds:

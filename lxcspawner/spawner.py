@@ -388,6 +388,10 @@ class LXCSpawner(Spawner):
                 extra_config=dict(self.extra_container_config))
             if self._hub_connect_default is _UNSET:
                 self._hub_connect_default = self.hub_connect_url
+            if gpu.remote and uc.jupyter_port is None:
+                raise ContainerError(f"Jupyter on {server} needs a Jupyter port for you, and "
+                                     "the lab's range of them is used up; please tell your "
+                                     "administrator (SSH to your container works).")
             if gpu.remote:
                 address = gpu.ssh_host
                 port = uc.jupyter_port + jupyter.JUPYTER_CONTAINER_PORTS.index(inside)
