@@ -68,6 +68,23 @@ def parse_port_range(text: str) -> tuple[int, int]:
     return lo, hi
 
 
+def check_port_ranges(ssh: tuple[int, int], forward: tuple[int, int],
+                      jupyter: tuple[int, int]) -> None:
+    """ValueError with a sentence if the ranges overlap, or if the Jupyter
+    range holds no pair; the store and the site settings both ask."""
+    ranges = {"SSH": ssh, "forward": forward, "Jupyter": jupyter}
+    names = list(ranges)
+    for i, x in enumerate(names):
+        for y in names[i + 1:]:
+            (a, b), (c, d) = ranges[x], ranges[y]
+            if a <= d and c <= b:
+                raise ValueError(f"The {x} port range {a}-{b} and the {y} port range "
+                                 f"{c}-{d} overlap.")
+    if jupyter[1] == jupyter[0]:
+        raise ValueError(f"The Jupyter port range {jupyter[0]}-{jupyter[1]} needs room for "
+                         "at least one pair of ports (a pair per user).")
+
+
 def _port(value: object) -> int:
     text = str(value).strip()
     if not text.isascii() or not text.isdigit():
@@ -103,11 +120,16 @@ def wanted_ports(config: Mapping[str, str]) -> dict[int, tuple[int, bool]]:
     return ports
 
 
+def jupyter_host_port(first_port: int, container_port: int) -> int:
+    """The host port of a user's pair that leads to ``container_port``."""
+    return first_port + JUPYTER_CONTAINER_PORTS.index(container_port)
+
+
 def jupyter_maps(first_port: int | None) -> dict[int, int]:
     """A user's Jupyter host ports -> the container's Jupyter ports."""
     if first_port is None:
         return {}
-    return {first_port + i: port for i, port in enumerate(JUPYTER_CONTAINER_PORTS)}
+    return {jupyter_host_port(first_port, port): port for port in JUPYTER_CONTAINER_PORTS}
 
 
 def config_changes(config: Mapping[str, str], ssh_port: int | None,

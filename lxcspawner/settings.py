@@ -53,6 +53,7 @@ from urllib.parse import urlparse
 
 from . import naming, store
 from .container import IDMAP_BLOCK, IDMAP_USER_FIRST, IDMAP_USER_LAST, ContainerSpec, Mount
+from .portmap import check_port_ranges
 
 DEFAULT_PATH = "/etc/lxcgpu/lxcgpu.toml"
 ENV_VAR = "LXCGPU_CONFIG"
@@ -166,14 +167,7 @@ class Settings:
         last_block = (IDMAP_USER_LAST - IDMAP_USER_FIRST) // IDMAP_BLOCK
         if not _is_int(self.first_id_block) or not 0 <= self.first_id_block <= last_block:
             raise ValueError(f"first_id_block {self.first_id_block!r}: need 0..{last_block}")
-        ranges = {"ssh": self.ssh_ports, "forward": self.forward_ports,
-                  "jupyter": self.jupyter_ports}
-        for i, (x, (a, b)) in enumerate(ranges.items()):
-            for y, (c, d) in list(ranges.items())[i + 1:]:
-                if a <= d and c <= b:
-                    raise ValueError(f"{x} ports {a}-{b} overlap {y} ports {c}-{d}")
-        if self.jupyter_ports[1] == self.jupyter_ports[0]:
-            raise ValueError("jupyter ports: need a range of at least two ports (a pair per user)")
+        check_port_ranges(self.ssh_ports, self.forward_ports, self.jupyter_ports)
         self._check_hub()
         if not _is_int(self.forward_limit) or self.forward_limit < 0:
             raise ValueError("forward_limit must be a whole number >= 0")
@@ -207,9 +201,10 @@ class Settings:
                 raise ValueError(f"[hub] address {self.hub_address!r}: the hub's IPv4 address "
                                  "as the GPU servers see it, such as 192.0.2.10") from None
 
-    def hub_for_remote(self, server: str) -> tuple[str, str]:
-        """The hub's URL and address for Jupyter on remote GPU server
-        ``server``; SettingsError saying what to set where they are missing."""
+    def hub_for_remote(self, server: str) -> str:
+        """The hub's URL that containers on remote GPU server ``server`` call
+        (the hub's address must be set too, for that server's node agent);
+        SettingsError saying what to set where either is missing."""
         missing = [k for k, v in (("url", self.hub_url), ("address", self.hub_address))
                    if v is None]
         if missing:
@@ -217,7 +212,7 @@ class Settings:
             raise SettingsError(f"Jupyter on {server}, a GPU server the hub reaches over the "
                                 f"network, needs [hub] {' and '.join(missing)} in {where} "
                                 "(docs/admin.md section 6)")
-        return self.hub_url.rstrip("/"), self.hub_address
+        return self.hub_url.rstrip("/")
 
     def _settle_servers(self) -> None:
         servers = self.servers

@@ -31,6 +31,7 @@ from . import jupyter
 from .lifecycle import ensure_user_container
 from .container import ContainerError
 from .lxd import LXD, LXDError, is_outage
+from .portmap import jupyter_host_port
 from .provision import ProvisionError
 from .settings import Settings, SettingsError
 from .store import Store
@@ -350,7 +351,7 @@ class LXCSpawner(Spawner):
         """For a GPU server the hub reaches over the network: the hub URL its
         containers call, and the hub's CA (PEM) they must trust, if any."""
         try:
-            hub_url, _ = self._settings.hub_for_remote(server)
+            hub_url = self._settings.hub_for_remote(server)
         except SettingsError as e:
             self.log.error("%s: %s", self._log_name, e)
             raise ContainerError(f"Jupyter on {server} is not set up on this hub yet (the "
@@ -388,13 +389,13 @@ class LXCSpawner(Spawner):
                 extra_config=dict(self.extra_container_config))
             if self._hub_connect_default is _UNSET:
                 self._hub_connect_default = self.hub_connect_url
-            if gpu.remote and uc.jupyter_port is None:
-                raise ContainerError(f"Jupyter on {server} needs a Jupyter port for you, and "
-                                     "the lab's range of them is used up; please tell your "
-                                     "administrator (SSH to your container works).")
             if gpu.remote:
+                if uc.jupyter_port is None:
+                    raise ContainerError(f"Jupyter on {server} needs a Jupyter port for you, "
+                                         "and the lab's range of them is used up; please tell "
+                                         "your administrator (SSH to your container works).")
                 address = gpu.ssh_host
-                port = uc.jupyter_port + jupyter.JUPYTER_CONTAINER_PORTS.index(inside)
+                port = jupyter_host_port(uc.jupyter_port, inside)
                 self.hub_connect_url = hub_url
                 if hub_ca:
                     await jupyter.trust_hub_ca(lxd, uc.name, hub_ca)

@@ -441,16 +441,10 @@ class Store:
         self.ssh_ports = _check_range(ssh_ports, "The SSH port range")
         self.forward_ports = _check_range(forward_ports, "The forward port range")
         self.jupyter_ports = _check_range(jupyter_ports, "The Jupyter port range")
-        ranges = {"SSH": self.ssh_ports, "forward": self.forward_ports,
-                  "Jupyter": self.jupyter_ports}
-        for i, (a, ra) in enumerate(ranges.items()):
-            for b, rb in list(ranges.items())[i + 1:]:
-                if ra[0] <= rb[1] and rb[0] <= ra[1]:
-                    raise InvalidInput(f"The {a} port range {ra} and the {b} port range "
-                                       f"{rb} overlap.")
-        if self.jupyter_ports[1] - self.jupyter_ports[0] < 1:
-            raise InvalidInput(f"The Jupyter port range {self.jupyter_ports} needs room for "
-                               "at least one pair of ports.")
+        try:
+            portmap.check_port_ranges(self.ssh_ports, self.forward_ports, self.jupyter_ports)
+        except ValueError as e:
+            raise InvalidInput(str(e)) from None
         if not isinstance(forward_limit, int) or isinstance(forward_limit, bool) \
                 or forward_limit < 0:
             raise InvalidInput(f"The forward limit must be a whole number >= 0, "

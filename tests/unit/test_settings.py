@@ -52,7 +52,7 @@ def test_hub_for_remote_servers(tmp_path):
     s = load(tmp_path, '[ports]\njupyter = "30000-30999"\n[hub]\n'
                        'url = "https://hub.lab.example.org:8000/"\naddress = "192.0.2.10"\n')
     assert s.jupyter_ports == (30000, 30999)
-    assert s.hub_for_remote("gpu18") == ("https://hub.lab.example.org:8000", "192.0.2.10")
+    assert s.hub_for_remote("gpu18") == "https://hub.lab.example.org:8000"
     assert Settings().jupyter_ports == store.JUPYTER_PORTS == (20000, 21999)
     half = load(tmp_path, '[hub]\naddress = "192.0.2.10"\n', name="half.toml")
     with pytest.raises(SettingsError, match=r"Jupyter on gpu18, a GPU server the hub reaches "
@@ -127,7 +127,7 @@ def test_missing_files(tmp_path, monkeypatch):
     ('[ports]\nssh = "22000"\n', r"\[ports\] ssh: .*22000-29999"),
     ('[ports]\nssh = "30000-20000"\n', r"\[ports\] ssh"),
     ('[ports]\nssh = "11500-12500"\n', r"overlap"),
-    ('[ports]\njupyter = "21000-22001"\n', r"ssh ports 22000-29999 overlap jupyter ports"),
+    ('[ports]\njupyter = "21000-22001"\n', r"The SSH port range 22000-29999 and the Jupyter port range 21000-22001 overlap"),
     ('[ports]\njupyter = "20000-20000"\n', r"a pair per user"),
     ('[hub]\nurl = "hub.lab.example.org"\n', r"\[hub\] url 'hub.lab.example.org': the hub's"),
     ('[hub]\nurl = "https://hub/hub/api"\n', r"\[hub\] url"),
