@@ -25,7 +25,7 @@ from typing import Any, Awaitable, Callable, Sequence, TypeVar
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from . import lifecycle, naming
+from . import lifecycle, naming, trust
 from .fleet import Fleet, ServerResult, summary
 from .lxd import LXD, LXDError
 from .settings import Settings
@@ -383,6 +383,58 @@ def cmd_container_delete(ctx: Context, args) -> None:
 
 # ---------------------------------------------------------------- audit
 
+# ---------------------------------------------------------------- servers
+
+def _read_token(stream=None) -> str:
+    """The trust token from stdin: pasted at a prompt (not echoed) or piped;
+    never from the command line."""
+    stream = stream or sys.stdin
+    if stream.isatty():
+        import getpass
+        return getpass.getpass("trust token (from setup/gpu-server on the GPU server): ")
+    return stream.read(65536)
+
+
+def cmd_server_trust(ctx: Context, args) -> None:
+    server = ctx.settings.gpu_server(args.server_name)
+    token = trust.TrustToken.parse(_read_token())
+    result = _audited(ctx, "server.trust", f"server:{server.name}",
+                      {"endpoint": server.lxd, "fingerprint": token.fingerprint},
+                      lambda: asyncio.run(trust.join(server, token)))
+    lines = [f"{server.name}: its certificate (SHA-256 {result.fingerprint}) is pinned in "
+             f"{result.server_cert}"]
+    if result.client_cert_made:
+        lines.append(f"made the hub's LXD client certificate {server.client_cert} "
+                     f"(key {server.client_key}, root only)")
+    lines.append(f"{server.name} trusted this hub already" if result.already_trusted else
+                 f"{server.name} trusts this hub now ({trust.HUB_CLIENT_NAME})")
+    lines.append(f"next: restart the hub; `lxcgpu-admin container up USER --server "
+                 f"{server.name}` checks the path end to end")
+    ctx.emit(result, "\n".join(lines))
+
+
+def cmd_server_list(ctx: Context, args) -> None:
+    async def probe(server) -> dict:
+        row = {"name": server.name, "lxd": server.lxd or "local socket",
+               "address": server.ssh_host}
+        lxd = server.open_lxd(timeout=10, retries=0)
+        try:
+            info = await lxd.server_info()
+            row["state"] = "trusted" if info.get("auth") == "trusted" else "NOT trusted"
+            row["lxd_version"] = (info.get("environment") or {}).get("server_version")
+        except (LXDError, ValueError, OSError) as e:
+            row["state"] = f"unreachable: {e}"
+        finally:
+            lxd.close()
+        return row
+
+    async def every() -> list[dict]:
+        return list(await asyncio.gather(*(probe(g) for g in ctx.settings.servers)))
+    rows = asyncio.run(every())
+    ctx.emit(rows, table([(r["name"], r["lxd"], r["address"], r["state"]) for r in rows],
+                         ["server", "lxd", "ssh address", "state"]))
+
+
 def cmd_audit(ctx: Context, args) -> None:
     entries = ctx.store.audit_log(user=args.user, limit=args.limit)
     ctx.emit(entries, table([(e.time, e.actor, e.action, e.target, e.ok, e.detail)
@@ -490,6 +542,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("name", **NAME)
     q.add_argument("--yes", action="store_true", help="really delete it")
     server_opt(q)
+
+    srv = groups.add_parser("server", help="the GPU servers of the site file"
+                            ).add_subparsers(dest="cmd", metavar="ACTION", required=True)
+    leaf(srv, "list", cmd_server_list, "each GPU server: its LXD, SSH address, and whether "
+         "it is reachable and trusts this hub")
+    leaf(srv, "trust", cmd_server_trust, "pin a GPU server's certificate and make it trust "
+         "this hub, with the token setup/gpu-server printed there (read from stdin)"
+         ).add_argument("server_name", metavar="SERVER", help="its [servers.<name>]")
 
     q = groups.add_parser("audit", parents=[common], help="the audit log, newest first",
                           description="the audit log, newest first")

@@ -40,6 +40,14 @@ T = TypeVar("T")
 DEFAULT_SOCKET_PATHS = ("/var/lib/lxd/unix.socket", "/var/snap/lxd/common/lxd/unix.socket")
 
 
+def local_socket() -> str:
+    """This machine's LXD socket: ``$LXD_DIR/unix.socket`` where LXD_DIR is
+    set (as the lxc and lxd commands read it), else the deb's or the snap's."""
+    if os.environ.get("LXD_DIR"):
+        return os.path.join(os.environ["LXD_DIR"], "unix.socket")
+    return next((p for p in DEFAULT_SOCKET_PATHS if os.path.exists(p)), DEFAULT_SOCKET_PATHS[0])
+
+
 class LXDError(RuntimeError):
     """An LXD request failed; ``status`` is LXD's HTTP status when known."""
 
@@ -158,8 +166,7 @@ class LXD:
                  verify: str | bool = True, project: str | None = None,
                  max_workers: int = 8, timeout: float = 60.0, retries: int = 4,
                  executor: ThreadPoolExecutor | None = None):
-        self.endpoint = endpoint or next(
-            (p for p in DEFAULT_SOCKET_PATHS if os.path.exists(p)), DEFAULT_SOCKET_PATHS[0])
+        self.endpoint = endpoint or local_socket()
         self.cert = cert
         self.verify = verify
         self.project = project
@@ -370,6 +377,53 @@ class LXD:
     async def resources(self) -> dict:
         return await self.run(lambda: self._request("get", "/1.0/resources").json()["metadata"],
                               what="server resources")
+
+    async def set_server_config(self, changes: Mapping[str, str]) -> None:
+        """Set server keys (``core.https_address``...), the others kept."""
+        await self.run(lambda: self._request("patch", "/1.0", json={"config": dict(changes)}),
+                       what="server config", retry=False)
+
+    # Trust (lxcspawner.trust): the hub's client certificate on a GPU server.
+
+    async def certificates(self) -> list[dict]:
+        return await self.run(lambda: self._request(
+            "get", "/1.0/certificates", params={"recursion": "1"}).json()["metadata"],
+            what="trusted certificates")
+
+    async def issue_trust_token(self, name: str) -> dict:
+        """A pending certificate-add token for ``name``: the operation's
+        metadata (fingerprint, addresses, secret).  It stays pending until
+        used or cancelled, so it is not waited for."""
+        def issue():
+            body = self._request("post", "/1.0/certificates",
+                                 json={"name": name, "type": "client", "token": True}).json()
+            return (body.get("metadata") or {}).get("metadata") or {}
+        md = await self.run(issue, what="trust token", retry=False)
+        if not md.get("secret") or not md.get("fingerprint"):
+            raise LXDError("LXD returned no token (it needs core.https_address set)")
+        return md
+
+    async def cancel_trust_tokens(self, name: str) -> int:
+        """Cancel pending certificate-add tokens for ``name``; how many."""
+        def cancel():
+            ops = self._request("get", "/1.0/operations",
+                                params={"recursion": "1"}).json()["metadata"] or {}
+            done = 0
+            for op in ops.get("running") or []:
+                req = ((op.get("metadata") or {}).get("request") or {})
+                if op.get("class") == "token" and req.get("name") == name:
+                    self._request("delete", f"/1.0/operations/{op['id']}")
+                    done += 1
+            return done
+        return await self.run(cancel, what="pending trust tokens", retry=False)
+
+    async def add_trust(self, token: str, name: str) -> None:
+        """Present a certificate-add token: this client's certificate becomes
+        trusted (an untrusted client may do this one call)."""
+        await self.run(lambda: self._request(
+            "post", "/1.0/certificates",
+            json={"type": "client", "name": name, "password": token}),
+            what="adding the certificate", retry=False)
 
     async def gpu_count(self) -> int:
         """GPUs LXD sees on this server (0 where there are none).

@@ -10,15 +10,18 @@ brings it up to date.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
+import stat
 import subprocess
 import sys
 
 import pytest
 
-from lxcspawner import naming
+from lxcspawner import naming, trust
 from tests.fixtures.lxd import REPO
+from tests.fixtures.lxd2 import TOKEN_CHARS
 from tests.fixtures.sshkeys import keypair
 
 pytestmark = pytest.mark.lxd
@@ -127,3 +130,74 @@ def test_a_server_presenting_another_certificate_is_refused(site, second_lxd, tm
     # With the pinned certificate the same command works.
     r = admin(site, "container", "sync", USER, "--server", "node2")
     assert r.returncode == 0, (r.stdout, r.stderr)
+
+
+def _gpu_server_setup(second_lxd, config, *extra: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "LXD_DIR": str(second_lxd.lxd_dir), "LXCGPU_CONFIG": str(config)}
+    return subprocess.run([str(REPO / "setup" / "gpu-server"), "--name", "node2",
+                           "--listen", second_lxd.address, "--no-agent", *extra],
+                          capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_setup_gpu_server_again_and_the_trust_token(site, second_lxd, tmp_path):
+    # The fixture set node2 up with setup/gpu-server and trusted this "hub"
+    # with `lxcgpu-admin server trust node2` and the token it printed.
+    assert "lxcgpu-admin server trust node2" in second_lxd.setup_output
+    assert stat.S_IMODE(os.stat(second_lxd.client_key).st_mode) == 0o600
+    r = admin(site, "--json", "server", "list")
+    assert r.returncode == 0, r.stderr
+    assert {row["name"]: row["state"] for row in json.loads(r.stdout)} == {
+        "node1": "trusted", "node2": "trusted"}
+
+    # A rerun checks and changes nothing: no new token while the hub is trusted.
+    again = _gpu_server_setup(second_lxd, site)
+    assert again.returncode == 0, again.stdout + again.stderr
+    for said in ("is trusted here already", f"listens on {second_lxd.address}:8443 already",
+                 "lxcgpu/default is here already"):
+        assert said in again.stdout, again.stdout
+    assert not [line for line in again.stdout.splitlines()
+                if len(line) > 40 and set(line) <= set(TOKEN_CHARS)]
+
+    # Another hub, with a token whose fingerprint is not node2's (a machine
+    # in between answering for node2 would present its own certificate):
+    # refused before anything is trusted or written.
+    other = tmp_path / "other.toml"
+    other.write_text(site.read_text().replace(str(second_lxd.client_cert.parent),
+                                              str(tmp_path / "hub2")))
+    assert str(tmp_path / "hub2") in other.read_text()
+    made = _gpu_server_setup(second_lxd, site, "--new-token")
+    genuine = [line for line in made.stdout.splitlines()
+               if len(line) > 40 and set(line) <= set(TOKEN_CHARS)]
+    assert made.returncode == 0 and len(genuine) == 1, made.stdout + made.stderr
+    data = json.loads(base64.b64decode(genuine[0]))
+    forged = base64.b64encode(json.dumps({**data, "fingerprint": "ab" * 32}).encode()).decode()
+    trusted_before = second_lxd.lxc("config", "trust", "list", "--format", "csv").stdout
+    r = admin(other, "server", "trust", "node2", stdin=forged + "\n")
+    assert r.returncode == 1 and "not the token's" in r.stderr and "Nothing was trusted" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "hub2").exists()
+    assert second_lxd.lxc("config", "trust", "list", "--format", "csv").stdout == trusted_before
+    # Garbage is one sentence too.
+    r = admin(other, "server", "trust", "node2", stdin="hello\n")
+    assert r.returncode == 1 and "not an LXD trust token" in r.stderr
+
+    # The genuine token: hub2 is trusted, its key private; used once only.
+    r = admin(other, "server", "trust", "node2", stdin=genuine[0] + "\n")
+    assert r.returncode == 0 and "trusts this hub now" in r.stdout, r.stdout + r.stderr
+    hub2_cert = tmp_path / "hub2" / "lxd-client.crt"
+    try:
+        assert stat.S_IMODE(os.stat(tmp_path / "hub2" / "lxd-client.key").st_mode) == 0o600
+        r = admin(other, "--json", "server", "list")
+        assert {row["name"]: row["state"] for row in json.loads(r.stdout)}["node2"] == "trusted"
+        third = tmp_path / "third.toml"
+        third.write_text(site.read_text().replace(str(second_lxd.client_cert.parent),
+                                                  str(tmp_path / "hub3")))
+        r = admin(third, "server", "trust", "node2", stdin=genuine[0] + "\n")
+        assert r.returncode == 1 and "refused the token" in r.stderr, r.stderr
+        r = admin(third, "--json", "server", "list")
+        assert json.loads(r.stdout)[1]["state"] == "NOT trusted"
+        audit = admin(site, "--json", "audit", "--limit", "5")
+        assert "server.trust" in audit.stdout
+    finally:
+        second_lxd.lxc("config", "trust", "remove",
+                       trust.fingerprint_of(hub2_cert.read_text()), check=False)
