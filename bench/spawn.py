@@ -2,6 +2,7 @@
 """Spawn times through a real JupyterHub: hot, warm, the raw floor, a burst.
 
     .venv/bin/python bench/spawn.py [-n 10] [--concurrent 10] [--keep]
+    .venv/bin/python bench/spawn.py --remote [-n 5]   # this machine vs a server elsewhere
 
 Run as root with LXD up and the template image built (``setup/quickstart``
 or ``setup/test``).  Where setup/quickstart's node agent runs, pause it
@@ -147,10 +148,10 @@ def hub_times(hub: Hub, offset: int, user: str) -> dict[str, float]:
     return found
 
 
-def wait_lab(hub: Hub, user: str, timeout: float = SPAWN_TIMEOUT) -> float:
-    """Poll ``/user/U/lab`` through the proxy until JupyterLab answers 200;
-    the perf_counter then."""
-    url = hub.user_url(user) + "lab"
+def wait_lab(hub: Hub, user: str, timeout: float = SPAWN_TIMEOUT, server: str = "") -> float:
+    """Poll ``/user/U/[SERVER/]lab`` through the proxy until JupyterLab
+    answers 200; the perf_counter then."""
+    url = hub.user_url(user, server) + "lab"
     headers = {"Authorization": f"token {hub.token}"}
     deadline = time.monotonic() + timeout
     with hub.session() as s:
@@ -169,11 +170,16 @@ def wait_lab(hub: Hub, user: str, timeout: float = SPAWN_TIMEOUT) -> float:
             time.sleep(POLL)
 
 
-def follow_progress(hub: Hub, user: str) -> dict:
+def server_path(user: str, server: str = "") -> str:
+    """The hub API path of a user's default or named server."""
+    return f"/users/{user}/servers/{server}" if server else f"/users/{user}/server"
+
+
+def follow_progress(hub: Hub, user: str, server: str = "") -> dict:
     """Read the spawn's progress stream, as the spawn page does, until the
     server is ready or failed; the last event."""
     last = {}
-    with hub.api("GET", f"/users/{user}/server/progress", stream=True,
+    with hub.api("GET", f"{server_path(user, server)}/progress", stream=True,
                  timeout=SPAWN_TIMEOUT) as events:
         for line in events.iter_lines(decode_unicode=True):
             if line.startswith("data:"):
@@ -183,7 +189,7 @@ def follow_progress(hub: Hub, user: str) -> dict:
     return last
 
 
-def spawn_until_lab(hub: Hub, user: str) -> dict[str, float]:
+def spawn_until_lab(hub: Hub, user: str, server: str = "") -> dict[str, float]:
     """Start the user's server and wait for JupyterLab: total seconds and
     its parts (spawner.start, then until the hub saw the server, then until
     /lab answered through the proxy).
@@ -194,12 +200,12 @@ def spawn_until_lab(hub: Hub, user: str) -> dict[str, float]:
     """
     offset = len(hub.log_text())
     w0, t0 = time.time(), time.perf_counter()
-    r = hub.api("POST", f"/users/{user}/server")
+    r = hub.api("POST", server_path(user, server))
     if r.status_code not in (201, 202):
-        raise RuntimeError(f"spawn of {user}: {r.status_code} {r.text}")
-    if r.status_code == 202 and not (last := follow_progress(hub, user)).get("ready"):
-        raise RuntimeError(f"spawn of {user} failed: {last}\n{hub.log_tail()}")
-    total = wait_lab(hub, user) - t0
+        raise RuntimeError(f"spawn of {user}/{server}: {r.status_code} {r.text}")
+    if r.status_code == 202 and not (last := follow_progress(hub, user, server)).get("ready"):
+        raise RuntimeError(f"spawn of {user}/{server} failed: {last}\n{hub.log_tail()}")
+    total = wait_lab(hub, user, server=server) - t0
     marks = hub_times(hub, offset, user)
     out = {"total": total}
     if "started" in marks and "up" in marks:
@@ -208,12 +214,12 @@ def spawn_until_lab(hub: Hub, user: str) -> dict[str, float]:
     return out
 
 
-def stop_server(hub: Hub, user: str, timeout: float = 120) -> None:
-    r = hub.api("DELETE", f"/users/{user}/server")
+def stop_server(hub: Hub, user: str, timeout: float = 120, server: str = "") -> None:
+    r = hub.api("DELETE", server_path(user, server))
     if r.status_code not in (202, 204):
-        raise RuntimeError(f"stop of {user}: {r.status_code} {r.text}")
+        raise RuntimeError(f"stop of {user}/{server}: {r.status_code} {r.text}")
     deadline = time.monotonic() + timeout
-    while "" in hub.api("GET", f"/users/{user}").json().get("servers", {}):
+    while server in hub.api("GET", f"/users/{user}").json().get("servers", {}):
         if time.monotonic() > deadline:
             raise TimeoutError(f"{user}'s server did not stop in {timeout}s")
         time.sleep(0.1)
@@ -514,6 +520,96 @@ async def run(args, hub: Hub, lxd: LXD, prefix: str, root: Path) -> None:
               f"server process RSS {mem.get('rss', float('nan')):.0f} MiB")
 
 
+REMOTE_TOML = """\
+[store]
+url = "sqlite:///{store}"
+[ports]
+ssh = "{ssh}"
+forward = "{forward}"
+jupyter = "{jupyter}"
+[hub]
+url = "https://{hub_ip}:{port}"
+address = "{hub_ip}"
+[servers.node1]
+{node2}
+[containers]
+prefix = "{prefix}"
+"""
+JUPYTER_PORTS = "20700-20799"
+
+
+async def run_remote(args, prefix: str, root: Path) -> None:
+    """Hot and warm spawns of one user on this machine (node1) and on a
+    second LXD server reached over HTTPS (node2: its own network namespace,
+    its own node agent; Jupyter through the user's Jupyter port there and
+    the hub API through the proxy over HTTPS), in alternating rounds."""
+    from tests.fixtures.hub import free_port
+    from tests.fixtures.lxd2 import NamespacedAgent, running_second_lxd
+
+    user = "benchr"
+    with running_second_lxd(prefix) as srv:
+        port = free_port("0.0.0.0")
+        toml = REMOTE_TOML.format(store=root / "lxcgpu.sqlite", ssh=SSH_PORTS,
+                                  forward=FORWARD_PORTS, jupyter=JUPYTER_PORTS,
+                                  hub_ip=srv.host_ip, port=port, node2=srv.site_table("node2"),
+                                  prefix=prefix)
+        hub = await asyncio.to_thread(
+            launch_hub, root, toml,
+            ldap_settings="# No LDAP: the bench makes users through the API.",
+            admin_group="cn=gpu-admins,ou=groups,dc=bench,dc=invalid", tag_key=BENCH_KEY,
+            tag=prefix, service=SERVICE, bind_host="0.0.0.0", public_port=port)
+        agent = NamespacedAgent(srv, root / "lxcgpu.toml", root / "node2-agent.log")
+        settings = Settings.load(root / "lxcgpu.toml")
+        lxds = {name: settings.open_lxd(name, timeout=300, retries=1)
+                for name in ("node1", "node2")}
+        try:
+            agent.start()
+            await asyncio.to_thread(hub.start)
+            reserve_users(root / "lxcgpu.toml", [user])
+            hub.api("POST", f"/users/{user}")
+            servers = ("node1", "node2")
+            print("\n## this machine (node1) and a server elsewhere (node2: LXD over HTTPS, "
+                  "Jupyter through the\n## user's Jupyter port, the hub API over HTTPS), one "
+                  "user, alternating rounds")
+            for server in servers:
+                cold = await asyncio.to_thread(spawn_until_lab, hub, user, server)
+                print(f"{'cold (new container) ' + server:<28} {cold['total']:6.2f}")
+                await asyncio.to_thread(stop_server, hub, user, server=server)
+            rounds: dict[str, dict[str, list]] = {k: {s: [] for s in servers}
+                                                  for k in ("hot", "warm")}
+            for kind in ("hot", "warm"):
+                for _ in range(args.n):
+                    for server in servers:
+                        if kind == "warm":
+                            await lxds[server].stop(naming.instance_name(user, server, prefix))
+                        rounds[kind][server].append(
+                            await asyncio.to_thread(spawn_until_lab, hub, user, server))
+                        await asyncio.to_thread(stop_server, hub, user, server=server)
+            for kind in ("hot", "warm"):
+                for server in servers:
+                    report(f"{kind} {server}", rounds[kind][server])
+                local = med([r["total"] for r in rounds[kind]["node1"]])
+                remote = med([r["total"] for r in rounds[kind]["node2"]])
+                print(f"{'':>4}{kind}: node2 / node1 (p50) = {remote / local:.2f}x "
+                      f"({remote - local:+.2f} s)")
+        except BaseException:
+            print(f"--- hub log (tail) ---\n{hub.log_tail()}\n--- node2 agent ---\n"
+                  f"{agent.log.read_text()[-3000:] if agent.log.exists() else ''}",
+                  file=sys.stderr)
+            raise
+        finally:
+            await asyncio.to_thread(hub.stop)
+            agent.stop()
+            shutil.rmtree(hub.proxy_dir, ignore_errors=True)
+            for server, lxd in lxds.items():
+                if not args.keep:
+                    try:
+                        await delete_containers(lxd, prefix)
+                    except LXDError as e:
+                        print(f"(could not delete {server}'s bench containers: {e})")
+                lxd.close()
+
+
 async def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("-n", type=int, default=10, help="hot and warm spawns each (default 10)")
@@ -521,6 +617,10 @@ async def main() -> None:
                     help="new users spawning at once in the burst (default 10; "
                          "0 skips it; spawns beyond the spawner's lxd_concurrency queue)")
     ap.add_argument("--keep", action="store_true", help="keep the containers")
+    ap.add_argument("--remote", action="store_true",
+                    help="instead: hot and warm spawns on this machine and on a second LXD "
+                         "server over HTTPS (made for the run, as the tests make it), side "
+                         "by side")
     args = ap.parse_args()
     if args.n < 1 or not 0 <= args.concurrent <= BLOCK_LAST - BLOCK_FIRST:
         ap.error(f"need -n >= 1 and --concurrent 0..{BLOCK_LAST - BLOCK_FIRST}")
@@ -536,6 +636,14 @@ async def main() -> None:
           f"concurrent={args.concurrent}, containers {prefix}-*, "
           f"load average {os.getloadavg()[0]:.2f}")
     root = Path(tempfile.mkdtemp(prefix="lxcgpu-bench-spawn-"))
+    if args.remote:
+        try:
+            await run_remote(args, prefix, root)
+        finally:
+            print(f"load average at the end: {os.getloadavg()[0]:.2f}")
+            shutil.rmtree(root, ignore_errors=True)
+            lxd.close()
+        return
     hub = None
     try:
         hub = await asyncio.to_thread(start_hub, root, prefix)

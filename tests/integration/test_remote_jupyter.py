@@ -20,12 +20,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import shutil
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -33,6 +31,7 @@ from lxcspawner import naming
 from lxcspawner.settings import Settings
 from tests.fixtures.hub import _ldap_settings, free_port, launch_hub
 from tests.fixtures.lxd import REPO, TEST_KEY
+from tests.fixtures.lxd2 import NamespacedAgent
 from tests.fixtures.netns import sh
 from tests.fixtures.sshkeys import keypair
 from tests.integration.test_hub_spawn import run_code, start_server, wait_ready
@@ -58,45 +57,6 @@ except ConnectionRefusedError:
 except OSError as e:
     print(type(e).__name__, e)
 """
-
-
-class NamespacedAgent:
-    """``lxcgpu-node`` for node2: inside its network namespace (its own
-    iptables tables), on its LXD (``LXD_DIR``), reading the site file."""
-
-    def __init__(self, second_lxd, config, log):
-        self.srv, self.config, self.log = second_lxd, config, log
-        self.proc: subprocess.Popen | None = None
-
-    def _argv(self, *extra: str) -> list[str]:
-        return ["nsenter", f"--net=/var/run/netns/{self.srv.name}", sys.executable, "-m",
-                "monitor.node", "--lxd", str(self.srv.lxd_dir / "unix.socket"),
-                "--interval", "5", *extra]
-
-    def _env(self) -> dict:
-        return {**os.environ, "LXCGPU_CONFIG": str(self.config)}
-
-    def start(self, timeout: float = 60) -> None:
-        with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen(self._argv(), cwd=REPO, env=self._env(), stdout=out,
-                                         stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout
-        while "reconciled (start)" not in self.log.read_text():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"node2's lxcgpu-node did not start:\n{self.log.read_text()}")
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(15)
-        subprocess.run(self._argv("--remove-rules"), cwd=REPO, env=self._env(),
-                       capture_output=True, timeout=60)
-
-    def rules(self) -> str:
-        return subprocess.run(["ip", "netns", "exec", self.srv.name, "iptables-legacy", "-w",
-                               "-t", "nat", "-S", "LXCGPU-DNAT"], capture_output=True,
-                              text=True).stdout
 
 
 @pytest.fixture(scope="module")
