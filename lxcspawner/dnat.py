@@ -47,7 +47,7 @@ import struct
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from . import xtables_compat
 from .network import HUB_API_PORT, Bridge
@@ -259,11 +259,13 @@ class _EntryCodec:
         return _clean(bytes(self._rule(m.host_port, m.address, m.port,
                                        COMMENT_PREFIX + m.instance, m.source).rule))
 
-    def decode(self, raw: bytes) -> PortMap | None:
+    def decode(self, raw: bytes, rule: Callable[[], Any] | None = None) -> PortMap | None:
         """The port map an entry read back from the kernel holds, or None if
-        it is not one of ours (anything else found in our chain is removed)."""
+        it is not one of ours (anything else found in our chain is removed).
+        ``rule`` makes the python-iptables Rule of that very entry, read in
+        its table (the slow path, where the fast layout does not apply)."""
         if len(raw) != self.size or not self.fast:
-            return self._decode_slow(raw)
+            return self._decode_slow(raw, rule)
         raw = _clean(raw, self.regions)
         try:
             host_port = struct.unpack_from("=H", raw, self.dport_at[0])[0]
@@ -281,12 +283,14 @@ class _EntryCodec:
         # Compare all but the fields the kernel owns (nfcache, comefrom, counters).
         return m if self.encode(m) == raw else None
 
-    def _decode_slow(self, raw: bytes) -> PortMap | None:
-        iptc = self.iptc
+    def _decode_slow(self, raw: bytes, make_rule: Callable[[], Any] | None) -> PortMap | None:
+        # libiptc reads an entry's target through the table that holds it (it
+        # aborts the process on an entry that is not in its table): only the
+        # live entry can be decoded, never a copy of its bytes.
+        if make_rule is None:
+            return None
         try:
-            buf = (ct.c_ubyte * len(raw)).from_buffer_copy(raw)
-            entry = ct.cast(buf, ct.POINTER(iptc.ip4tc.ipt_entry))
-            rule = iptc.Rule(entry=entry.contents)
+            rule = make_rule()
             params = {m.name: m.get_all_parameters() for m in rule.matches}
             dest = rule.target.get_all_parameters()["to-destination"][0]
             address, port = dest.rsplit(":", 1)
@@ -347,10 +351,15 @@ class DNATTable:
             os.close(fd)
 
     def _entries(self, table, chain: str) -> list[bytes]:
+        return [raw for raw, _ in self._live_entries(table, chain)]
+
+    def _live_entries(self, table, chain: str) -> list[tuple[bytes, Any]]:
+        """Each entry of ``chain`` as bytes, with the entry itself (valid until
+        the table changes)."""
         out = []
         entry = table.first_rule(chain)
         while entry:
-            out.append(ct.string_at(ct.addressof(entry), entry.next_offset))
+            out.append((ct.string_at(ct.addressof(entry), entry.next_offset), entry))
             entry = table.next_rule(entry)
         return out
 
@@ -511,7 +520,9 @@ class DNATTable:
         with self._transaction() as table:
             if not table.is_chain(self.chain):
                 return []
-            return [self.codec.decode(raw) for raw in self._entries(table, self.chain)]
+            chain = self.iptc.Chain(table, self.chain)
+            return [self.codec.decode(raw, lambda e=entry: self.iptc.Rule(entry=e, chain=chain))
+                    for raw, entry in self._live_entries(table, self.chain)]
 
     def sync(self, maps: Iterable[PortMap]) -> SyncResult:
         """Make our chain hold exactly ``maps``, in one commit; nothing when it

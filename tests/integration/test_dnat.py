@@ -126,6 +126,23 @@ def test_sync_writes_reads_back_and_changes_only_what_differs(table):
     assert table.sync([]).removed == 1 and rules(table.chain) == []
 
 
+def test_where_the_fast_layout_does_not_apply_rules_read_back_through_python_iptables(table):
+    # On a host whose libxtables lays entries out otherwise, the codec's
+    # layout check fails and every entry is built and read by python-iptables
+    # itself. Our rules must still read back as ours (with a hub-only source
+    # too), or every sync would rebuild the chain; foreign ones as not ours.
+    table.codec.fast = False
+    table.codec._cache.clear()
+    want = maps(3) + [PortMap(20000, "10.213.87.9", 8888, "u9--node1", "192.0.2.10")]
+    assert table.sync(want).added == 4
+    assert sorted(table.current()) == sorted(want)
+    assert not table.sync(want).changed
+    sh("iptables-legacy", "-w", "-t", "nat", "-A", table.chain, "-p", "udp", "--dport", "53",
+       "-j", "RETURN")
+    assert table.current()[-1] is None
+    assert table.sync(want).rebuilt and sorted(table.current()) == sorted(want)
+
+
 def test_one_rule_per_host_port(table):
     res = table.sync([PortMap(22000, "10.213.87.3", 22, "b"), PortMap(22000, "10.213.87.2", 22, "a")])
     assert res.added == 1
