@@ -26,6 +26,7 @@ Environment (all optional):
                          (default ``/var/lib/lxcgpu/proxy``, 0700)
 """
 
+import copy
 import ipaddress
 import os
 import shutil
@@ -43,6 +44,7 @@ from hub_config.authenticator import LXCGPUAuthenticator  # noqa: E402
 from hub_config.bridge import bridge_ipv4  # noqa: E402
 from hub_config.culler import LXCGPUCuller  # noqa: E402
 from hub_config.labsync import LXCGPULabSync  # noqa: E402
+from hub_config import portal as _portal_service  # noqa: E402
 from hub_config.origins import DEFAULT_DOMAIN, subdomain_hook  # noqa: E402
 from hub_config.proxy import DEFAULT_DIR as PROXY_DIR  # noqa: E402
 from hub_config.proxy import DEFAULT_USER as PROXY_USER  # noqa: E402
@@ -268,3 +270,21 @@ _culler = LXCGPUCuller(config=c)
 if _culler.timeout:
     c.JupyterHub.services.append(_culler.service())
     c.JupyterHub.load_roles.append(_culler.role())
+
+# --- keyportal: keys, containers, snapshots, forwards (keyportal/) ------------
+_portal = _portal_service.LXCGPUPortal(config=c)
+if _portal.enabled:
+    c.JupyterHub.services.append(_portal.service({
+        "PYTHONPATH": str(_HERE.parent),
+        **({LXCGPU_CONFIG_VAR: str(_config)} if (_config := c.LXCSpawner.get("lxcgpu_config")
+                                                 or os.environ.get(LXCGPU_CONFIG_VAR)) else {}),
+    }))
+    _scopes = dict(c.JupyterHub.get("custom_scopes") or {})
+    _scopes.update({k: v for k, v in _portal_service.CUSTOM_SCOPES.items() if k not in _scopes})
+    c.JupyterHub.custom_scopes = _scopes
+    # Appended roles are a traitlets LazyConfigValue until the hub reads them;
+    # its get_value() freezes it (later appends would be lost): read a copy.
+    _roles = copy.deepcopy(c.JupyterHub.load_roles)
+    _roles = _roles.get_value([]) if hasattr(_roles, "get_value") else list(_roles)
+    if not any(r.get("name") == "user" for r in _roles):
+        c.JupyterHub.load_roles.append(_portal_service.USER_ROLE)

@@ -569,6 +569,36 @@ class LXD:
                 pass
         await self.run(delete, what=f"delete {name}", timeout=timeout + 30)
 
+    # Snapshots (names checked by the caller: naming.check_snapshot_name).
+
+    async def snapshots(self, name: str) -> list[dict]:
+        """The instance's snapshots: name, created_at, size (-1: unknown), stateful."""
+        def get():
+            rows = self._request("get", f"/1.0/instances/{name}/snapshots",
+                                 params={"recursion": "1"}).json()["metadata"] or []
+            return [{"name": r.get("name"), "created_at": r.get("created_at"),
+                     "size": r.get("size", -1), "expires_at": r.get("expires_at")}
+                    for r in rows]
+        return await self.run(get, what=f"snapshots of {name}")
+
+    async def create_snapshot(self, name: str, snapshot: str, timeout: float = 300) -> None:
+        await self.run(lambda: self._async_request(
+            "post", f"/1.0/instances/{name}/snapshots", json={"name": snapshot},
+            timeout=timeout), what=f"snapshot {name}/{snapshot}", timeout=timeout + 30,
+            retry=False)
+
+    async def restore_snapshot(self, name: str, snapshot: str, timeout: float = 300) -> None:
+        """Put the instance back to ``snapshot`` (LXD stops and restarts a
+        running instance around it)."""
+        await self.run(lambda: self._async_request(
+            "put", f"/1.0/instances/{name}", json={"restore": snapshot}, timeout=timeout),
+            what=f"restore {name}/{snapshot}", timeout=timeout + 30, retry=False)
+
+    async def delete_snapshot(self, name: str, snapshot: str, timeout: float = 300) -> None:
+        await self.run(lambda: self._async_request(
+            "delete", f"/1.0/instances/{name}/snapshots/{snapshot}", timeout=timeout),
+            what=f"delete snapshot {name}/{snapshot}", timeout=timeout + 30, retry=False)
+
     def _set_state(self, name: str, action: str, *, force: bool, timeout: float) -> None:
         status = self._request("get", f"/1.0/instances/{name}/state").json()["metadata"]["status"]
         if (action == "start" and status == "Running") or (action == "stop" and status == "Stopped"):

@@ -140,3 +140,20 @@ _POSIX = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
 
 def is_valid_posix_name(name: str) -> bool:
     return _POSIX.fullmatch(name) is not None
+
+
+# Snapshot names: what a user may call a snapshot.  LXD forbids "/" and
+# allows much else; lxcgpu keeps to letters, digits, ".", "_" and "-" (no
+# leading dot, no ".."), so a name is safe in a URL path, a shell and a file
+# name without quoting.
+SNAPSHOT_NAME_MAX = 63
+_SNAPSHOT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def check_snapshot_name(name: object) -> str:
+    """``name`` if it is a valid snapshot name, else ValueError saying the rule."""
+    if (not isinstance(name, str) or not 0 < len(name) <= SNAPSHOT_NAME_MAX
+            or not _SNAPSHOT.fullmatch(name) or ".." in name):
+        raise ValueError(f"{name!r} is not a snapshot name: use up to {SNAPSHOT_NAME_MAX} "
+                         "letters, digits, '.', '_' and '-', starting with a letter or digit")
+    return name

@@ -154,6 +154,8 @@ class Settings:
     # GPU servers see it (only it reaches users' Jupyter ports there).
     hub_url: str | None = None
     hub_address: str | None = None
+    # keyportal: snapshots a user may keep of each container.
+    snapshot_limit: int = 10
     source: str | None = field(default=None, compare=False)  # the file, for messages
 
     def __post_init__(self):
@@ -171,6 +173,8 @@ class Settings:
         self._check_hub()
         if not _is_int(self.forward_limit) or self.forward_limit < 0:
             raise ValueError("forward_limit must be a whole number >= 0")
+        if not _is_int(self.snapshot_limit) or self.snapshot_limit < 0:
+            raise ValueError("[portal] snapshot_limit must be a whole number >= 0")
         self._settle_servers()
         if self.instance_prefix and not naming.is_kept(self.instance_prefix, 16):
             raise ValueError(f"instance prefix {self.instance_prefix!r}: up to 16 lowercase "
@@ -435,4 +439,5 @@ _SCHEMA: dict[str, dict[str, tuple[str, Any]]] = {
                    "mounts": ("mounts", _mounts)},
     "network": {"port_isolation": ("port_isolation", _bool)},
     "hub": {"url": ("hub_url", _str), "address": ("hub_address", _str)},
+    "portal": {"snapshot_limit": ("snapshot_limit", _int)},
 }

@@ -117,3 +117,15 @@ def test_hostname_is_server_dash_user():
 def test_slug_needs_room_for_hash():
     with pytest.raises(ValueError):
         naming.safe_slug("Alice", 5)
+
+
+@pytest.mark.parametrize("name", ["before-break", "snap-20261205-080000", "v1.2_final", "A"])
+def test_snapshot_names_kept(name):
+    assert naming.check_snapshot_name(name) == name
+
+
+@pytest.mark.parametrize("name", ["", "a/b", "..", "a..b", ".hidden", "-x", "has space",
+                                  "x;rm", "$(id)", "a" * 64, "é", None, 5])
+def test_snapshot_names_refused_with_the_rule(name):
+    with pytest.raises(ValueError, match="letters, digits"):
+        naming.check_snapshot_name(name)

@@ -292,3 +292,12 @@ server_cert = "{tmp_path / 'gpu18.crt'}"
             asyncio.run(lxd.server_info())
     finally:
         lxd.close()
+
+
+def test_portal_snapshot_limit(tmp_path):
+    assert load(tmp_path, "").snapshot_limit == 10
+    assert load(tmp_path, "[portal]\nsnapshot_limit = 3\n").snapshot_limit == 3
+    with pytest.raises(SettingsError, match="snapshot_limit"):
+        load(tmp_path, "[portal]\nsnapshot_limit = -1\n")
+    with pytest.raises(SettingsError, match="snapshots"):
+        load(tmp_path, "[portal]\nsnapshots = 3\n")

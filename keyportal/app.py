@@ -1,0 +1,321 @@
+"""keyportal: the JupyterHub service (tornado, HubOAuth) at /services/keyportal/.
+
+The REST API v1 lives under ``api/v1/``; the hub starts the service (see
+``hub_config/jupyterhub_config.py``) with its own environment
+(``JUPYTERHUB_SERVICE_URL``, ``JUPYTERHUB_API_TOKEN``, ...).
+
+Who may do what:
+
+- a JupyterHub token in the ``Authorization`` header (``token ...`` or
+  ``Bearer ...``), or the browser session the hub's OAuth gave; a token in
+  the URL is refused, whatever it is;
+- the token must allow the service (``access:services!service=keyportal``)
+  and carry ``custom:keyportal:use`` for the user it acts on (every user's
+  role grants it for themselves: ``custom:keyportal:use!user``);
+- a request made with the browser session (no token) that changes anything
+  needs JupyterHub's XSRF token; token requests do not.
+
+Every refusal is JSON ``{"status": N, "message": "..."}`` with a sentence a
+researcher can act on; the service's log has the detail.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from jupyterhub.services.auth import HubOAuth, HubOAuthCallbackHandler, HubOAuthenticated
+from tornado import httpserver, ioloop, web
+
+from lxcspawner.settings import Settings
+
+from .portal import Portal, PortalError
+
+log = logging.getLogger("keyportal")
+
+SERVICE = "keyportal"
+USE_SCOPE = "custom:keyportal:use"
+ADMIN_SCOPE = "custom:keyportal:admin"
+MAX_BODY = 64 * 1024   # a request body; keys and names are small
+
+
+class APIHandler(HubOAuthenticated, web.RequestHandler):
+    """The API's base: authentication, scopes, JSON in and out."""
+
+    @property
+    def portal(self) -> Portal:
+        return self.settings["portal"]
+
+    def prepare(self):
+        if "token" in self.request.query_arguments:
+            log.warning("refused a token in the URL of %s %s from %s", self.request.method,
+                        self.request.path, self.request.remote_ip)
+            raise PortalError("tokens in URLs are refused: send it in the Authorization "
+                              "header (Authorization: token ...)", 400)
+        if len(self.request.body or b"") > MAX_BODY:
+            raise PortalError(f"the request is larger than {MAX_BODY // 1024} KiB", 413)
+        model = self.hub_auth.get_user(self)
+        if not model:
+            if self.request.method not in ("GET", "HEAD") and self.request.cookies:
+                raise PortalError("this change needs the page's XSRF token (or a JupyterHub "
+                                  "token in the Authorization header)", 403)
+            raise PortalError("log in to the hub first, or send a JupyterHub token in the "
+                              "Authorization header", 401)
+        if not self.hub_auth.check_scopes(self.hub_auth.access_scopes, model):
+            raise PortalError("your token does not allow keyportal: make one on the hub's "
+                              "token page with access to the keyportal service", 403)
+        self.model = model
+        self.user = model["name"]
+        if not self.may_use(self.user):
+            raise PortalError(f"your token lacks the scope {USE_SCOPE}: make one on the hub's "
+                              "token page with it (or with your own permissions)", 403)
+
+    def may_use(self, user: str) -> bool:
+        scopes = set(self.model.get("scopes") or ())
+        return USE_SCOPE in scopes or f"{USE_SCOPE}!user={user}" in scopes \
+            or ADMIN_SCOPE in scopes
+
+    @property
+    def actor(self) -> str:
+        return self.user if self.model.get("kind", "user") == "user" \
+            else f"service:{self.user}"
+
+    @property
+    def source(self) -> str:
+        return self.request.remote_ip or ""
+
+    def body(self) -> dict:
+        if not self.request.body:
+            return {}
+        try:
+            data = json.loads(self.request.body)
+        except (ValueError, UnicodeDecodeError):
+            raise PortalError("the request body is not JSON") from None
+        if not isinstance(data, dict):
+            raise PortalError("the request body must be a JSON object")
+        return data
+
+    def send(self, data: Any, status: int = 200) -> None:
+        self.set_status(status)
+        self.set_header("Content-Type", "application/json; charset=utf-8")
+        self.set_header("Cache-Control", "no-store")
+        self.finish(json.dumps(data, indent=1, default=str))
+
+    def write_error(self, status_code: int, **kwargs):
+        exc = (kwargs.get("exc_info") or (None, None, None))[1]
+        if isinstance(exc, PortalError):
+            status_code, message = exc.status, str(exc)
+        elif isinstance(exc, web.HTTPError):
+            message = exc.log_message or self._reason
+            if status_code == 403 and "XSRF" in (exc.log_message or ""):
+                message = ("this change needs the page's XSRF token (or a token in the "
+                           "Authorization header)")
+        else:
+            message = "keyportal failed; the administrators have the details in its log"
+        self.set_status(status_code)
+        self.set_header("Content-Type", "application/json; charset=utf-8")
+        self.finish(json.dumps({"status": status_code, "message": message}))
+
+    def log_exception(self, typ, value, tb):
+        if isinstance(value, PortalError):
+            log.info("%s %s -> %d: %s", self.request.method, self.request.path, value.status,
+                     value)
+            self.set_status(value.status)
+            return
+        super().log_exception(typ, value, tb)
+
+
+class MeHandler(APIHandler):
+    async def get(self):
+        self.send({**await self.portal.me(self.user), "kind": self.model.get("kind", "user")})
+
+
+class ServersHandler(APIHandler):
+    def get(self):
+        self.send(self.portal.servers())
+
+
+class KeysHandler(APIHandler):
+    async def get(self):
+        self.send(await self.portal.keys(self.user))
+
+    async def post(self):
+        if (self.request.headers.get("Content-Type") or "").startswith("text/plain"):
+            try:
+                text = self.request.body.decode("utf-8")
+            except UnicodeDecodeError:
+                raise PortalError("the key is not UTF-8 text") from None
+        else:
+            text = self.body().get("key")
+            if not isinstance(text, str):
+                raise PortalError('send {"key": "ssh-ed25519 AAAA... comment"}')
+        self.send(await self.portal.add_keys(self.user, text, actor=self.actor,
+                                             source=self.source), 201)
+
+
+class KeyHandler(APIHandler):
+    async def delete(self, fingerprint: str):
+        self.send(await self.portal.remove_key(self.user, unquote(fingerprint),
+                                               actor=self.actor, source=self.source))
+
+
+class ContainersHandler(APIHandler):
+    async def get(self):
+        self.send(await self.portal.containers(self.user))
+
+
+class ContainerHandler(APIHandler):
+    async def post(self, server: str):
+        self.send(await self.portal.create(self.user, server, actor=self.actor,
+                                           source=self.source), 201)
+
+
+class ContainerActionHandler(APIHandler):
+    async def post(self, server: str, action: str):
+        self.send(await self.portal.set_state(self.user, server, action, actor=self.actor,
+                                              source=self.source))
+
+
+class SnapshotsHandler(APIHandler):
+    async def get(self, server: str):
+        self.send(await self.portal.snapshots(self.user, server))
+
+    async def post(self, server: str):
+        name = self.body().get("name")
+        if name is not None and not isinstance(name, str):
+            raise PortalError("a snapshot's name is text")
+        self.send(await self.portal.snapshot(self.user, server, name, actor=self.actor,
+                                             source=self.source), 201)
+
+
+class SnapshotHandler(APIHandler):
+    async def delete(self, server: str, name: str):
+        self.send(await self.portal.delete_snapshot(self.user, server, unquote(name),
+                                                    actor=self.actor, source=self.source))
+
+
+class RestoreHandler(APIHandler):
+    async def post(self, server: str, name: str):
+        self.send(await self.portal.restore(self.user, server, unquote(name), actor=self.actor,
+                                            source=self.source))
+
+
+class ForwardsHandler(APIHandler):
+    async def get(self, server: str):
+        self.send(await self.portal.forwards(self.user, server))
+
+    async def post(self, server: str):
+        port = self.body().get("port")
+        if port is None:
+            raise PortalError('send {"port": N}: the port inside your container')
+        self.send(await self.portal.add_forward(self.user, server, port, actor=self.actor,
+                                                source=self.source), 201)
+
+
+class ForwardHandler(APIHandler):
+    async def delete(self, server: str, port: str):
+        self.send(await self.portal.remove_forward(self.user, server, port, actor=self.actor,
+                                                   source=self.source))
+
+
+class SSHConfigHandler(APIHandler):
+    async def get(self):
+        identity = self.get_query_argument("identity", None)
+        if identity is not None and (len(identity) > 200 or any(
+                c in identity for c in "\n\r\0")):
+            raise PortalError("identity: a path on your laptop, one line")
+        text = await self.portal.ssh_config(self.user, identity)
+        self.set_header("Content-Type", "text/plain; charset=utf-8")
+        self.set_header("Content-Disposition", 'attachment; filename="lxcgpu-ssh-config"')
+        self.finish(text)
+
+
+API_PATHS = [
+    "GET me", "GET servers", "GET keys", "POST keys", "DELETE keys/{fingerprint}",
+    "GET containers", "POST containers/{server}", "POST containers/{server}/start",
+    "POST containers/{server}/stop", "GET containers/{server}/snapshots",
+    "POST containers/{server}/snapshots", "POST containers/{server}/snapshots/{name}/restore",
+    "DELETE containers/{server}/snapshots/{name}", "GET containers/{server}/forwards",
+    "POST containers/{server}/forwards", "DELETE containers/{server}/forwards/{port}",
+    "GET ssh-config",
+]
+
+
+class IndexHandler(web.RequestHandler):
+    """What is here, for anyone (no user data)."""
+
+    def get(self):
+        self.set_header("Content-Type", "application/json; charset=utf-8")
+        self.finish(json.dumps({
+            "service": SERVICE, "api": f"{self.settings['prefix']}api/v1/",
+            "paths": API_PATHS,
+            "auth": "a JupyterHub token in the Authorization header (token ...), "
+                    f"with {USE_SCOPE}; see docs/user.md"}, indent=1))
+
+
+class NotFoundHandler(APIHandler):
+    def prepare(self):
+        raise PortalError("no such keyportal API path (see api/v1/ and docs/user.md)", 404)
+
+
+SERVER = r"([a-z][a-z0-9-]{0,62})"
+
+
+def make_app(portal: Portal, prefix: str, hub_auth: HubOAuth) -> web.Application:
+    api = prefix + "api/v1/"
+    routes = [
+        (api + "me", MeHandler),
+        (api + "servers", ServersHandler),
+        (api + "keys", KeysHandler),
+        (api + r"keys/(.+)", KeyHandler),
+        (api + "containers", ContainersHandler),
+        (api + f"containers/{SERVER}", ContainerHandler),
+        (api + f"containers/{SERVER}/(start|stop)", ContainerActionHandler),
+        (api + f"containers/{SERVER}/snapshots", SnapshotsHandler),
+        (api + f"containers/{SERVER}/snapshots/([^/]+)/restore", RestoreHandler),
+        (api + f"containers/{SERVER}/snapshots/([^/]+)", SnapshotHandler),
+        (api + f"containers/{SERVER}/forwards", ForwardsHandler),
+        (api + f"containers/{SERVER}/forwards/([^/]+)", ForwardHandler),
+        (api + "ssh-config", SSHConfigHandler),
+        (prefix, IndexHandler),
+        (api, IndexHandler),
+        (prefix + "oauth_callback", HubOAuthCallbackHandler),
+        (api + ".*", NotFoundHandler),
+    ]
+    # No tornado xsrf_cookies: HubOAuth accepts the browser session for a
+    # change only with JupyterHub's XSRF token (requests with a token in
+    # their header need none).
+    return web.Application(routes, portal=portal, hub_auth=hub_auth, prefix=prefix,
+                           cookie_secret=os.urandom(32), default_handler_class=NotFoundHandler,
+                           default_handler_args={})
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="[%(levelname).1s %(asctime)s keyportal] "
+                        "%(message)s")
+    url = os.environ.get("JUPYTERHUB_SERVICE_URL")
+    prefix = os.environ.get("JUPYTERHUB_SERVICE_PREFIX", f"/services/{SERVICE}/")
+    if not url or not os.environ.get("JUPYTERHUB_API_TOKEN"):
+        print("keyportal: run by the hub as a service (JUPYTERHUB_SERVICE_URL and "
+              "JUPYTERHUB_API_TOKEN unset)", file=sys.stderr)
+        return 2
+    settings = Settings.load()
+    portal = Portal(settings)
+    hub_auth = HubOAuth(cache_max_age=60, allow_token_in_url=False)
+    app = make_app(portal, prefix, hub_auth)
+    parts = urlsplit(url)
+    server = httpserver.HTTPServer(app, xheaders=True)
+    server.listen(parts.port or 80, parts.hostname or "127.0.0.1")
+    log.info("keyportal on %s (prefix %s), GPU servers %s, store %s", url, prefix,
+             ", ".join(settings.server_names), settings.store_url.split("@")[-1])
+    try:
+        ioloop.IOLoop.current().start()
+    except KeyboardInterrupt:
+        log.info("keyportal stopped")
+    finally:
+        portal.close()
+    return 0

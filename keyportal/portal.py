@@ -1,0 +1,376 @@
+"""What a user (or an admin on a user's behalf) can do through keyportal:
+keys, containers, snapshots, forwards and the ssh config, on every GPU server
+of the site.  The pages, the REST API and the ``lxcgpu`` client all come
+here; authorisation is the caller's (``keyportal.app``), auditing is here.
+
+Every store call runs off the event loop; every LXD call goes through the
+site's fleet (one client per server, a timeout on every call), so a server
+that is down is named and blocks no other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from lxcspawner import lifecycle, naming
+from lxcspawner.container import ContainerError, check_owner
+from lxcspawner.fleet import Fleet, ServerResult
+from lxcspawner.lxd import LXDError, LXDNotFound, LXDUnavailable, is_outage
+from lxcspawner.settings import Settings, SettingsError
+from lxcspawner.store import Exhausted, InvalidInput, NotFound, Store, StoreError
+
+log = logging.getLogger("keyportal")
+
+class PortalError(Exception):
+    """A refusal a user can read; ``status`` is the HTTP status it maps to."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+def _refusal(e: Exception) -> PortalError:
+    """The user's sentence for an error from below (the log has the detail)."""
+    if isinstance(e, PortalError):
+        return e
+    if isinstance(e, LXDUnavailable) or (isinstance(e, LXDError) and is_outage(e)):
+        return PortalError("that GPU server's LXD is not reachable right now; try again "
+                           "later or ask an administrator", 503)
+    if isinstance(e, LXDNotFound):
+        return PortalError(str(e), 404)
+    if isinstance(e, SettingsError):
+        return PortalError(str(e), 404)
+    if isinstance(e, ContainerError):
+        return PortalError(str(e), 409)
+    if isinstance(e, InvalidInput):
+        return PortalError(str(e), 400)
+    if isinstance(e, NotFound):
+        return PortalError(str(e), 404)
+    if isinstance(e, Exhausted):
+        return PortalError(str(e), 503)
+    if isinstance(e, StoreError):          # a limit reached, a conflict
+        return PortalError(str(e), 409)
+    if isinstance(e, ValueError):
+        return PortalError(str(e), 400)
+    return PortalError(f"{type(e).__name__}: {e}", 500)
+
+
+@dataclass
+class Container:
+    server: str
+    name: str
+    exists: bool
+    state: str                  # running, stopped, ... or "none" / "unreachable"
+    address: str | None
+    ssh_command: str
+    detail: str = ""
+
+
+class Portal:
+    """One per service process: the site, its store and its fleet."""
+
+    def __init__(self, settings: Settings, store: Store | None = None):
+        self.settings = settings
+        self.store = store or settings.open_store()
+        self.fleet = Fleet(settings, self.store, actor="keyportal")
+
+    def close(self) -> None:
+        self.fleet.close()
+        self.store.close()
+
+    # ------------------------------------------------------------ helpers
+
+    async def _store(self, fn, *args, **kwargs):
+        try:
+            return await asyncio.to_thread(fn, *args, **kwargs)
+        except (StoreError, ValueError) as e:
+            raise _refusal(e) from None
+
+    async def audit(self, actor: str, action: str, user: str, detail: dict, *,
+                    ok: bool = True, source: str | None = None) -> None:
+        await asyncio.to_thread(self.store.audit, actor, action, user,
+                                {**detail, **({"source": source} if source else {})}, ok=ok)
+
+    def server(self, name: str) -> str:
+        try:
+            return self.settings.gpu_server(name).name
+        except (SettingsError, ValueError) as e:
+            raise PortalError(str(e), 404) from None
+
+    def instance(self, user: str, server: str) -> str:
+        return naming.instance_name(user, server, self.settings.instance_prefix)
+
+    async def _owned(self, user: str, server: str) -> str:
+        """The user's instance on ``server``; 404 if it does not exist."""
+        server = self.server(server)
+        name = self.instance(user, server)
+        try:
+            inst = await self.fleet.lxd(server).instance(name)
+        except LXDError as e:
+            raise _refusal(e) from None
+        if inst is None:
+            raise PortalError(f"you have no container on {server} yet: create it first", 404)
+        try:
+            check_owner(inst, user)
+        except ContainerError as e:
+            raise _refusal(e) from None
+        return name
+
+    # ------------------------------------------------------------ the user
+
+    async def me(self, user: str) -> dict:
+        rec = await self._store(self.store.ensure_user, user, actor="keyportal")
+        return {"name": rec.name, "login": naming.posix_name(rec.name), "ssh_port": rec.ssh_port,
+                "servers": list(self.settings.server_names),
+                "suspended": rec.suspended.isoformat() if rec.suspended else None}
+
+    def servers(self) -> list[dict]:
+        return [{"name": g.name, "address": g.ssh_host, "remote": g.remote}
+                for g in self.settings.servers]
+
+    # ------------------------------------------------------------ keys
+
+    async def keys(self, user: str) -> list[dict]:
+        return [_key_json(k) for k in await self._store(self.store.list_keys, user)]
+
+    async def add_keys(self, user: str, text: str, *, actor: str, source: str | None = None
+                       ) -> dict:
+        """Add every key in ``text`` (one per line; all or none), then write
+        them into every container of ``user``; the result per server."""
+        if "PRIVATE KEY" in text:
+            # Whole, so the store refuses it as what it is (never stored).
+            log.warning("%s sent a private key as a public key; refused", user)
+            await self._store(self.store.add_key, user, text, actor=actor)
+        lines = [ln for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+        if not lines:
+            raise PortalError("no key given: paste a public key (one line that starts with "
+                              "ssh-ed25519, ssh-rsa, ecdsa-sha2-...)")
+        if len(lines) > 50:
+            raise PortalError("at most 50 keys at once")
+        await self._store(self.store.ensure_user, user, actor=actor)
+        added = []
+        try:
+            for line in lines:
+                added.append(await self._store(self.store.add_key, user, line, actor=actor))
+        except PortalError:
+            for rec in added:   # all or none
+                await asyncio.to_thread(self.store.remove_key, user, rec.fingerprint,
+                                        actor=actor)
+            raise
+        results = await self.fleet.sync_user(user)
+        # The store recorded key.add itself; this records where the change
+        # came from and what each server did with it.
+        await self.audit(actor, "keys.push", user, {
+            "added": [k.fingerprint for k in added],
+            "servers": {r.server: r.status for r in results}}, source=source)
+        return {"added": [_key_json(k) for k in added], "servers": _results(results)}
+
+    async def remove_key(self, user: str, fingerprint: str, *, actor: str,
+                         source: str | None = None) -> dict:
+        rec = await self._store(self.store.remove_key, user, fingerprint, actor=actor)
+        results = await self.fleet.sync_user(user)
+        await self.audit(actor, "keys.push", user, {
+            "removed": rec.fingerprint, "servers": {r.server: r.status for r in results}},
+            source=source)
+        return {"removed": _key_json(rec), "servers": _results(results)}
+
+    # ------------------------------------------------------------ containers
+
+    async def containers(self, user: str) -> list[dict]:
+        rec = await self._store(self.store.ensure_user, user, actor="keyportal")
+        login = naming.posix_name(user)
+
+        async def one(g) -> Container:
+            name = self.instance(user, g.name)
+            ssh = f"ssh -p {rec.ssh_port} {login}@{g.ssh_host}"
+            try:
+                lxd = self.fleet.lxd(g.name)
+                inst = await lxd.instance(name)
+                if inst is None:
+                    return Container(g.name, name, False, "none", None, ssh,
+                                     "no container yet: create it (or start Jupyter there)")
+                check_owner(inst, user)
+                state = await lxd.state(name)
+                address = await asyncio.to_thread(self.store.address, user, g.name)
+                return Container(g.name, name, True, state.status, address, ssh)
+            except LXDError as e:
+                log.warning("containers of %s on %s: %s", user, g.name, e)
+                return Container(g.name, name, False, "unreachable", None, ssh,
+                                 _refusal(e).args[0])
+        return [asdict(c) for c in await asyncio.gather(*(one(g) for g in self.settings.servers))]
+
+    async def create(self, user: str, server: str, *, actor: str, source: str | None = None
+                     ) -> dict:
+        server = self.server(server)
+        try:
+            uc = await lifecycle.ensure_user_container(
+                self.fleet.lxd(server), self.store, self.settings, user, server, actor=actor)
+        except Exception as e:  # noqa: BLE001 - audited, then refused in a sentence
+            await self.audit(actor, "container.up", user, {"server": server, "error": str(e)},
+                             ok=False, source=source)
+            log.warning("create %s on %s: %s", user, server, e)
+            raise _refusal(e) from None
+        await self.audit(actor, "container.up", user, {"server": server}, source=source)
+        return {"server": server, "name": uc.name, "address": uc.address,
+                "ssh_command": uc.ssh_command}
+
+    async def set_state(self, user: str, server: str, action: str, *, actor: str,
+                        source: str | None = None) -> dict:
+        if action not in ("start", "stop"):
+            raise PortalError(f"unknown action {action!r}", 404)
+        server = self.server(server)
+        if action == "start":
+            # Start is "make it ready": keys and port maps as the store says.
+            return await self.create(user, server, actor=actor, source=source)
+        name = await self._owned(user, server)
+        try:
+            await self.fleet.lxd(server).stop(name, timeout=60)
+        except LXDError as e:
+            await self.audit(actor, "container.stop", user, {"server": server, "error": str(e)},
+                             ok=False, source=source)
+            raise _refusal(e) from None
+        await self.audit(actor, "container.stop", user, {"server": server}, source=source)
+        return {"server": server, "name": name, "state": "stopped"}
+
+    # ------------------------------------------------------------ snapshots
+
+    async def snapshots(self, user: str, server: str) -> list[dict]:
+        name = await self._owned(user, server)
+        try:
+            return await self.fleet.lxd(self.server(server)).snapshots(name)
+        except LXDError as e:
+            raise _refusal(e) from None
+
+    async def snapshot(self, user: str, server: str, snapshot: str | None, *, actor: str,
+                       source: str | None = None) -> dict:
+        server = self.server(server)
+        snapshot = snapshot or dt.datetime.now(dt.timezone.utc).strftime("snap-%Y%m%d-%H%M%S")
+        try:
+            naming.check_snapshot_name(snapshot)
+        except ValueError as e:
+            raise PortalError(str(e)) from None
+        name = await self._owned(user, server)
+        lxd = self.fleet.lxd(server)
+        existing = await lxd.snapshots(name)
+        if any(s["name"] == snapshot for s in existing):
+            raise PortalError(f"there is a snapshot called {snapshot} already", 409)
+        limit = self.snapshot_limit
+        if len(existing) >= limit:
+            raise PortalError(f"you have {len(existing)} snapshots of this container, the most "
+                              f"allowed ({limit}): delete one first", 409)
+        try:
+            await lxd.create_snapshot(name, snapshot)
+        except LXDError as e:
+            await self.audit(actor, "snapshot.create", user, {
+                "server": server, "snapshot": snapshot, "error": str(e)}, ok=False, source=source)
+            raise _refusal(e) from None
+        await self.audit(actor, "snapshot.create", user, {"server": server, "snapshot": snapshot},
+                         source=source)
+        return {"server": server, "name": snapshot}
+
+    @property
+    def snapshot_limit(self) -> int:
+        return self.settings.snapshot_limit
+
+    async def _existing_snapshot(self, user: str, server: str, snapshot: str) -> str:
+        try:
+            naming.check_snapshot_name(snapshot)
+        except ValueError as e:
+            raise PortalError(str(e)) from None
+        name = await self._owned(user, server)
+        if not any(s["name"] == snapshot
+                   for s in await self.fleet.lxd(self.server(server)).snapshots(name)):
+            raise PortalError(f"there is no snapshot {snapshot} of your container on {server}",
+                              404)
+        return name
+
+    async def restore(self, user: str, server: str, snapshot: str, *, actor: str,
+                      source: str | None = None) -> dict:
+        server = self.server(server)
+        name = await self._existing_snapshot(user, server, snapshot)
+        lxd = self.fleet.lxd(server)
+        try:
+            await lxd.restore_snapshot(name, snapshot)
+            # The snapshot may predate a key or forward change: the store wins.
+            await lifecycle.sync_user_container(lxd, self.store, user, server,
+                                                prefix=self.settings.instance_prefix)
+        except LXDError as e:
+            await self.audit(actor, "snapshot.restore", user, {
+                "server": server, "snapshot": snapshot, "error": str(e)}, ok=False, source=source)
+            raise _refusal(e) from None
+        await self.audit(actor, "snapshot.restore", user, {"server": server,
+                                                           "snapshot": snapshot}, source=source)
+        return {"server": server, "name": snapshot, "restored": True}
+
+    async def delete_snapshot(self, user: str, server: str, snapshot: str, *, actor: str,
+                              source: str | None = None) -> dict:
+        server = self.server(server)
+        name = await self._existing_snapshot(user, server, snapshot)
+        try:
+            await self.fleet.lxd(server).delete_snapshot(name, snapshot)
+        except LXDError as e:
+            raise _refusal(e) from None
+        await self.audit(actor, "snapshot.delete", user, {"server": server,
+                                                          "snapshot": snapshot}, source=source)
+        return {"server": server, "name": snapshot, "deleted": True}
+
+    # ------------------------------------------------------------ forwards
+
+    async def forwards(self, user: str, server: str) -> list[dict]:
+        server = self.server(server)
+        return [_forward_json(f) for f in
+                await self._store(self.store.list_forwards, user=user, server=server)]
+
+    async def add_forward(self, user: str, server: str, port: Any, *, actor: str,
+                          source: str | None = None) -> dict:
+        server = self.server(server)
+        rec = await self._store(self.store.add_forward, user, server, port, actor=actor)
+        results = await self.fleet.sync_port_maps(user, [server])
+        await self.audit(actor, "forwards.push", user, {
+            "server": server, "host_port": rec.host_port, "container_port": rec.container_port},
+            source=source)
+        return {"forward": _forward_json(rec), "servers": _results(results)}
+
+    async def remove_forward(self, user: str, server: str, port: Any, *, actor: str,
+                             source: str | None = None) -> dict:
+        server = self.server(server)
+        rec = await self._store(self.store.remove_forward, user, server, container_port=port,
+                                actor=actor)
+        results = await self.fleet.sync_port_maps(user, [server])
+        await self.audit(actor, "forwards.push", user, {
+            "server": server, "host_port": rec.host_port, "container_port": rec.container_port},
+            source=source)
+        return {"forward": _forward_json(rec), "servers": _results(results)}
+
+    # ------------------------------------------------------------ ssh config
+
+    async def ssh_config(self, user: str, identity: str | None = None) -> str:
+        rec = await self._store(self.store.ensure_user, user, actor="keyportal")
+        login = naming.posix_name(user)
+        out = [f"# lxcgpu: {user}'s containers, one Host per GPU server "
+               f"(the same port {rec.ssh_port} on each)", ""]
+        for g in self.settings.servers:
+            out += [f"Host {g.name}", f"    HostName {g.ssh_host}", f"    Port {rec.ssh_port}",
+                    f"    User {login}"]
+            if identity:
+                out.append(f"    IdentityFile {identity}")
+            out.append("")
+        return "\n".join(out)
+
+
+def _key_json(k) -> dict:
+    return {"fingerprint": k.fingerprint, "type": k.key.split()[0], "comment": k.comment or None,
+            "added": k.created.isoformat(timespec="seconds")}
+
+
+def _forward_json(f) -> dict:
+    return {"server": f.server, "host_port": f.host_port, "container_port": f.container_port,
+            "proto": f.proto}
+
+
+def _results(results: list[ServerResult]) -> list[dict]:
+    return [{"server": r.server, "status": r.status, "detail": r.detail} for r in results]

@@ -1,0 +1,235 @@
+"""keyportal's REST API through the real hub, its proxy, LXD and slapd.
+
+alice and bob each get a token from the hub (as the hub's token page makes
+them: the owner's permissions).  alice adds a key (it lands in her running
+container), makes her container, snapshots it, breaks a file, restores it
+and finds it back; bob's token can do none of that to her, a token without
+the portal's scope gets 403, a token in the URL is refused, and bad input is
+refused with a sentence and changes nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from lxcspawner import naming
+from lxcspawner.lxd import LXD
+from lxcspawner.settings import Settings
+from tests.fixtures.sshkeys import keypair
+
+pytestmark = pytest.mark.lxd
+
+ALICE, BOB = "alice", "bob"
+SERVER = "node1"
+
+
+class Client:
+    """One user's token against the portal's API."""
+
+    def __init__(self, hub, token: str | None):
+        self.hub, self.token = hub, token
+        self.base = f"{hub.url}/services/keyportal/api/v1/"
+
+    def __call__(self, method: str, path: str, *, token: str | None = "own", **kw):
+        headers = kw.pop("headers", {})
+        token = self.token if token == "own" else token
+        if token:
+            headers["Authorization"] = f"token {token}"
+        kw.setdefault("timeout", 300)
+        with self.hub.session() as s:
+            return s.request(method, self.base + path, headers=headers,
+                             allow_redirects=False, **kw)
+
+
+def make_token(hub, user: str, scopes: list[str] | None = None) -> str:
+    hub.api("post", f"/users/{user}")
+    body = {"note": "keyportal tests", "expires_in": 3600}
+    if scopes is not None:
+        body["scopes"] = scopes
+    r = hub.api("post", f"/users/{user}/tokens", json=body)
+    assert r.status_code == 201, (r.status_code, r.text)
+    return r.json()["token"]
+
+
+@pytest.fixture(scope="module")
+def clients(hub):
+    return {u: Client(hub, make_token(hub, u)) for u in (ALICE, BOB)}
+
+
+@pytest.fixture(scope="module")
+def lxd():
+    client = LXD(timeout=120, retries=1)
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="module")
+def alice_container(hub, clients, lxd):
+    """alice's container on node1, made through the portal if she has none;
+    deleted at the end if the portal made it."""
+    name = naming.instance_name(ALICE, SERVER, hub.run_tag)
+    existed = asyncio.run(lxd.instance(name)) is not None
+    r = clients[ALICE]("post", f"containers/{SERVER}")
+    assert r.status_code == 201, r.text
+    assert r.json()["name"] == name
+    yield name
+    if not existed:
+        asyncio.run(lxd.delete_instance(name))
+
+
+def test_me_servers_and_the_ssh_config(clients):
+    r = clients[ALICE]("get", "me")
+    assert r.status_code == 200, r.text
+    me = r.json()
+    assert me["name"] == ALICE and me["login"] == "alice" and me["ssh_port"] > 0
+    r = clients[ALICE]("get", "servers")
+    assert [s["name"] for s in r.json()] == [SERVER]
+    r = clients[ALICE]("get", "ssh-config")
+    assert r.status_code == 200 and r.headers["Content-Type"].startswith("text/plain")
+    assert f"Host {SERVER}\n" in r.text and f"Port {me['ssh_port']}\n" in r.text
+    assert "User alice\n" in r.text
+
+
+def test_who_may_call_it(hub, clients):
+    # What is here, for anyone: paths, no user data.
+    with hub.session() as s:
+        r = s.get(f"{hub.url}/services/keyportal/", timeout=30)
+    assert r.status_code == 200 and "GET me" in r.json()["paths"]
+    # No token: 401 with a sentence.
+    r = clients[ALICE]("get", "me", token=None)
+    assert r.status_code in (401, 302), r.text
+    # A token in the URL is refused, whoever's it is.
+    r = clients[ALICE]("get", f"me?token={clients[ALICE].token}", token=None)
+    assert r.status_code == 400 and "Authorization header" in r.json()["message"]
+    # A token of alice's without the portal's scopes.
+    narrow = make_token(hub, ALICE, ["read:users!user=alice"])
+    r = clients[ALICE]("get", "me", token=narrow)
+    assert r.status_code == 403 and "keyportal" in r.json()["message"], r.text
+    # Access to the service but not the portal's own scope.
+    narrow = make_token(hub, ALICE, ["access:services!service=keyportal"])
+    r = clients[ALICE]("get", "keys", token=narrow)
+    assert r.status_code == 403 and "custom:keyportal:use" in r.json()["message"]
+    r = clients[ALICE]("get", "nowhere")
+    assert r.status_code == 404 and "no such" in r.json()["message"]
+
+
+def test_keys_added_checked_and_removed(clients, alice_container, lxd, tmp_path):
+    alice = clients[ALICE]
+    _, pub = keypair(tmp_path, "alice-portal")
+    before = alice("get", "keys").json()
+    bad = [
+        ("not a key", "not a valid ssh public key"),
+        ("-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAA\n"
+         "-----END OPENSSH PRIVATE KEY-----", "private"),
+        (f'command="/bin/sh" {pub}', "option"),
+        ("ssh-ed25519 " + "A" * (1024 * 1024), "larger"),
+    ]
+    for text, said in bad:
+        r = alice("post", "keys", json={"key": text})
+        assert r.status_code in (400, 413), (r.status_code, r.text)
+        assert said in r.json()["message"].lower(), r.json()
+    assert alice("get", "keys").json() == before
+    r = alice("post", "keys", json={"key": pub})
+    assert r.status_code == 201, r.text
+    added = r.json()
+    fp = added["added"][0]["fingerprint"]
+    assert {s["server"]: s["status"] for s in added["servers"]} == {SERVER: "done"}
+    # In her container, as sshd reads it.
+    res = asyncio.run(lxd.execute(alice_container, ["cat", "/home/alice/.ssh/authorized_keys"]))
+    assert pub.split()[1] in res.stdout
+    # The same key again: nothing changes.
+    r = alice("post", "keys", json={"key": pub})
+    assert r.status_code == 201 and len(alice("get", "keys").json()) == len(before) + 1
+    # bob cannot see or remove it.
+    assert fp not in json.dumps(clients[BOB]("get", "keys").json())
+    r = clients[BOB]("delete", f"keys/{fp}")
+    assert r.status_code == 404, r.text
+    assert fp in json.dumps(alice("get", "keys").json())
+    r = alice("delete", "keys/" + fp.replace("/", "%2F"))
+    assert r.status_code == 200, r.text
+    res = asyncio.run(lxd.execute(alice_container, ["cat", "/home/alice/.ssh/authorized_keys"]))
+    assert pub.split()[1] not in res.stdout
+
+
+def test_snapshot_break_restore(clients, alice_container, lxd):
+    alice = clients[ALICE]
+    path = "/home/alice/precious.txt"
+    asyncio.run(lxd.put_file(alice_container, path, "the thesis\n", mode=0o644))
+    for name in ("a/b", "..", "has space", "x;rm -rf /", ".hidden", "a" * 64):
+        r = alice("post", f"containers/{SERVER}/snapshots", json={"name": name})
+        assert r.status_code == 400 and "not a snapshot name" in r.json()["message"], r.text
+    r = alice("post", f"containers/{SERVER}/snapshots", json={"name": "before-break"})
+    assert r.status_code == 201, r.text
+    try:
+        names = [s["name"] for s in alice("get", f"containers/{SERVER}/snapshots").json()]
+        assert "before-break" in names
+        # bob sees no container of alice's, and cannot restore or delete hers.
+        r = clients[BOB]("post", f"containers/{SERVER}/snapshots/before-break/restore")
+        assert r.status_code == 404, r.text
+        r = clients[BOB]("get", f"containers/{SERVER}/snapshots")
+        assert r.status_code == 404 or "before-break" not in r.text
+        asyncio.run(lxd.put_file(alice_container, path, "broken\n", mode=0o644))
+        r = alice("post", f"containers/{SERVER}/snapshots/before-break/restore")
+        assert r.status_code == 200, r.text
+        data = asyncio.run(lxd.get_file(alice_container, path))
+        assert data == b"the thesis\n"
+        assert asyncio.run(lxd.state(alice_container)).running
+        r = alice("post", f"containers/{SERVER}/snapshots/nope/restore")
+        assert r.status_code == 404 and "no snapshot nope" in r.json()["message"]
+    finally:
+        r = alice("delete", f"containers/{SERVER}/snapshots/before-break")
+    assert r.status_code == 200, r.text
+    assert "before-break" not in alice("get", f"containers/{SERVER}/snapshots").text
+
+
+def test_forwards_and_unknown_servers(clients, alice_container):
+    alice = clients[ALICE]
+    for port in (0, 70000, "80; ls", None):
+        r = alice("post", f"containers/{SERVER}/forwards", json={"port": port})
+        assert r.status_code == 400, (port, r.text)
+    assert alice("get", f"containers/{SERVER}/forwards").json() == []
+    r = alice("post", f"containers/{SERVER}/forwards", json={"port": 8080})
+    assert r.status_code == 201, r.text
+    host_port = r.json()["forward"]["host_port"]
+    assert [f["host_port"] for f in alice("get", f"containers/{SERVER}/forwards").json()] == [
+        host_port]
+    assert clients[BOB]("get", f"containers/{SERVER}/forwards").json() == []
+    r = clients[BOB]("delete", f"containers/{SERVER}/forwards/8080")
+    assert r.status_code == 404, r.text
+    r = alice("delete", f"containers/{SERVER}/forwards/8080")
+    assert r.status_code == 200, r.text
+    r = alice("get", "containers/nowhere/snapshots")
+    assert r.status_code == 404 and "unknown GPU server" in r.json()["message"]
+    containers = alice("get", "containers").json()
+    assert [(c["server"], c["exists"], c["state"]) for c in containers] == [
+        (SERVER, True, "running")]
+    assert containers[0]["ssh_command"].startswith("ssh -p ")
+
+
+def test_stop_and_start(hub, clients, alice_container, lxd):
+    alice = clients[ALICE]
+    r = clients[BOB]("post", f"containers/{SERVER}/stop")
+    assert r.status_code == 404, r.text          # bob has no container there to stop
+    assert asyncio.run(lxd.state(alice_container)).running
+    r = alice("post", f"containers/{SERVER}/stop")
+    assert r.status_code == 200 and r.json()["state"] == "stopped", r.text
+    assert not asyncio.run(lxd.state(alice_container)).running
+    r = alice("post", f"containers/{SERVER}/start")
+    assert r.status_code == 200, r.text
+    assert r.json()["address"] and asyncio.run(lxd.state(alice_container)).running
+    r = alice("post", f"containers/{SERVER}/reboot")
+    assert r.status_code == 404
+    # Every change above is in the audit log, with where it came from.
+    store = Settings.load(hub.env["LXCGPU_CONFIG"]).open_store()
+    try:
+        audit = [a for a in store.audit_log(user=ALICE, limit=200) if a.actor == ALICE]
+    finally:
+        store.close()
+    ours = {"container.stop", "container.up", "snapshot.create", "snapshot.restore",
+            "snapshot.delete", "keys.push", "forwards.push"}
+    assert ours | {"key.add", "key.remove", "forward.add", "forward.remove"} <= {
+        a.action for a in audit}
+    assert all(json.loads(a.detail).get("source") for a in audit if a.action in ours)
