@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -254,7 +255,21 @@ class IndexHandler(web.RequestHandler):
             "service": SERVICE, "api": f"{self.settings['prefix']}api/v1/",
             "paths": API_PATHS,
             "auth": "a JupyterHub token in the Authorization header (token ...), "
-                    f"with {USE_SCOPE}; see docs/user.md"}, indent=1))
+                    f"with {USE_SCOPE}; see docs/user.md",
+            "client": f"{self.settings['prefix']}lxcgpu"}, indent=1))
+
+
+class CLIHandler(web.RequestHandler):
+    """The ``lxcgpu`` client itself (one file, standard library only), for
+    anyone: ``curl -fsSLo ~/.local/bin/lxcgpu https://HUB/services/keyportal/lxcgpu``."""
+
+    def get(self):
+        self.set_header("Content-Type", "text/x-python; charset=utf-8")
+        self.set_header("Content-Disposition", 'attachment; filename="lxcgpu"')
+        self.finish(CLI_SOURCE.read_bytes())
+
+
+CLI_SOURCE = Path(__file__).with_name("cli.py")
 
 
 class NotFoundHandler(APIHandler):
@@ -282,6 +297,7 @@ def make_app(portal: Portal, prefix: str, hub_auth: HubOAuth) -> web.Application
         (api + f"containers/{SERVER}/forwards/([^/]+)", ForwardHandler),
         (api + "ssh-config", SSHConfigHandler),
         (prefix, IndexHandler),
+        (prefix + "lxcgpu", CLIHandler),
         (api, IndexHandler),
         (prefix + "oauth_callback", HubOAuthCallbackHandler),
         (api + ".*", NotFoundHandler),

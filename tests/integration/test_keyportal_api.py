@@ -211,8 +211,10 @@ def test_forwards_and_unknown_servers(clients, alice_container):
 
 def test_stop_and_start(hub, clients, alice_container, lxd):
     alice = clients[ALICE]
+    # bob's stop acts on bob's container only (he may have none: 404).
     r = clients[BOB]("post", f"containers/{SERVER}/stop")
-    assert r.status_code == 404, r.text          # bob has no container there to stop
+    assert r.status_code in (200, 404), r.text
+    assert r.status_code == 404 or r.json()["name"] != alice_container
     assert asyncio.run(lxd.state(alice_container)).running
     r = alice("post", f"containers/{SERVER}/stop")
     assert r.status_code == 200 and r.json()["state"] == "stopped", r.text
