@@ -31,6 +31,7 @@ import argparse
 import getpass
 import json
 import os
+import socket
 import ssl
 import sys
 import urllib.error
@@ -308,7 +309,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+_getaddrinfo = socket.getaddrinfo
+
+
+def _localhost_is_loopback(host, *args, **kwargs):
+    """``*.localhost`` is this machine (RFC 6761), as browsers and curl have
+    it: the demo hub's https://lxcgpu.localhost:8000, here or through an SSH
+    tunnel, without a line in /etc/hosts."""
+    if isinstance(host, str) and host.rstrip(".").lower().endswith(".localhost"):
+        host = "127.0.0.1"
+    return _getaddrinfo(host, *args, **kwargs)
+
+
 def main(argv=None) -> int:
+    socket.getaddrinfo = _localhost_is_loopback
     args = build_parser().parse_args(argv)
     try:
         if args.func is cmd_login:
