@@ -34,6 +34,7 @@ from tornado import httpserver, ioloop, web
 
 from lxcspawner.settings import Settings
 
+from . import pages
 from .portal import Portal, PortalError
 
 log = logging.getLogger("keyportal")
@@ -296,7 +297,12 @@ def make_app(portal: Portal, prefix: str, hub_auth: HubOAuth) -> web.Application
         (api + f"containers/{SERVER}/forwards", ForwardsHandler),
         (api + f"containers/{SERVER}/forwards/([^/]+)", ForwardHandler),
         (api + "ssh-config", SSHConfigHandler),
-        (prefix, IndexHandler),
+        (prefix, pages.HomeHandler),
+        (prefix + "keys/add", pages.KeyAddPage),
+        (prefix + "keys/remove", pages.KeyRemovePage),
+        (prefix + f"containers/{SERVER}/(start|stop|snapshot|restore|delete-snapshot|forward"
+                  "|unforward)", pages.ContainerPage),
+        (prefix + "ssh-config", pages.SSHConfigPage),
         (prefix + "lxcgpu", CLIHandler),
         (api, IndexHandler),
         (prefix + "oauth_callback", HubOAuthCallbackHandler),
@@ -305,7 +311,9 @@ def make_app(portal: Portal, prefix: str, hub_auth: HubOAuth) -> web.Application
     # No tornado xsrf_cookies: HubOAuth accepts the browser session for a
     # change only with JupyterHub's XSRF token (requests with a token in
     # their header need none).
+    hub_prefix = os.environ.get("JUPYTERHUB_BASE_URL", "/") + "hub/"
     return web.Application(routes, portal=portal, hub_auth=hub_auth, prefix=prefix,
+                           hub_prefix=hub_prefix,
                            cookie_secret=os.urandom(32), default_handler_class=NotFoundHandler,
                            default_handler_args={})
 

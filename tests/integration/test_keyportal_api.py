@@ -96,8 +96,11 @@ def test_me_servers_and_the_ssh_config(clients):
 def test_who_may_call_it(hub, clients):
     # What is here, for anyone: paths, no user data.
     with hub.session() as s:
-        r = s.get(f"{hub.url}/services/keyportal/", timeout=30)
-    assert r.status_code == 200 and "GET me" in r.json()["paths"]
+        r = s.get(f"{hub.url}/services/keyportal/api/v1/", timeout=30)
+        assert r.status_code == 200 and "GET me" in r.json()["paths"]
+        # The page: a browser without a session is sent to the hub's login.
+        r = s.get(f"{hub.url}/services/keyportal/", timeout=30, allow_redirects=False)
+        assert r.status_code == 302 and "/hub/api/oauth2/authorize" in r.headers["Location"]
     # No token: 401 with a sentence.
     r = clients[ALICE]("get", "me", token=None)
     assert r.status_code in (401, 302), r.text

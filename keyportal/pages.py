@@ -1,0 +1,167 @@
+"""keyportal's pages: keys and containers, server-rendered in the hub's look.
+
+The browser logs in through the hub (HubOAuth); every form carries
+JupyterHub's XSRF token; a change answers with a redirect back to the page
+and a one-time message (a signed cookie), so a reload never repeats it.
+Destructive actions (stop, restore, delete a snapshot, remove a key) need
+their confirmation box ticked; the server checks it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from urllib.parse import quote
+
+import jinja2
+from jupyterhub.services.auth import HubOAuthenticated
+from tornado import web
+
+from .portal import Portal, PortalError
+
+log = logging.getLogger("keyportal")
+
+TEMPLATES = jinja2.Environment(
+    loader=jinja2.FileSystemLoader(str(Path(__file__).with_name("templates"))),
+    autoescape=True)
+FLASH = "keyportal-flash"
+
+
+class PageHandler(HubOAuthenticated, web.RequestHandler):
+    """A page for the logged-in user (the hub's login when there is none)."""
+
+    @property
+    def portal(self) -> Portal:
+        return self.settings["portal"]
+
+    @property
+    def prefix(self) -> str:
+        return self.settings["prefix"]
+
+    @property
+    def user(self) -> str:
+        return self.current_user["name"]
+
+    def render_page(self, name: str, **values) -> None:
+        flash = self.get_signed_cookie(FLASH, max_age_days=1)
+        if flash:
+            self.clear_cookie(FLASH, path=self.prefix)
+        hub = self.settings["hub_prefix"]
+        self.set_header("Cache-Control", "no-store")
+        self.finish(TEMPLATES.get_template(name).render(
+            user=self.current_user, prefix=self.prefix, hub=hub, xsrf=self.xsrf_token.decode()
+            if isinstance(self.xsrf_token, bytes) else self.xsrf_token,
+            flash=json.loads(flash) if flash else None, quote=quote, **values))
+
+    def done(self, message: str, ok: bool = True, results: list | None = None) -> None:
+        self.set_signed_cookie(FLASH, json.dumps({"ok": ok, "message": message,
+                                                  "results": results or []}),
+                               path=self.prefix, httponly=True, secure=True, samesite="Strict",
+                               expires_days=None)
+        self.redirect(self.prefix)
+
+    def confirmed(self) -> bool:
+        return self.get_body_argument("confirm", "") == "yes"
+
+    async def act(self, coro, ok_message) -> None:
+        try:
+            result = await coro
+        except PortalError as e:
+            self.done(str(e), ok=False)
+            return
+        self.done(ok_message(result) if callable(ok_message) else ok_message,
+                  results=result.get("servers") if isinstance(result, dict) else None)
+
+
+class HomeHandler(PageHandler):
+    @web.authenticated
+    async def get(self):
+        try:
+            me = await self.portal.me(self.user)
+            keys = await self.portal.keys(self.user)
+        except PortalError as e:
+            raise web.HTTPError(e.status, str(e)) from None
+        containers = await self.portal.containers(self.user)
+        for c in containers:
+            c["snapshots"], c["forwards"] = [], []
+            if c["exists"]:
+                try:
+                    c["snapshots"] = await self.portal.snapshots(self.user, c["server"])
+                except PortalError as e:
+                    c["detail"] = str(e)
+            c["forwards"] = await self.portal.forwards(self.user, c["server"])
+        self.render_page("home.html", me=me, keys=keys, containers=containers,
+                         snapshot_limit=self.portal.snapshot_limit)
+
+
+class KeyAddPage(PageHandler):
+    @web.authenticated
+    async def post(self):
+        text = self.get_body_argument("key", "")
+        upload = self.request.files.get("keyfile")
+        if upload:
+            try:
+                text += "\n" + upload[0]["body"].decode("utf-8")
+            except UnicodeDecodeError:
+                self.done("that file is not a text public key", ok=False)
+                return
+        await self.act(self.portal.add_keys(self.user, text, actor=self.user,
+                                            source=self.request.remote_ip),
+                       lambda r: "key added: " + ", ".join(k["fingerprint"] for k in r["added"]))
+
+
+class KeyRemovePage(PageHandler):
+    @web.authenticated
+    async def post(self):
+        fp = self.get_body_argument("fingerprint", "")
+        if not self.confirmed():
+            self.done("tick the box to confirm removing that key", ok=False)
+            return
+        await self.act(self.portal.remove_key(self.user, fp, actor=self.user,
+                                              source=self.request.remote_ip),
+                       f"key {fp} removed")
+
+
+class ContainerPage(PageHandler):
+    """One POST per action on one server's card."""
+
+    @web.authenticated
+    async def post(self, server: str, action: str):
+        who = {"actor": self.user, "source": self.request.remote_ip}
+        arg = self.get_body_argument
+        destructive = action in ("stop", "restore", "delete-snapshot")
+        if destructive and not self.confirmed():
+            self.done(f"tick the box to confirm: {action.replace('-', ' ')}", ok=False)
+            return
+        p, u = self.portal, self.user
+        if action in ("start", "stop"):
+            await self.act(p.set_state(u, server, action, **who),
+                           f"your container on {server}: {action} done")
+        elif action == "snapshot":
+            await self.act(p.snapshot(u, server, arg("name", "").strip() or None, **who),
+                           lambda r: f"snapshot {r['name']} made")
+        elif action == "restore":
+            name = arg("name", "")
+            await self.act(p.restore(u, server, name, **who),
+                           f"your container on {server} is back at {name}")
+        elif action == "delete-snapshot":
+            name = arg("name", "")
+            await self.act(p.delete_snapshot(u, server, name, **who), f"snapshot {name} deleted")
+        elif action == "forward":
+            await self.act(p.add_forward(u, server, arg("port", ""), **who),
+                           lambda r: f"{server}:{r['forward']['host_port']} now reaches port "
+                                     f"{r['forward']['container_port']} of your container")
+        elif action == "unforward":
+            await self.act(p.remove_forward(u, server, arg("port", ""), **who),
+                           "forward removed")
+        else:
+            raise web.HTTPError(404)
+
+
+class SSHConfigPage(PageHandler):
+    @web.authenticated
+    async def get(self):
+        self.set_header("Content-Type", "text/plain; charset=utf-8")
+        self.set_header("Content-Disposition", 'attachment; filename="lxcgpu-ssh-config"')
+        self.finish(await self.portal.ssh_config(self.user))
