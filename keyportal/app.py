@@ -244,6 +244,8 @@ API_PATHS = [
     "DELETE containers/{server}/snapshots/{name}", "GET containers/{server}/forwards",
     "POST containers/{server}/forwards", "DELETE containers/{server}/forwards/{port}",
     "GET ssh-config",
+    "GET admin/users", "GET admin/containers", "GET admin/audit?user=&q=&limit=",
+    "POST admin/push-keys",
 ]
 
 
@@ -258,6 +260,49 @@ class IndexHandler(web.RequestHandler):
             "auth": "a JupyterHub token in the Authorization header (token ...), "
                     f"with {USE_SCOPE}; see docs/user.md",
             "client": f"{self.settings['prefix']}lxcgpu"}, indent=1))
+
+
+class AdminHandler(APIHandler):
+    """Admin endpoints: for a token with custom:keyportal:admin (a site may
+    grant it to a group through a role), or a hub administrator's token
+    (one that carries admin:users; the hub's own admin role cannot be
+    given more scopes)."""
+
+    def prepare(self):
+        super().prepare()
+        scopes = set(self.model.get("scopes") or ())
+        if ADMIN_SCOPE not in scopes and "admin:users" not in scopes:
+            raise PortalError(f"this needs the scope {ADMIN_SCOPE} or a hub administrator's "
+                              "token", 403)
+
+
+class AdminUsersHandler(AdminHandler):
+    async def get(self):
+        self.send(await self.portal.admin_users())
+
+
+class AdminContainersHandler(AdminHandler):
+    async def get(self):
+        self.send(await self.portal.admin_containers())
+
+
+class AdminAuditHandler(AdminHandler):
+    async def get(self):
+        try:
+            limit = int(self.get_query_argument("limit", "100"))
+        except ValueError:
+            raise PortalError("limit: a whole number") from None
+        self.send(await self.portal.admin_audit(user=self.get_query_argument("user", None),
+                                                search=self.get_query_argument("q", None),
+                                                limit=limit))
+
+
+class AdminPushKeysHandler(AdminHandler):
+    async def post(self):
+        user = self.body().get("user")
+        if user is not None and not isinstance(user, str):
+            raise PortalError('send {"user": NAME}, or nothing for every user')
+        self.send(await self.portal.push_keys(user, actor=self.actor, source=self.source))
 
 
 class CLIHandler(web.RequestHandler):
@@ -297,6 +342,10 @@ def make_app(portal: Portal, prefix: str, hub_auth: HubOAuth) -> web.Application
         (api + f"containers/{SERVER}/forwards", ForwardsHandler),
         (api + f"containers/{SERVER}/forwards/([^/]+)", ForwardHandler),
         (api + "ssh-config", SSHConfigHandler),
+        (api + "admin/users", AdminUsersHandler),
+        (api + "admin/containers", AdminContainersHandler),
+        (api + "admin/audit", AdminAuditHandler),
+        (api + "admin/push-keys", AdminPushKeysHandler),
         (prefix, pages.HomeHandler),
         (prefix + "keys/add", pages.KeyAddPage),
         (prefix + "keys/remove", pages.KeyRemovePage),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
 import logging
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -345,6 +346,72 @@ class Portal:
             "server": server, "host_port": rec.host_port, "container_port": rec.container_port},
             source=source)
         return {"forward": _forward_json(rec), "servers": _results(results)}
+
+    # ------------------------------------------------------------ admin
+
+    async def admin_users(self) -> list[dict]:
+        users = await self._store(self.store.list_users)
+        out = []
+        for u in users:
+            keys = await self._store(self.store.list_keys, u.name)
+            out.append({"name": u.name, "login": naming.posix_name(u.name),
+                        "ssh_port": u.ssh_port, "keys": len(keys),
+                        "suspended": u.suspended.isoformat() if u.suspended else None,
+                        "created": u.created.isoformat(timespec="seconds")})
+        return out
+
+    async def admin_containers(self) -> list[dict]:
+        """Every lxcgpu container on every GPU server (owner, state), and the
+        servers that did not answer."""
+        owner_key = f"{naming.KEY_PREFIX}owner"
+
+        async def one(g) -> list[dict]:
+            try:
+                items = await self.fleet.lxd(g.name).list_instances(config_key=owner_key,
+                                                                    with_state=True)
+            except LXDError as e:
+                return [{"server": g.name, "name": None, "owner": None,
+                         "state": "unreachable", "detail": _refusal(e).args[0]}]
+            return [{"server": g.name, "name": i["name"],
+                     "owner": (i.get("config") or {}).get(owner_key),
+                     "state": str(((i.get("state") or {}).get("status") or i.get("status")
+                                   or "")).lower()} for i in items]
+        rows = await asyncio.gather(*(one(g) for g in self.settings.servers))
+        return [r for server_rows in rows for r in server_rows]
+
+    async def admin_audit(self, *, user: str | None, search: str | None,
+                          limit: int) -> list[dict]:
+        if not 1 <= limit <= 5000:
+            raise PortalError("limit: 1 to 5000 entries")
+        records = await self._store(self.store.audit_log, user=user or None,
+                                    limit=limit if not search else 5000)
+        out = []
+        for a in records:
+            row = {"time": a.time.isoformat(timespec="seconds"), "actor": a.actor,
+                   "action": a.action, "target": a.target, "ok": a.ok,
+                   "detail": json.loads(a.detail) if a.detail else None}
+            if search and search.lower() not in json.dumps(row).lower():
+                continue
+            out.append(row)
+            if len(out) >= limit:
+                break
+        return out
+
+    async def push_keys(self, user: str | None, *, actor: str,
+                        source: str | None = None) -> dict:
+        """Write the store's keys and port maps into the containers of
+        ``user`` (every user if None) on every server."""
+        names = [user] if user else [u.name for u in await self._store(self.store.list_users)]
+        out = {}
+        for name in names:
+            await self._store(self.store.user, name)        # 404 for an unknown user
+            out[name] = _results(await self.fleet.sync_user(name))
+        await self.audit(actor, "admin.push-keys", user or "*",
+                         {"users": len(names), "failed": sorted(
+                             n for n, rs in out.items() if any(
+                                 r["status"] in ("failed", "unreachable") for r in rs))},
+                         source=source)
+        return {"users": out}
 
     # ------------------------------------------------------------ ssh config
 

@@ -238,3 +238,35 @@ def test_stop_and_start(hub, clients, alice_container, lxd):
     assert ours | {"key.add", "key.remove", "forward.add", "forward.remove"} <= {
         a.action for a in audit}
     assert all(json.loads(a.detail).get("source") for a in audit if a.action in ours)
+
+
+def test_admin_endpoints(hub, clients, alice_container, ldap_directory):
+    # carol is in the directory's admin group: her login makes her a hub
+    # admin, and her tokens carry the hub's admin scopes.
+    from tests.integration.test_hub_login import login
+    s, r = login(hub, "carol", ldap_directory.passwords["carol"])
+    assert r.status_code == 302, r.text
+    assert hub.api("get", "/users/carol").json()["admin"] is True
+    admin = Client(hub, make_token(hub, "carol"))
+    for path in ("admin/users", "admin/containers", "admin/audit"):
+        r = clients[ALICE]("get", path)
+        assert r.status_code == 403 and "custom:keyportal:admin" in r.json()["message"]
+    r = clients[ALICE]("post", "admin/push-keys", json={})
+    assert r.status_code == 403
+
+    users = {u["name"]: u for u in admin("get", "admin/users").json()}
+    assert users[ALICE]["ssh_port"] > 0 and users[ALICE]["login"] == "alice"
+    rows = admin("get", "admin/containers").json()
+    assert {"server": SERVER, "name": alice_container, "owner": ALICE, "state": "running"} in rows
+    audit = admin("get", "admin/audit?user=alice&q=snapshot&limit=20").json()
+    assert audit and all(a["target"] == ALICE and "snapshot" in json.dumps(a).lower()
+                         for a in audit)
+    r = admin("get", "admin/audit?limit=lots")
+    assert r.status_code == 400
+    r = admin("post", "admin/push-keys", json={"user": ALICE})
+    assert r.status_code == 200, r.text
+    assert r.json()["users"][ALICE] == [
+        {"server": SERVER, "status": "done", "detail": f"keys and port maps updated in "
+                                                       f"{alice_container}"}]
+    r = admin("post", "admin/push-keys", json={"user": "nobody-at-all"})
+    assert r.status_code == 404, r.text
