@@ -34,7 +34,7 @@ from tornado import httpserver, ioloop, web
 
 from lxcspawner.settings import Settings
 
-from . import pages
+from . import openapi, pages
 from .portal import Portal, PortalError
 
 log = logging.getLogger("keyportal")
@@ -236,17 +236,6 @@ class SSHConfigHandler(APIHandler):
         self.finish(text)
 
 
-API_PATHS = [
-    "GET me", "GET servers", "GET keys", "POST keys", "DELETE keys/{fingerprint}",
-    "GET containers", "POST containers/{server}", "POST containers/{server}/start",
-    "POST containers/{server}/stop", "GET containers/{server}/snapshots",
-    "POST containers/{server}/snapshots", "POST containers/{server}/snapshots/{name}/restore",
-    "DELETE containers/{server}/snapshots/{name}", "GET containers/{server}/forwards",
-    "POST containers/{server}/forwards", "DELETE containers/{server}/forwards/{port}",
-    "GET ssh-config",
-    "GET admin/users", "GET admin/containers", "GET admin/audit?user=&q=&limit=",
-    "POST admin/push-keys",
-]
 
 
 class IndexHandler(web.RequestHandler):
@@ -256,7 +245,8 @@ class IndexHandler(web.RequestHandler):
         self.set_header("Content-Type", "application/json; charset=utf-8")
         self.finish(json.dumps({
             "service": SERVICE, "api": f"{self.settings['prefix']}api/v1/",
-            "paths": API_PATHS,
+            "paths": openapi.listing(),
+            "openapi": f"{self.settings['prefix']}api/v1/openapi.json",
             "auth": "a JupyterHub token in the Authorization header (token ...), "
                     f"with {USE_SCOPE}; see docs/user.md",
             "client": f"{self.settings['prefix']}lxcgpu"}, indent=1))
@@ -305,6 +295,12 @@ class AdminPushKeysHandler(AdminHandler):
         self.send(await self.portal.push_keys(user, actor=self.actor, source=self.source))
 
 
+class OpenAPIHandler(web.RequestHandler):
+    def get(self):
+        self.set_header("Content-Type", "application/json; charset=utf-8")
+        self.finish(json.dumps(openapi.document(self.settings["prefix"]), indent=1))
+
+
 class CLIHandler(web.RequestHandler):
     """The ``lxcgpu`` client itself (one file, standard library only), for
     anyone: ``curl -fsSLo ~/.local/bin/lxcgpu https://HUB/services/keyportal/lxcgpu``."""
@@ -323,37 +319,46 @@ class NotFoundHandler(APIHandler):
         raise PortalError("no such keyportal API path (see api/v1/ and docs/user.md)", 404)
 
 
-SERVER = r"([a-z][a-z0-9-]{0,62})"
+SERVER = r"(?P<server>[a-z][a-z0-9-]{0,62})"
+
+
+def api_routes() -> list[tuple[str, type]]:
+    """The API's routes below ``api/v1/``, named groups as the handlers'
+    arguments (and as keyportal.openapi's path parameters)."""
+    c = f"containers/{SERVER}"
+    return [
+        ("me", MeHandler),
+        ("servers", ServersHandler),
+        ("keys", KeysHandler),
+        (r"keys/(?P<fingerprint>.+)", KeyHandler),
+        ("containers", ContainersHandler),
+        (c, ContainerHandler),
+        (f"{c}/(?P<action>start|stop)", ContainerActionHandler),
+        (f"{c}/snapshots", SnapshotsHandler),
+        (f"{c}/snapshots/(?P<name>[^/]+)/restore", RestoreHandler),
+        (f"{c}/snapshots/(?P<name>[^/]+)", SnapshotHandler),
+        (f"{c}/forwards", ForwardsHandler),
+        (f"{c}/forwards/(?P<port>[^/]+)", ForwardHandler),
+        ("ssh-config", SSHConfigHandler),
+        ("admin/users", AdminUsersHandler),
+        ("admin/containers", AdminContainersHandler),
+        ("admin/audit", AdminAuditHandler),
+        ("admin/push-keys", AdminPushKeysHandler),
+    ]
 
 
 def make_app(portal: Portal, prefix: str, hub_auth: HubOAuth) -> web.Application:
     api = prefix + "api/v1/"
-    routes = [
-        (api + "me", MeHandler),
-        (api + "servers", ServersHandler),
-        (api + "keys", KeysHandler),
-        (api + r"keys/(.+)", KeyHandler),
-        (api + "containers", ContainersHandler),
-        (api + f"containers/{SERVER}", ContainerHandler),
-        (api + f"containers/{SERVER}/(start|stop)", ContainerActionHandler),
-        (api + f"containers/{SERVER}/snapshots", SnapshotsHandler),
-        (api + f"containers/{SERVER}/snapshots/([^/]+)/restore", RestoreHandler),
-        (api + f"containers/{SERVER}/snapshots/([^/]+)", SnapshotHandler),
-        (api + f"containers/{SERVER}/forwards", ForwardsHandler),
-        (api + f"containers/{SERVER}/forwards/([^/]+)", ForwardHandler),
-        (api + "ssh-config", SSHConfigHandler),
-        (api + "admin/users", AdminUsersHandler),
-        (api + "admin/containers", AdminContainersHandler),
-        (api + "admin/audit", AdminAuditHandler),
-        (api + "admin/push-keys", AdminPushKeysHandler),
+    routes = [(api + pattern, handler) for pattern, handler in api_routes()] + [
         (prefix, pages.HomeHandler),
         (prefix + "keys/add", pages.KeyAddPage),
         (prefix + "keys/remove", pages.KeyRemovePage),
-        (prefix + f"containers/{SERVER}/(start|stop|snapshot|restore|delete-snapshot|forward"
-                  "|unforward)", pages.ContainerPage),
+        (prefix + f"containers/{SERVER}/(?P<action>start|stop|snapshot|restore|delete-snapshot"
+                  "|forward|unforward)", pages.ContainerPage),
         (prefix + "ssh-config", pages.SSHConfigPage),
         (prefix + "lxcgpu", CLIHandler),
         (api, IndexHandler),
+        (api + "openapi.json", OpenAPIHandler),
         (prefix + "oauth_callback", HubOAuthCallbackHandler),
         (api + ".*", NotFoundHandler),
     ]

@@ -270,3 +270,12 @@ def test_admin_endpoints(hub, clients, alice_container, ldap_directory):
                                                        f"{alice_container}"}]
     r = admin("post", "admin/push-keys", json={"user": "nobody-at-all"})
     assert r.status_code == 404, r.text
+
+
+def test_the_openapi_description_is_served(hub):
+    with hub.session() as s:
+        r = s.get(f"{hub.url}/services/keyportal/api/v1/openapi.json", timeout=30)
+    assert r.status_code == 200
+    doc = r.json()
+    assert doc["servers"] == [{"url": "/services/keyportal/api/v1"}]
+    assert "/containers/{server}/snapshots/{name}/restore" in doc["paths"]
