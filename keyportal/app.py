@@ -182,6 +182,12 @@ class ContainerActionHandler(APIHandler):
                                               source=self.source))
 
 
+class ExportHandler(APIHandler):
+    async def post(self, server: str):
+        self.send(await self.portal.export(self.user, server, actor=self.actor,
+                                           source=self.source), 201)
+
+
 class SnapshotsHandler(APIHandler):
     async def get(self, server: str):
         self.send(await self.portal.snapshots(self.user, server))
@@ -334,6 +340,7 @@ def api_routes() -> list[tuple[str, type]]:
         ("containers", ContainersHandler),
         (c, ContainerHandler),
         (f"{c}/(?P<action>start|stop)", ContainerActionHandler),
+        (f"{c}/export", ExportHandler),
         (f"{c}/snapshots", SnapshotsHandler),
         (f"{c}/snapshots/(?P<name>[^/]+)/restore", RestoreHandler),
         (f"{c}/snapshots/(?P<name>[^/]+)", SnapshotHandler),
@@ -354,7 +361,7 @@ def make_app(portal: Portal, prefix: str, hub_auth: HubOAuth) -> web.Application
         (prefix + "keys/add", pages.KeyAddPage),
         (prefix + "keys/remove", pages.KeyRemovePage),
         (prefix + f"containers/{SERVER}/(?P<action>start|stop|snapshot|restore|delete-snapshot"
-                  "|forward|unforward)", pages.ContainerPage),
+                  "|export|forward|unforward)", pages.ContainerPage),
         (prefix + "ssh-config", pages.SSHConfigPage),
         (prefix + "lxcgpu", CLIHandler),
         (api, IndexHandler),

@@ -14,6 +14,7 @@ Then::
     lxcgpu start gpu17 / lxcgpu stop gpu17
     lxcgpu snapshot gpu17 [NAME] / lxcgpu snapshots gpu17
     lxcgpu restore gpu17 NAME / lxcgpu delete-snapshot gpu17 NAME
+    lxcgpu export gpu17
     lxcgpu forward gpu17 6006 / lxcgpu forwards gpu17 / lxcgpu unforward gpu17 6006
     lxcgpu keys / lxcgpu keys add ~/.ssh/id_ed25519.pub / lxcgpu keys remove SHA256:...
     lxcgpu ssh-config >> ~/.ssh/config
@@ -208,6 +209,13 @@ def cmd_delete_snapshot(args, p: Portal) -> Any:
     return r, f"snapshot {args.name} deleted"
 
 
+def cmd_export(args, p: Portal) -> Any:
+    print(f"exporting your container on {args.server} (minutes for a large one) ...",
+          file=sys.stderr)
+    r = p.call("POST", f"containers/{q(args.server)}/export")
+    return r, f"exported to {r['file']} ({_size(r['bytes'])}) on the lab's export folder"
+
+
 def cmd_forward(args, p: Portal) -> Any:
     r = p.call("POST", f"containers/{q(args.server)}/forwards", {"port": args.port})
     f = r["forward"]
@@ -296,6 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
          server=True).add_argument("name", metavar="NAME")
     leaf("delete-snapshot", cmd_delete_snapshot, "delete a snapshot",
          server=True).add_argument("name", metavar="NAME")
+    leaf("export", cmd_export, "an LXD backup of your container to the lab's export "
+         "folder", server=True)
     leaf("forward", cmd_forward, "expose a port of your container on the server",
          server=True).add_argument("port", type=int, metavar="PORT")
     leaf("forwards", cmd_forwards, "your forwards on a server", server=True)

@@ -54,6 +54,9 @@ PATHS: dict[str, dict[str, dict]] = {
                                          params=[SERVER], ok=201)},
     "/containers/{server}/start": {"post": _op("start it", params=[SERVER])},
     "/containers/{server}/stop": {"post": _op("stop it", params=[SERVER])},
+    "/containers/{server}/export": {"post": _op(
+        "write an LXD backup of your container (snapshots included) to the site's export "
+        "folder", params=[SERVER], ok=201)},
     "/containers/{server}/snapshots": {
         "get": _op("its snapshots", params=[SERVER]),
         "post": _op("take a snapshot (no name: a time stamp)", params=[SERVER],

@@ -92,7 +92,8 @@ class HomeHandler(PageHandler):
                     c["detail"] = str(e)
             c["forwards"] = await self.portal.forwards(self.user, c["server"])
         self.render_page("home.html", me=me, keys=keys, containers=containers,
-                         snapshot_limit=self.portal.snapshot_limit)
+                         snapshot_limit=self.portal.snapshot_limit,
+                         export_on=bool(self.portal.settings.export_dir))
 
 
 class KeyAddPage(PageHandler):
@@ -148,6 +149,9 @@ class ContainerPage(PageHandler):
         elif action == "delete-snapshot":
             name = arg("name", "")
             await self.act(p.delete_snapshot(u, server, name, **who), f"snapshot {name} deleted")
+        elif action == "export":
+            await self.act(p.export(u, server, **who),
+                           lambda r: f"exported to {r['file']} ({r['bytes'] // 2**20} MiB)")
         elif action == "forward":
             await self.act(p.add_forward(u, server, arg("port", ""), **who),
                            lambda r: f"{server}:{r['forward']['host_port']} now reaches port "

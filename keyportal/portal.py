@@ -15,6 +15,7 @@ import datetime as dt
 import json
 import logging
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from lxcspawner import lifecycle, naming
@@ -318,6 +319,36 @@ class Portal:
         await self.audit(actor, "snapshot.delete", user, {"server": server,
                                                           "snapshot": snapshot}, source=source)
         return {"server": server, "name": snapshot, "deleted": True}
+
+    # ------------------------------------------------------------ export
+
+    async def export(self, user: str, server: str, *, actor: str,
+                     source: str | None = None) -> dict:
+        """An LXD backup of the user's container (snapshots included) in the
+        site's export folder: ``<export_dir>/<login>/<instance>-<UTC time>.tar.gz``,
+        importable on any LXD server with ``lxc import FILE``."""
+        if not self.settings.export_dir:
+            raise PortalError("exports are not set up on this site: ask an administrator "
+                              "([portal] export_dir)", 409)
+        server = self.server(server)
+        name = await self._owned(user, server)
+        folder = Path(self.settings.export_dir) / naming.posix_name(user)
+        stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+        dest = folder / f"{name}-{stamp}.tar.gz"
+        try:
+            await asyncio.to_thread(folder.mkdir, mode=0o700, parents=True, exist_ok=True)
+            size = await self.fleet.lxd(server).export_backup(name, dest)
+        except (LXDError, OSError) as e:
+            await self.audit(actor, "container.export", user, {
+                "server": server, "error": str(e)}, ok=False, source=source)
+            log.warning("export of %s failed: %s", name, e)
+            if isinstance(e, OSError):
+                raise PortalError("the export could not be written to the site's export "
+                                  "folder; an administrator has the details", 503) from None
+            raise _refusal(e) from None
+        await self.audit(actor, "container.export", user, {
+            "server": server, "file": str(dest), "bytes": size}, source=source)
+        return {"server": server, "name": name, "file": str(dest), "bytes": size}
 
     # ------------------------------------------------------------ forwards
 

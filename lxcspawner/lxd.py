@@ -599,6 +599,39 @@ class LXD:
             "delete", f"/1.0/instances/{name}/snapshots/{snapshot}", timeout=timeout),
             what=f"delete snapshot {name}/{snapshot}", timeout=timeout + 30, retry=False)
 
+    async def export_backup(self, name: str, dest, *, timeout: float = 3600) -> int:
+        """An LXD backup of the instance (with its snapshots) written to
+        ``dest`` (a path; written as ``dest.part`` and renamed, 0600); the
+        backup is removed from LXD afterwards.  Its size in bytes."""
+        backup = f"lxcgpu-export-{int(time.time())}"
+
+        def export() -> int:
+            self._async_request("post", f"/1.0/instances/{name}/backups", timeout=timeout,
+                                json={"name": backup, "instance_only": False,
+                                      "optimized_storage": False,
+                                      "compression_algorithm": "gzip"})
+            part = f"{dest}.part"
+            size = 0
+            try:
+                resp = self._request("get", f"/1.0/instances/{name}/backups/{backup}/export",
+                                     raw=True, stream=True, timeout=timeout)
+                fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+                with os.fdopen(fd, "wb") as f, contextlib.closing(resp):
+                    for chunk in resp.iter_content(1 << 20):
+                        f.write(chunk)
+                        size += len(chunk)
+                os.replace(part, dest)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(part)
+                raise
+            finally:
+                with contextlib.suppress(LXDError):
+                    self._async_request("delete", f"/1.0/instances/{name}/backups/{backup}",
+                                        timeout=120)
+            return size
+        return await self.run(export, what=f"export {name}", timeout=timeout + 60, retry=False)
+
     def _set_state(self, name: str, action: str, *, force: bool, timeout: float) -> None:
         status = self._request("get", f"/1.0/instances/{name}/state").json()["metadata"]["status"]
         if (action == "start" and status == "Running") or (action == "stop" and status == "Stopped"):

@@ -156,6 +156,9 @@ class Settings:
     hub_address: str | None = None
     # keyportal: snapshots a user may keep of each container.
     snapshot_limit: int = 10
+    # keyportal: where users' exports (LXD backups) are written, e.g. the
+    # lab's NAS; None: exports are off.
+    export_dir: str | None = None
     source: str | None = field(default=None, compare=False)  # the file, for messages
 
     def __post_init__(self):
@@ -175,6 +178,9 @@ class Settings:
             raise ValueError("forward_limit must be a whole number >= 0")
         if not _is_int(self.snapshot_limit) or self.snapshot_limit < 0:
             raise ValueError("[portal] snapshot_limit must be a whole number >= 0")
+        if self.export_dir is not None and not (isinstance(self.export_dir, str)
+                                                and self.export_dir.startswith("/")):
+            raise ValueError(f"[portal] export_dir {self.export_dir!r}: an absolute path")
         self._settle_servers()
         if self.instance_prefix and not naming.is_kept(self.instance_prefix, 16):
             raise ValueError(f"instance prefix {self.instance_prefix!r}: up to 16 lowercase "
@@ -439,5 +445,5 @@ _SCHEMA: dict[str, dict[str, tuple[str, Any]]] = {
                    "mounts": ("mounts", _mounts)},
     "network": {"port_isolation": ("port_isolation", _bool)},
     "hub": {"url": ("hub_url", _str), "address": ("hub_address", _str)},
-    "portal": {"snapshot_limit": ("snapshot_limit", _int)},
+    "portal": {"snapshot_limit": ("snapshot_limit", _int), "export_dir": ("export_dir", _str)},
 }

@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import stat
+import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -279,3 +282,28 @@ def test_the_openapi_description_is_served(hub):
     doc = r.json()
     assert doc["servers"] == [{"url": "/services/keyportal/api/v1"}]
     assert "/containers/{server}/snapshots/{name}/restore" in doc["paths"]
+
+
+def test_export_lands_in_the_folder_and_imports_again(hub, clients, alice_container, lxd):
+    r = clients[ALICE]("post", "containers/nowhere/export")
+    assert r.status_code == 404
+    r = clients[ALICE]("post", f"containers/{SERVER}/export")
+    assert r.status_code == 201, r.text
+    out = r.json()
+    path = Path(out["file"])
+    exports = Path(Settings.load(hub.env["LXCGPU_CONFIG"]).export_dir)
+    assert path.parent == exports / "alice" and path.name.startswith(alice_container)
+    assert path.stat().st_size == out["bytes"] > 1_000_000
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert not list(exports.rglob("*.part"))
+    # LXD's own import brings it back (under another name here; not started).
+    copy = f"{hub.run_tag}-imported"
+    p = subprocess.run(["lxc", "import", str(path), copy], capture_output=True, text=True,
+                       timeout=900)
+    try:
+        assert p.returncode == 0, p.stderr
+        inst = asyncio.run(lxd.instance(copy))
+        assert inst["config"]["user.lxcgpu.owner"] == ALICE
+    finally:
+        subprocess.run(["lxc", "delete", "--force", copy], capture_output=True, timeout=300)
+        path.unlink(missing_ok=True)
