@@ -35,14 +35,13 @@ from tornado import httpserver, ioloop, web
 from lxcspawner.settings import Settings
 
 from . import openapi, pages
-from .portal import Portal, PortalError
+from .portal import MAX_BODY, Portal, PortalError
 
 log = logging.getLogger("keyportal")
 
 SERVICE = "keyportal"
 USE_SCOPE = "custom:keyportal:use"
 ADMIN_SCOPE = "custom:keyportal:admin"
-MAX_BODY = 64 * 1024   # a request body; keys and names are small
 
 
 class APIHandler(HubOAuthenticated, web.RequestHandler):
@@ -393,7 +392,9 @@ def main(argv=None) -> int:
     hub_auth = HubOAuth(cache_max_age=60, allow_token_in_url=False)
     app = make_app(portal, prefix, hub_auth)
     parts = urlsplit(url)
-    server = httpserver.HTTPServer(app, xheaders=True)
+    # Bodies past MAX_BODY get a sentence (prepare); far larger ones are cut
+    # off by tornado before they are buffered.
+    server = httpserver.HTTPServer(app, xheaders=True, max_body_size=4 << 20)
     server.listen(parts.port or 80, parts.hostname or "127.0.0.1")
     log.info("keyportal on %s (prefix %s), GPU servers %s, store %s", url, prefix,
              ", ".join(settings.server_names), settings.store_url.split("@")[-1])

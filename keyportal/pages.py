@@ -18,7 +18,7 @@ import jinja2
 from jupyterhub.services.auth import HubOAuthenticated
 from tornado import web
 
-from .portal import Portal, PortalError
+from .portal import MAX_BODY, Portal, PortalError
 
 log = logging.getLogger("keyportal")
 
@@ -34,6 +34,10 @@ class PageHandler(HubOAuthenticated, web.RequestHandler):
     @property
     def portal(self) -> Portal:
         return self.settings["portal"]
+
+    def prepare(self):
+        if len(self.request.body or b"") > MAX_BODY:
+            raise web.HTTPError(413, f"larger than {MAX_BODY // 1024} KiB")
 
     @property
     def prefix(self) -> str:

@@ -27,6 +27,9 @@ from lxcspawner.store import Exhausted, InvalidInput, NotFound, Store, StoreErro
 
 log = logging.getLogger("keyportal")
 
+#: The largest request body keyportal reads (keys and names are small).
+MAX_BODY = 64 * 1024
+
 class PortalError(Exception):
     """A refusal a user can read; ``status`` is the HTTP status it maps to."""
 
