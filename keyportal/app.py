@@ -32,10 +32,12 @@ from urllib.parse import unquote, urlsplit
 from jupyterhub.services.auth import HubOAuth, HubOAuthCallbackHandler, HubOAuthenticated
 from tornado import httpserver, ioloop, web
 
+from lxcspawner.lxd import LXDError
 from lxcspawner.settings import Settings
+from lxcspawner.store import StoreError
 
 from . import openapi, pages
-from .portal import MAX_BODY, Portal, PortalError
+from .portal import MAX_BODY, Portal, PortalError, _refusal
 
 log = logging.getLogger("keyportal")
 
@@ -108,6 +110,9 @@ class APIHandler(HubOAuthenticated, web.RequestHandler):
 
     def write_error(self, status_code: int, **kwargs):
         exc = (kwargs.get("exc_info") or (None, None, None))[1]
+        if isinstance(exc, (LXDError, StoreError, ValueError)) and not isinstance(
+                exc, PortalError):
+            exc = _refusal(exc)
         if isinstance(exc, PortalError):
             status_code, message = exc.status, str(exc)
         elif isinstance(exc, web.HTTPError):

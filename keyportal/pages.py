@@ -18,7 +18,10 @@ import jinja2
 from jupyterhub.services.auth import HubOAuthenticated
 from tornado import web
 
-from .portal import MAX_BODY, Portal, PortalError
+from lxcspawner.lxd import LXDError
+from lxcspawner.store import StoreError
+
+from .portal import MAX_BODY, Portal, PortalError, _refusal
 
 log = logging.getLogger("keyportal")
 
@@ -61,7 +64,8 @@ class PageHandler(HubOAuthenticated, web.RequestHandler):
     def done(self, message: str, ok: bool = True, results: list | None = None) -> None:
         self.set_signed_cookie(FLASH, json.dumps({"ok": ok, "message": message,
                                                   "results": results or []}),
-                               path=self.prefix, httponly=True, secure=True, samesite="Strict",
+                               path=self.prefix, httponly=True,
+                               secure=self.request.protocol == "https", samesite="Strict",
                                expires_days=None)
         self.redirect(self.prefix)
 
@@ -71,8 +75,8 @@ class PageHandler(HubOAuthenticated, web.RequestHandler):
     async def act(self, coro, ok_message) -> None:
         try:
             result = await coro
-        except PortalError as e:
-            self.done(str(e), ok=False)
+        except (PortalError, LXDError, StoreError, ValueError) as e:
+            self.done(str(_refusal(e)), ok=False)
             return
         self.done(ok_message(result) if callable(ok_message) else ok_message,
                   results=result.get("servers") if isinstance(result, dict) else None)
