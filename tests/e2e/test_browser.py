@@ -19,6 +19,7 @@ import pytest
 from playwright.async_api import expect
 
 from lxcspawner import naming
+from tests.fixtures.browser import log_in
 
 pytestmark = [pytest.mark.lxd, pytest.mark.ldap]
 
@@ -79,10 +80,7 @@ async def test_login_spawn_and_run_code_in_jupyterlab(hub, lxd, browser, artifac
     await page.add_init_script(RECORD_PROGRESS)
     try:
         # Log in on the hub's own form.
-        await page.goto(f"{hub.url}/hub/login")
-        await page.fill("#username_input", name)
-        await page.fill("#password_input", password)
-        await page.click("#login_submit")
+        await log_in(page, hub, name, password)
 
         # A new user goes straight to their spawn, which shows our real steps.
         await page.wait_for_url(f"**/hub/spawn-pending/{name}**", timeout=30_000)

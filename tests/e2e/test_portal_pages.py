@@ -16,6 +16,7 @@ import pytest
 from playwright.async_api import expect
 
 from lxcspawner import naming
+from tests.fixtures.browser import log_in
 from tests.fixtures.sshkeys import keypair
 
 pytestmark = [pytest.mark.lxd, pytest.mark.ldap]
@@ -40,10 +41,7 @@ async def test_keys_and_containers_page(hub, lxd, browser, artifacts, researcher
                                         ignore_https_errors=True)
     page = await context.new_page()
     try:
-        await page.goto(f"{hub.url}/hub/login")
-        await page.fill("#username_input", name)
-        await page.fill("#password_input", password)
-        await page.click("#login_submit")
+        await log_in(page, hub, name, password)
         # A new user's first login starts their server (and container).
         await page.wait_for_url(f"{hub.user_url(name)}lab**", timeout=180_000)
         # The hub's own navigation bar links to the portal.
