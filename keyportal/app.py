@@ -53,7 +53,7 @@ class APIHandler(HubOAuthenticated, web.RequestHandler):
     def portal(self) -> Portal:
         return self.settings["portal"]
 
-    def prepare(self):
+    async def prepare(self):
         if "token" in self.request.query_arguments:
             log.warning("refused a token in the URL of %s %s from %s", self.request.method,
                         self.request.path, self.request.remote_ip)
@@ -61,7 +61,8 @@ class APIHandler(HubOAuthenticated, web.RequestHandler):
                               "header (Authorization: token ...)", 400)
         if len(self.request.body or b"") > MAX_BODY:
             raise PortalError(f"the request is larger than {MAX_BODY // 1024} KiB", 413)
-        model = self.hub_auth.get_user(self)
+        # Off the event loop: the hub is asked (then cached a minute).
+        model = await self.hub_auth.get_user(self, sync=False)
         if not model:
             if self.request.method not in ("GET", "HEAD") and self.request.cookies:
                 raise PortalError("this change needs the page's XSRF token (or a JupyterHub "
@@ -72,10 +73,33 @@ class APIHandler(HubOAuthenticated, web.RequestHandler):
             raise PortalError("your token does not allow keyportal: make one on the hub's "
                               "token page with access to the keyportal service", 403)
         self.model = model
-        self.user = model["name"]
+        self.caller = model["name"]
+        # An administrator may act for a user: ?user=NAME (audited as the admin).
+        on_behalf = self.get_query_argument("user", None)
+        if on_behalf is not None and not self.request.path.startswith(self.api_admin):
+            if not self.is_admin():
+                raise PortalError("only administrators may act for another user (?user=)",
+                                  403)
+            if not on_behalf or len(on_behalf) > 255 or not on_behalf.isprintable():
+                raise PortalError("user: a hub user name")
+            await self.portal.existing_user(on_behalf)
+            self.user = on_behalf
+            return
+        self.user = self.caller
         if not self.may_use(self.user):
             raise PortalError(f"your token lacks the scope {USE_SCOPE}: make one on the hub's "
                               "token page with it (or with your own permissions)", 403)
+
+    @property
+    def api_admin(self) -> str:
+        return self.settings["prefix"] + "api/v1/admin/"
+
+    def is_admin(self) -> bool:
+        """custom:keyportal:admin, or a hub administrator's token (one that
+        carries admin:users; the hub's own admin role cannot be given more
+        scopes)."""
+        scopes = set(self.model.get("scopes") or ())
+        return ADMIN_SCOPE in scopes or "admin:users" in scopes
 
     def may_use(self, user: str) -> bool:
         scopes = set(self.model.get("scopes") or ())
@@ -84,8 +108,8 @@ class APIHandler(HubOAuthenticated, web.RequestHandler):
 
     @property
     def actor(self) -> str:
-        return self.user if self.model.get("kind", "user") == "user" \
-            else f"service:{self.user}"
+        return self.caller if self.model.get("kind", "user") == "user" \
+            else f"service:{self.caller}"
 
     @property
     def source(self) -> str:
@@ -263,15 +287,12 @@ class IndexHandler(web.RequestHandler):
 
 
 class AdminHandler(APIHandler):
-    """Admin endpoints: for a token with custom:keyportal:admin (a site may
-    grant it to a group through a role), or a hub administrator's token
-    (one that carries admin:users; the hub's own admin role cannot be
-    given more scopes)."""
+    """Admin endpoints (see APIHandler.is_admin); a site may grant
+    custom:keyportal:admin to a group through a role."""
 
-    def prepare(self):
-        super().prepare()
-        scopes = set(self.model.get("scopes") or ())
-        if ADMIN_SCOPE not in scopes and "admin:users" not in scopes:
+    async def prepare(self):
+        await super().prepare()
+        if not self.is_admin():
             raise PortalError(f"this needs the scope {ADMIN_SCOPE} or a hub administrator's "
                               "token", 403)
 

@@ -26,9 +26,12 @@ FINGERPRINT = {"name": "fingerprint", "in": "path", "required": True,
 
 def _op(summary: str, *, params=(), body: dict | None = None, ok: int = 200,
         admin: bool = False, text: bool = False) -> dict:
+    on_behalf = [] if admin else [{
+        "name": "user", "in": "query", "required": False, "schema": {"type": "string"},
+        "description": "administrators only: act for this user"}]
     op: dict[str, Any] = {
         "summary": summary,
-        "parameters": list(params),
+        "parameters": [*params, *on_behalf],
         "responses": {str(ok): {"description": "text", "content": {"text/plain": {}}}
                       if text else _JSON,
                       "400": _ERR, "401": _ERR, "403": _ERR, "404": _ERR, "409": _ERR,

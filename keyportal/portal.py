@@ -127,6 +127,11 @@ class Portal:
 
     # ------------------------------------------------------------ the user
 
+    async def existing_user(self, user: str) -> None:
+        """404 unless lxcgpu knows ``user`` (an admin acting for them)."""
+        if await self._store(self.store.get_user, user) is None:
+            raise PortalError(f"there is no lxcgpu user {user!r}", 404)
+
     async def me(self, user: str) -> dict:
         rec = await self._store(self.store.ensure_user, user, actor="keyportal")
         return {"name": rec.name, "login": naming.posix_name(rec.name), "ssh_port": rec.ssh_port,

@@ -274,6 +274,19 @@ def test_admin_endpoints(hub, clients, alice_container, ldap_directory):
     r = admin("post", "admin/push-keys", json={"user": "nobody-at-all"})
     assert r.status_code == 404, r.text
 
+    # An admin acts for a user with ?user= (audited as the admin); a user cannot.
+    r = clients[ALICE]("get", f"containers?user={BOB}")
+    assert r.status_code == 403 and "administrators" in r.json()["message"]
+    r = admin("get", "containers?user=nobody-at-all")
+    assert r.status_code == 404
+    r = admin("post", f"containers/{SERVER}/stop?user={ALICE}")
+    assert r.status_code == 200 and r.json()["name"] == alice_container, r.text
+    assert clients[ALICE]("get", "containers").json()[0]["state"] == "stopped"
+    r = admin("post", f"containers/{SERVER}/start?user={ALICE}")
+    assert r.status_code == 200, r.text
+    stops = admin("get", "admin/audit?user=alice&q=container.stop&limit=5").json()
+    assert stops[0]["actor"] == "carol" and stops[0]["target"] == ALICE
+
 
 def test_the_openapi_description_is_served(hub):
     with hub.session() as s:
