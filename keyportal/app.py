@@ -228,6 +228,17 @@ class SnapshotsHandler(APIHandler):
                                              source=self.source), 201)
 
 
+class ScheduleHandler(APIHandler):
+    async def get(self, server: str):
+        self.send(await self.portal.snapshot_schedule(self.user, server))
+
+    async def put(self, server: str):
+        body = self.body()
+        self.send(await self.portal.set_snapshot_schedule(
+            self.user, server, body.get("schedule", ""), body.get("keep"), actor=self.actor,
+            source=self.source))
+
+
 class SnapshotHandler(APIHandler):
     async def delete(self, server: str, name: str):
         self.send(await self.portal.delete_snapshot(self.user, server, unquote(name),
@@ -367,6 +378,7 @@ def api_routes() -> list[tuple[str, type]]:
         (f"{c}/(?P<action>start|stop)", ContainerActionHandler),
         (f"{c}/export", ExportHandler),
         (f"{c}/snapshots", SnapshotsHandler),
+        (f"{c}/snapshot-schedule", ScheduleHandler),
         (f"{c}/snapshots/(?P<name>[^/]+)/restore", RestoreHandler),
         (f"{c}/snapshots/(?P<name>[^/]+)", SnapshotHandler),
         (f"{c}/forwards", ForwardsHandler),

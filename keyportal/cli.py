@@ -14,6 +14,7 @@ Then::
     lxcgpu start gpu17 / lxcgpu stop gpu17
     lxcgpu snapshot gpu17 [NAME] / lxcgpu snapshots gpu17
     lxcgpu restore gpu17 NAME / lxcgpu delete-snapshot gpu17 NAME
+    lxcgpu schedule gpu17 @daily 7 / lxcgpu schedule gpu17 off
     lxcgpu export gpu17
     lxcgpu forward gpu17 6006 / lxcgpu forwards gpu17 / lxcgpu unforward gpu17 6006
     lxcgpu keys / lxcgpu keys add ~/.ssh/id_ed25519.pub / lxcgpu keys remove SHA256:...
@@ -209,6 +210,21 @@ def cmd_delete_snapshot(args, p: Portal) -> Any:
     return r, f"snapshot {args.name} deleted"
 
 
+def cmd_schedule(args, p: Portal) -> Any:
+    path = f"containers/{q(args.server)}/snapshot-schedule"
+    if args.when is None:
+        r = p.call("GET", path)
+    elif args.when == "off":
+        r = p.call("PUT", path, {"schedule": ""})
+    else:
+        if args.keep is None:
+            raise CLIError(f"how many to keep? lxcgpu schedule {args.server} {args.when} 7")
+        r = p.call("PUT", path, {"schedule": args.when, "keep": args.keep})
+    text = (f"{r['server']}: snapshots {r['schedule']}, the newest {r['keep']} kept "
+            "(named auto-...)" if r["schedule"] else f"{r['server']}: no scheduled snapshots")
+    return r, text
+
+
 def cmd_export(args, p: Portal) -> Any:
     print(f"exporting your container on {args.server} (minutes for a large one) ...",
           file=sys.stderr)
@@ -304,6 +320,10 @@ def build_parser() -> argparse.ArgumentParser:
          server=True).add_argument("name", metavar="NAME")
     leaf("delete-snapshot", cmd_delete_snapshot, "delete a snapshot",
          server=True).add_argument("name", metavar="NAME")
+    q_ = leaf("schedule", cmd_schedule, "scheduled snapshots: show, set (@hourly, @daily, "
+              "@weekly and how many to keep) or turn off", server=True)
+    q_.add_argument("when", nargs="?", choices=("@hourly", "@daily", "@weekly", "off"))
+    q_.add_argument("keep", nargs="?", type=int, metavar="KEEP")
     leaf("export", cmd_export, "an LXD backup of your container to the lab's export "
          "folder", server=True)
     leaf("forward", cmd_forward, "expose a port of your container on the server",

@@ -64,6 +64,13 @@ PATHS: dict[str, dict[str, dict]] = {
         "get": _op("its snapshots", params=[SERVER]),
         "post": _op("take a snapshot (no name: a time stamp)", params=[SERVER],
                     body={"name": {"type": "string"}}, ok=201)},
+    "/containers/{server}/snapshot-schedule": {
+        "get": _op("the container's snapshot schedule", params=[SERVER]),
+        "put": _op("snapshots taken by LXD @hourly, @daily or @weekly, the newest KEEP kept "
+                   "(schedule \"\": none)", params=[SERVER],
+                   body={"schedule": {"type": "string", "enum": ["", "@hourly", "@daily",
+                                                                 "@weekly"]},
+                         "keep": {"type": "integer", "minimum": 1}})},
     "/containers/{server}/snapshots/{name}/restore": {
         "post": _op("put the container back to a snapshot", params=[SERVER, NAME])},
     "/containers/{server}/snapshots/{name}": {

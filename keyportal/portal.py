@@ -30,6 +30,14 @@ log = logging.getLogger("keyportal")
 #: The largest request body keyportal reads (keys and names are small).
 MAX_BODY = 64 * 1024
 
+#: Scheduled snapshots: LXD's schedule -> the unit of snapshots.expiry for "keep N".
+SCHEDULES = {"@hourly": "H", "@daily": "d", "@weekly": "w"}
+AUTO_PREFIX = "auto-"
+#: The expiry of a snapshot made by hand: never (LXD's zero time would mean
+#: "the container's snapshots.expiry").
+KEEP_FOREVER = "2999-01-01T00:00:00Z"
+
+
 class PortalError(Exception):
     """A refusal a user can read; ``status`` is the HTTP status it maps to."""
 
@@ -263,17 +271,26 @@ class Portal:
             naming.check_snapshot_name(snapshot)
         except ValueError as e:
             raise PortalError(str(e)) from None
+        if snapshot.startswith(AUTO_PREFIX):
+            raise PortalError(f"names starting with {AUTO_PREFIX!r} are the scheduled "
+                              "snapshots': pick another")
         name = await self._owned(user, server)
         lxd = self.fleet.lxd(server)
-        existing = await lxd.snapshots(name)
+        try:
+            existing = await lxd.snapshots(name)
+        except LXDError as e:
+            raise _refusal(e) from None
         if any(s["name"] == snapshot for s in existing):
             raise PortalError(f"there is a snapshot called {snapshot} already", 409)
         limit = self.snapshot_limit
-        if len(existing) >= limit:
-            raise PortalError(f"you have {len(existing)} snapshots of this container, the most "
+        manual = [s for s in existing if not s["name"].startswith(AUTO_PREFIX)]
+        if len(manual) >= limit:
+            raise PortalError(f"you have {len(manual)} snapshots of this container, the most "
                               f"allowed ({limit}): delete one first", 409)
         try:
-            await lxd.create_snapshot(name, snapshot)
+            # Kept until deleted: LXD would otherwise give a snapshot made by
+            # hand the container's snapshots.expiry (the schedule's).
+            await lxd.create_snapshot(name, snapshot, expires_at=KEEP_FOREVER)
         except LXDError as e:
             await self.audit(actor, "snapshot.create", user, {
                 "server": server, "snapshot": snapshot, "error": str(e)}, ok=False, source=source)
@@ -285,6 +302,50 @@ class Portal:
     @property
     def snapshot_limit(self) -> int:
         return self.settings.snapshot_limit
+
+    async def snapshot_schedule(self, user: str, server: str) -> dict:
+        name = await self._owned(user, server)
+        try:
+            cfg = (await self.fleet.lxd(self.server(server)).instance(name) or {}).get(
+                "config") or {}
+        except LXDError as e:
+            raise _refusal(e) from None
+        schedule = cfg.get("snapshots.schedule", "")
+        expiry = cfg.get("snapshots.expiry", "")
+        keep = int(expiry[:-1]) if schedule in SCHEDULES and expiry[:-1].isdigit() else None
+        return {"server": self.server(server), "schedule": schedule, "keep": keep,
+                "limit": self.snapshot_limit}
+
+    async def set_snapshot_schedule(self, user: str, server: str, schedule: Any, keep: Any, *,
+                                    actor: str, source: str | None = None) -> dict:
+        """Scheduled snapshots by LXD (``snapshots.schedule``), each kept for
+        ``keep`` periods (``snapshots.expiry``), named ``auto-<time>``; an
+        empty schedule turns them off."""
+        if schedule not in ("", *SCHEDULES):
+            raise PortalError(f"schedule: one of {', '.join(SCHEDULES)}, or empty for none")
+        if schedule:
+            if not isinstance(keep, int) or isinstance(keep, bool) \
+                    or not 1 <= keep <= self.snapshot_limit:
+                raise PortalError(f"keep: how many scheduled snapshots to keep, 1 to "
+                                  f"{self.snapshot_limit}")
+            changes = {"snapshots.schedule": schedule,
+                       "snapshots.expiry": f"{keep}{SCHEDULES[schedule]}",
+                       "snapshots.pattern": AUTO_PREFIX + "{{ creation_date|date:'20060102-"
+                                                          "150405' }}",
+                       "snapshots.schedule.stopped": "false"}
+        else:
+            changes = {k: None for k in ("snapshots.schedule", "snapshots.expiry",
+                                         "snapshots.pattern", "snapshots.schedule.stopped")}
+        server = self.server(server)
+        name = await self._owned(user, server)
+        try:
+            await self.fleet.lxd(server).update_config(name, changes)
+        except LXDError as e:
+            raise _refusal(e) from None
+        await self.audit(actor, "snapshot.schedule", user, {
+            "server": server, "schedule": schedule, "keep": keep if schedule else None},
+            source=source)
+        return await self.snapshot_schedule(user, server)
 
     async def _existing_snapshot(self, user: str, server: str, snapshot: str) -> str:
         try:

@@ -581,9 +581,13 @@ class LXD:
                     for r in rows]
         return await self.run(get, what=f"snapshots of {name}")
 
-    async def create_snapshot(self, name: str, snapshot: str, timeout: float = 300) -> None:
+    async def create_snapshot(self, name: str, snapshot: str, timeout: float = 300, *,
+                              expires_at: str | None = None) -> None:
+        """``expires_at`` (RFC 3339): when LXD deletes it; None: the
+        instance's ``snapshots.expiry``, if it has one."""
+        body = {"name": snapshot, **({"expires_at": expires_at} if expires_at else {})}
         await self.run(lambda: self._async_request(
-            "post", f"/1.0/instances/{name}/snapshots", json={"name": snapshot},
+            "post", f"/1.0/instances/{name}/snapshots", json=body,
             timeout=timeout), what=f"snapshot {name}/{snapshot}", timeout=timeout + 30,
             retry=False)
 

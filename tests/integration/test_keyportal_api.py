@@ -320,3 +320,36 @@ def test_export_lands_in_the_folder_and_imports_again(hub, clients, alice_contai
     finally:
         subprocess.run(["lxc", "delete", "--force", copy], capture_output=True, timeout=300)
         path.unlink(missing_ok=True)
+
+
+def test_scheduled_snapshots_and_hand_made_ones_kept(clients, alice_container, lxd):
+    alice = clients[ALICE]
+    path = f"containers/{SERVER}/snapshot-schedule"
+    assert alice("get", path).json()["schedule"] == ""
+    for body, said in (({"schedule": "*/5 * * * *", "keep": 3}, "schedule: one of"),
+                       ({"schedule": "@daily", "keep": 99}, "keep:"),
+                       ({"schedule": "@daily"}, "keep:")):
+        r = alice("put", path, json=body)
+        assert r.status_code == 400 and said in r.json()["message"], r.text
+    r = alice("put", path, json={"schedule": "@daily", "keep": 3})
+    assert r.status_code == 200 and r.json()["keep"] == 3, r.text
+    cfg = asyncio.run(lxd.instance(alice_container))["config"]
+    assert (cfg["snapshots.schedule"], cfg["snapshots.expiry"]) == ("@daily", "3d")
+    assert cfg["snapshots.pattern"].startswith("auto-")
+    # A snapshot made by hand is not given the schedule's expiry.
+    r = alice("post", f"containers/{SERVER}/snapshots", json={"name": "by-hand"})
+    assert r.status_code == 201, r.text
+    try:
+        snap = [x for x in alice("get", f"containers/{SERVER}/snapshots").json()
+                if x["name"] == "by-hand"][0]
+        assert snap["expires_at"].startswith("2999-")
+        r = alice("post", f"containers/{SERVER}/snapshots", json={"name": "auto-mine"})
+        assert r.status_code == 400 and "scheduled" in r.json()["message"]
+        r = clients[BOB]("put", path + f"?user={ALICE}", json={"schedule": ""})
+        assert r.status_code == 403
+    finally:
+        alice("delete", f"containers/{SERVER}/snapshots/by-hand")
+        r = alice("put", path, json={"schedule": ""})
+    assert r.status_code == 200 and r.json()["schedule"] == ""
+    cfg = asyncio.run(lxd.instance(alice_container))["config"]
+    assert "snapshots.schedule" not in cfg and "snapshots.expiry" not in cfg

@@ -106,6 +106,13 @@ def test_login_status_snapshots_forwards_keys_and_ssh_config(hub, cli, tmp_path)
     finally:
         lxd.close()
 
+    rc, out, err = run(cli, "schedule", SERVER, "@daily", "2")
+    assert rc == 0 and "@daily, the newest 2 kept" in out, err
+    rc, out, err = run(cli, "schedule", SERVER, "@daily")
+    assert rc == 1 and "how many to keep" in err
+    rc, out, err = run(cli, "schedule", SERVER, "off")
+    assert rc == 0 and "no scheduled snapshots" in out, err
+
     rc, out, err = run(cli, "forward", SERVER, "6006")
     assert rc == 0 and "port 6006" in out, err
     rc, out, err = run(cli, "forwards", SERVER)
