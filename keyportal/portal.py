@@ -108,6 +108,28 @@ class Portal:
         await asyncio.to_thread(self.store.audit, actor, action, user,
                                 {**detail, **({"source": source} if source else {})}, ok=ok)
 
+    async def _step(self, actor: str, action: str, user: str, detail: dict, work, *,
+                    source: str | None):
+        """Run ``work`` (a coroutine) and audit it, failed or done; a failure
+        is the user's sentence (the log and the audit have LXD's)."""
+        try:
+            result = await work
+        except (LXDError, ContainerError, StoreError, OSError, ValueError) as e:
+            await self.audit(actor, action, user, {**detail, "error": str(e)}, ok=False,
+                             source=source)
+            log.warning("%s for %s (%s) failed: %s", action, user, detail, e)
+            if isinstance(e, TimeoutError):
+                raise PortalError("the GPU server did not finish in time; try again, or ask "
+                                  "an administrator", 504) from None
+            if isinstance(e, ConnectionError):
+                raise _refusal(LXDUnavailable(str(e))) from None
+            if isinstance(e, OSError):
+                raise PortalError("the file could not be written where the site keeps it; an "
+                                  "administrator has the details", 503) from None
+            raise _refusal(e) from None
+        await self.audit(actor, action, user, detail, source=source)
+        return result
+
     def server(self, name: str) -> str:
         try:
             return self.settings.gpu_server(name).name
@@ -224,15 +246,10 @@ class Portal:
     async def create(self, user: str, server: str, *, actor: str, source: str | None = None
                      ) -> dict:
         server = self.server(server)
-        try:
-            uc = await lifecycle.ensure_user_container(
-                self.fleet.lxd(server), self.store, self.settings, user, server, actor=actor)
-        except Exception as e:  # noqa: BLE001 - audited, then refused in a sentence
-            await self.audit(actor, "container.up", user, {"server": server, "error": str(e)},
-                             ok=False, source=source)
-            log.warning("create %s on %s: %s", user, server, e)
-            raise _refusal(e) from None
-        await self.audit(actor, "container.up", user, {"server": server}, source=source)
+        uc = await self._step(actor, "container.up", user, {"server": server},
+                              lifecycle.ensure_user_container(
+                                  self.fleet.lxd(server), self.store, self.settings, user,
+                                  server, actor=actor), source=source)
         return {"server": server, "name": uc.name, "address": uc.address,
                 "ssh_command": uc.ssh_command}
 
@@ -245,13 +262,8 @@ class Portal:
             # Start is "make it ready": keys and port maps as the store says.
             return await self.create(user, server, actor=actor, source=source)
         name = await self._owned(user, server)
-        try:
-            await self.fleet.lxd(server).stop(name, timeout=60)
-        except LXDError as e:
-            await self.audit(actor, "container.stop", user, {"server": server, "error": str(e)},
-                             ok=False, source=source)
-            raise _refusal(e) from None
-        await self.audit(actor, "container.stop", user, {"server": server}, source=source)
+        await self._step(actor, "container.stop", user, {"server": server},
+                         self.fleet.lxd(server).stop(name, timeout=60), source=source)
         return {"server": server, "name": name, "state": "stopped"}
 
     # ------------------------------------------------------------ snapshots
@@ -287,15 +299,10 @@ class Portal:
         if len(manual) >= limit:
             raise PortalError(f"you have {len(manual)} snapshots of this container, the most "
                               f"allowed ({limit}): delete one first", 409)
-        try:
-            # Kept until deleted: LXD would otherwise give a snapshot made by
-            # hand the container's snapshots.expiry (the schedule's).
-            await lxd.create_snapshot(name, snapshot, expires_at=KEEP_FOREVER)
-        except LXDError as e:
-            await self.audit(actor, "snapshot.create", user, {
-                "server": server, "snapshot": snapshot, "error": str(e)}, ok=False, source=source)
-            raise _refusal(e) from None
-        await self.audit(actor, "snapshot.create", user, {"server": server, "snapshot": snapshot},
+        # Kept until deleted: LXD would otherwise give a snapshot made by
+        # hand the container's snapshots.expiry (the schedule's).
+        await self._step(actor, "snapshot.create", user, {"server": server, "snapshot": snapshot},
+                         lxd.create_snapshot(name, snapshot, expires_at=KEEP_FOREVER),
                          source=source)
         return {"server": server, "name": snapshot}
 
@@ -338,13 +345,9 @@ class Portal:
                                          "snapshots.pattern", "snapshots.schedule.stopped")}
         server = self.server(server)
         name = await self._owned(user, server)
-        try:
-            await self.fleet.lxd(server).update_config(name, changes)
-        except LXDError as e:
-            raise _refusal(e) from None
-        await self.audit(actor, "snapshot.schedule", user, {
+        await self._step(actor, "snapshot.schedule", user, {
             "server": server, "schedule": schedule, "keep": keep if schedule else None},
-            source=source)
+            self.fleet.lxd(server).update_config(name, changes), source=source)
         return await self.snapshot_schedule(user, server)
 
     async def _existing_snapshot(self, user: str, server: str, snapshot: str) -> str:
@@ -364,29 +367,22 @@ class Portal:
         server = self.server(server)
         name = await self._existing_snapshot(user, server, snapshot)
         lxd = self.fleet.lxd(server)
-        try:
+
+        async def restore():
             await lxd.restore_snapshot(name, snapshot)
             # The snapshot may predate a key or forward change: the store wins.
             await lifecycle.sync_user_container(lxd, self.store, user, server,
                                                 prefix=self.settings.instance_prefix)
-        except LXDError as e:
-            await self.audit(actor, "snapshot.restore", user, {
-                "server": server, "snapshot": snapshot, "error": str(e)}, ok=False, source=source)
-            raise _refusal(e) from None
-        await self.audit(actor, "snapshot.restore", user, {"server": server,
-                                                           "snapshot": snapshot}, source=source)
+        await self._step(actor, "snapshot.restore", user,
+                         {"server": server, "snapshot": snapshot}, restore(), source=source)
         return {"server": server, "name": snapshot, "restored": True}
 
     async def delete_snapshot(self, user: str, server: str, snapshot: str, *, actor: str,
                               source: str | None = None) -> dict:
         server = self.server(server)
         name = await self._existing_snapshot(user, server, snapshot)
-        try:
-            await self.fleet.lxd(server).delete_snapshot(name, snapshot)
-        except LXDError as e:
-            raise _refusal(e) from None
-        await self.audit(actor, "snapshot.delete", user, {"server": server,
-                                                          "snapshot": snapshot}, source=source)
+        await self._step(actor, "snapshot.delete", user, {"server": server, "snapshot": snapshot},
+                         self.fleet.lxd(server).delete_snapshot(name, snapshot), source=source)
         return {"server": server, "name": snapshot, "deleted": True}
 
     # ------------------------------------------------------------ export
@@ -404,19 +400,12 @@ class Portal:
         folder = Path(self.settings.export_dir) / naming.posix_name(user)
         stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
         dest = folder / f"{name}-{stamp}.tar.gz"
-        try:
+
+        async def export() -> int:
             await asyncio.to_thread(folder.mkdir, mode=0o700, parents=True, exist_ok=True)
-            size = await self.fleet.lxd(server).export_backup(name, dest)
-        except (LXDError, OSError) as e:
-            await self.audit(actor, "container.export", user, {
-                "server": server, "error": str(e)}, ok=False, source=source)
-            log.warning("export of %s failed: %s", name, e)
-            if isinstance(e, OSError):
-                raise PortalError("the export could not be written to the site's export "
-                                  "folder; an administrator has the details", 503) from None
-            raise _refusal(e) from None
-        await self.audit(actor, "container.export", user, {
-            "server": server, "file": str(dest), "bytes": size}, source=source)
+            return await self.fleet.lxd(server).export_backup(name, dest)
+        size = await self._step(actor, "container.export", user,
+                                {"server": server, "file": str(dest)}, export(), source=source)
         return {"server": server, "name": name, "file": str(dest), "bytes": size}
 
     # ------------------------------------------------------------ forwards
