@@ -397,8 +397,8 @@ def make_app(portal: Portal, prefix: str, hub_auth: HubOAuth) -> web.Application
         (prefix, pages.HomeHandler),
         (prefix + "keys/add", pages.KeyAddPage),
         (prefix + "keys/remove", pages.KeyRemovePage),
-        (prefix + f"containers/{SERVER}/(?P<action>start|stop|snapshot|restore|delete-snapshot"
-                  "|export|forward|unforward)", pages.ContainerPage),
+        (prefix + f"containers/{SERVER}/(?P<action>start|stop|snapshot|schedule|restore"
+                  "|delete-snapshot|export|forward|unforward)", pages.ContainerPage),
         (prefix + "ssh-config", pages.SSHConfigPage),
         (prefix + "lxcgpu", CLIHandler),
         (api, IndexHandler),

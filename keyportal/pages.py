@@ -21,7 +21,7 @@ from tornado import web
 from lxcspawner.lxd import LXDError
 from lxcspawner.store import StoreError
 
-from .portal import MAX_BODY, Portal, PortalError, _refusal
+from .portal import AUTO_PREFIX, MAX_BODY, Portal, PortalError, _refusal
 
 log = logging.getLogger("keyportal")
 
@@ -93,11 +93,15 @@ class HomeHandler(PageHandler):
         containers = await self.portal.containers(self.user)
         for c in containers:
             c["snapshots"], c["forwards"] = [], []
+            c["schedule"] = {}
             if c["exists"]:
                 try:
                     c["snapshots"] = await self.portal.snapshots(self.user, c["server"])
-                except PortalError as e:
-                    c["detail"] = str(e)
+                    c["schedule"] = await self.portal.snapshot_schedule(self.user, c["server"])
+                    c["made_by_hand"] = sum(not x["name"].startswith(AUTO_PREFIX)
+                                            for x in c["snapshots"])
+                except (PortalError, LXDError) as e:
+                    c["detail"] = str(_refusal(e))
             c["forwards"] = await self.portal.forwards(self.user, c["server"])
         self.render_page("home.html", me=me, keys=keys, containers=containers,
                          snapshot_limit=self.portal.snapshot_limit,
@@ -157,6 +161,13 @@ class ContainerPage(PageHandler):
         elif action == "delete-snapshot":
             name = arg("name", "")
             await self.act(p.delete_snapshot(u, server, name, **who), f"snapshot {name} deleted")
+        elif action == "schedule":
+            keep = arg("keep", "").strip()
+            await self.act(p.set_snapshot_schedule(
+                u, server, arg("schedule", ""), int(keep) if keep.isdigit() else keep or None,
+                **who), lambda r: (f"automatic snapshots {r['schedule'][1:]}, the newest "
+                                   f"{r['keep']} kept" if r["schedule"]
+                                   else "no automatic snapshots"))
         elif action == "export":
             await self.act(p.export(u, server, **who),
                            lambda r: f"exported to {r['file']} ({r['bytes'] // 2**20} MiB)")

@@ -102,6 +102,19 @@ async def test_keys_and_containers_page(hub, lxd, browser, artifacts, researcher
         await expect(page.locator("#flash.alert-success")).to_contain_text("back at first",
                                                                          timeout=120_000)
         assert await lxd.get_file(instance, f"/home/{login}/data.txt") == b"original\n"
+        # Automatic snapshots: daily, the newest 3 kept; a bad "keep" is refused.
+        schedule = card.locator("form.schedule")
+        await schedule.locator("select").select_option("@daily")
+        await schedule.locator("input[name=keep]").fill("999")
+        await schedule.locator("button").click()
+        await expect(page.locator("#flash.alert-danger")).to_contain_text("keep:")
+        await schedule.locator("select").select_option("@daily")
+        await schedule.locator("input[name=keep]").fill("3")
+        await schedule.locator("button").click()
+        await expect(page.locator("#flash.alert-success")).to_contain_text(
+            "automatic snapshots daily, the newest 3 kept")
+        await expect(schedule.locator("select")).to_have_value("@daily")
+        assert (await lxd.instance(instance))["config"]["snapshots.schedule"] == "@daily"
         await page.screenshot(path=artifacts / "portal-containers.png", full_page=True)
     except BaseException:
         with contextlib.suppress(Exception):
