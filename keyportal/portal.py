@@ -141,6 +141,11 @@ class Portal:
 
     async def _owned(self, user: str, server: str) -> str:
         """The user's instance on ``server``; 404 if it does not exist."""
+        return (await self._owned_record(user, server))["name"]
+
+    async def _owned_record(self, user: str, server: str) -> dict:
+        """LXD's record of the user's instance on ``server`` (checked to be
+        theirs); 404 if it does not exist."""
         server = self.server(server)
         name = self.instance(user, server)
         try:
@@ -153,7 +158,7 @@ class Portal:
             check_owner(inst, user)
         except ContainerError as e:
             raise _refusal(e) from None
-        return name
+        return inst
 
     # ------------------------------------------------------------ the user
 
@@ -311,15 +316,13 @@ class Portal:
         return self.settings.snapshot_limit
 
     async def snapshot_schedule(self, user: str, server: str) -> dict:
-        name = await self._owned(user, server)
-        try:
-            cfg = (await self.fleet.lxd(self.server(server)).instance(name) or {}).get(
-                "config") or {}
-        except LXDError as e:
-            raise _refusal(e) from None
+        cfg = (await self._owned_record(user, server)).get("config") or {}
         schedule = cfg.get("snapshots.schedule", "")
         expiry = cfg.get("snapshots.expiry", "")
         keep = int(expiry[:-1]) if schedule in SCHEDULES and expiry[:-1].isdigit() else None
+        return self._schedule(server, schedule, keep)
+
+    def _schedule(self, server: str, schedule: str, keep: int | None) -> dict:
         return {"server": self.server(server), "schedule": schedule, "keep": keep,
                 "limit": self.snapshot_limit}
 
@@ -348,7 +351,7 @@ class Portal:
         await self._step(actor, "snapshot.schedule", user, {
             "server": server, "schedule": schedule, "keep": keep if schedule else None},
             self.fleet.lxd(server).update_config(name, changes), source=source)
-        return await self.snapshot_schedule(user, server)
+        return self._schedule(server, schedule, keep if schedule else None)
 
     async def _existing_snapshot(self, user: str, server: str, snapshot: str) -> str:
         try:
