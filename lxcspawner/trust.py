@@ -239,8 +239,7 @@ async def join(server, token: TrustToken) -> JoinResult:
             raise TrustError(f"{server.name} refused the token ({e}): it was used or "
                              "cancelled already; run setup/gpu-server there again for a new "
                              "one") from None
-        lxd.close()
-        lxd = server.open_lxd(timeout=30, retries=1)
+        # LXD decides trust per request, from the certificate: ask again.
         if (await lxd.server_info()).get("auth") != "trusted":
             raise TrustError(f"{server.name} accepted the token but does not trust this "
                              "hub's certificate; see its LXD log")
