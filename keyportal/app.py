@@ -210,6 +210,12 @@ class ContainerActionHandler(APIHandler):
                                               source=self.source))
 
 
+class RebuildHandler(APIHandler):
+    async def post(self, server: str):
+        self.send(await self.portal.rebuild(self.user, server, actor=self.actor,
+                                            source=self.source))
+
+
 class ExportHandler(APIHandler):
     async def post(self, server: str):
         self.send(await self.portal.export(self.user, server, actor=self.actor,
@@ -376,6 +382,7 @@ def api_routes() -> list[tuple[str, type]]:
         ("containers", ContainersHandler),
         (c, ContainerHandler),
         (f"{c}/(?P<action>start|stop)", ContainerActionHandler),
+        (f"{c}/rebuild", RebuildHandler),
         (f"{c}/export", ExportHandler),
         (f"{c}/snapshots", SnapshotsHandler),
         (f"{c}/snapshot-schedule", ScheduleHandler),
@@ -398,7 +405,7 @@ def make_app(portal: Portal, prefix: str, hub_auth: HubOAuth) -> web.Application
         (prefix + "keys/add", pages.KeyAddPage),
         (prefix + "keys/remove", pages.KeyRemovePage),
         (prefix + f"containers/{SERVER}/(?P<action>start|stop|snapshot|schedule|restore"
-                  "|delete-snapshot|export|forward|unforward)", pages.ContainerPage),
+                  "|delete-snapshot|rebuild|export|forward|unforward)", pages.ContainerPage),
         (prefix + "ssh-config", pages.SSHConfigPage),
         (prefix + "lxcgpu", CLIHandler),
         (api, IndexHandler),

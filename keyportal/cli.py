@@ -193,7 +193,8 @@ def cmd_snapshot(args, p: Portal) -> Any:
 def cmd_snapshots(args, p: Portal) -> Any:
     rows = p.call("GET", f"containers/{q(args.server)}/snapshots")
     return rows, table([[s["name"], s["created_at"][:19].replace("T", " "),
-                         _size(s.get("size"))] for s in rows], ["name", "made (UTC)", "size"])
+                         _size(s.get("size")), "yes" if s.get("home", True) else "no"]
+                        for s in rows], ["name", "made (UTC)", "size", "home"])
 
 
 def cmd_restore(args, p: Portal) -> Any:
@@ -201,7 +202,9 @@ def cmd_restore(args, p: Portal) -> Any:
                   "(everything changed since is lost)?")
     print("restoring ...", file=sys.stderr)
     r = p.call("POST", f"containers/{q(args.server)}/snapshots/{q(args.name)}/restore")
-    return r, f"your container on {args.server} is back at {args.name}"
+    return r, (f"your container on {args.server} is back at {args.name}"
+               + (" (the system only: your home was not part of that snapshot and is as it "
+                  "was)" if r.get("home") == "unchanged" else ""))
 
 
 def cmd_delete_snapshot(args, p: Portal) -> Any:
@@ -225,11 +228,27 @@ def cmd_schedule(args, p: Portal) -> Any:
     return r, text
 
 
+def cmd_rebuild(args, p: Portal) -> Any:
+    confirm(args, f"Rebuild your container on {args.server}: a fresh system from the lab's "
+                  "template? Your home, address, SSH port, keys and forwards stay; installed "
+                  "packages, /usr/local, /etc and the container's snapshots are replaced, and "
+                  "running programs stop.")
+    print("rebuilding (a minute; longer the first time, when your home is copied into a "
+          "volume of its own) ...", file=sys.stderr)
+    r = p.call("POST", f"containers/{q(args.server)}/rebuild")
+    gone = r["snapshots_removed"]
+    return r, (f"{r['name']} has a new system and runs at {r['address']}: {r['ssh_command']}"
+               + (f"\n{len(gone)} snapshots of the old system went with it: {', '.join(gone)}"
+                  if gone else ""))
+
+
 def cmd_export(args, p: Portal) -> Any:
     print(f"exporting your container on {args.server} (minutes for a large one) ...",
           file=sys.stderr)
     r = p.call("POST", f"containers/{q(args.server)}/export")
-    return r, f"exported to {r['file']} ({_size(r['bytes'])}) on the lab's export folder"
+    return r, (f"exported to {r['file']} ({_size(r['bytes'])}) on the lab's export folder"
+               + (f"\nyour home to {r['home_file']} ({_size(r['home_bytes'])})"
+                  if r.get("home_file") else ""))
 
 
 def cmd_forward(args, p: Portal) -> Any:
@@ -324,6 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
               "@weekly and how many to keep) or turn off", server=True)
     q_.add_argument("when", nargs="?", choices=("@hourly", "@daily", "@weekly", "off"))
     q_.add_argument("keep", nargs="?", type=int, metavar="KEEP")
+    leaf("rebuild", cmd_rebuild, "a fresh system from the lab's template; your home stays",
+         server=True)
     leaf("export", cmd_export, "an LXD backup of your container to the lab's export "
          "folder", server=True)
     leaf("forward", cmd_forward, "expose a port of your container on the server",

@@ -57,9 +57,13 @@ PATHS: dict[str, dict[str, dict]] = {
                                          params=[SERVER], ok=201)},
     "/containers/{server}/start": {"post": _op("start it", params=[SERVER])},
     "/containers/{server}/stop": {"post": _op("stop it", params=[SERVER])},
+    "/containers/{server}/rebuild": {"post": _op(
+        "a new system from the current template; your home (/home/<login>), address, SSH "
+        "port, forwards, keys and snapshot schedule stay; the old system's snapshots go",
+        params=[SERVER])},
     "/containers/{server}/export": {"post": _op(
-        "write an LXD backup of your container (snapshots included) to the site's export "
-        "folder", params=[SERVER], ok=201)},
+        "write an LXD backup of your container (snapshots included), and of its home volume "
+        "if it has one, to the site's export folder", params=[SERVER], ok=201)},
     "/containers/{server}/snapshots": {
         "get": _op("its snapshots", params=[SERVER]),
         "post": _op("take a snapshot (no name: a time stamp)", params=[SERVER],

@@ -143,7 +143,7 @@ class ContainerPage(PageHandler):
     async def post(self, server: str, action: str):
         who = {"actor": self.user, "source": self.request.remote_ip}
         arg = self.get_body_argument
-        destructive = action in ("stop", "restore", "delete-snapshot")
+        destructive = action in ("stop", "restore", "delete-snapshot", "rebuild")
         if destructive and not self.confirmed():
             self.done(f"tick the box to confirm: {action.replace('-', ' ')}", ok=False)
             return
@@ -168,9 +168,16 @@ class ContainerPage(PageHandler):
                 **who), lambda r: (f"automatic snapshots {r['schedule'][1:]}, the newest "
                                    f"{r['keep']} kept" if r["schedule"]
                                    else "no automatic snapshots"))
+        elif action == "rebuild":
+            await self.act(p.rebuild(u, server, **who), lambda r: (
+                f"your container on {server} has a new system; your home is as it was"
+                + (f" ({len(r['snapshots_removed'])} snapshots of the old system went with it)"
+                   if r["snapshots_removed"] else "")))
         elif action == "export":
-            await self.act(p.export(u, server, **who),
-                           lambda r: f"exported to {r['file']} ({r['bytes'] // 2**20} MiB)")
+            await self.act(p.export(u, server, **who), lambda r: (
+                f"exported to {r['file']} ({r['bytes'] // 2**20} MiB)"
+                + (f" and your home to {r['home_file']} ({r['home_bytes'] // 2**20} MiB)"
+                   if r["home_file"] else "")))
         elif action == "forward":
             await self.act(p.add_forward(u, server, arg("port", ""), **who),
                            lambda r: f"{server}:{r['forward']['host_port']} now reaches port "

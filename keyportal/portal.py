@@ -11,15 +11,17 @@ that is down is named and blocks no other.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import logging
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from lxcspawner import lifecycle, naming
-from lxcspawner.container import ContainerError, check_owner
+from lxcspawner.container import HOME_DEVICE, ContainerError, check_owner
 from lxcspawner.fleet import Fleet, ServerResult
 from lxcspawner.lxd import LXDError, LXDNotFound, LXDUnavailable, is_outage
 from lxcspawner.settings import Settings, SettingsError
@@ -81,6 +83,7 @@ class Container:
     address: str | None
     ssh_command: str
     detail: str = ""
+    home_volume: bool = False   # the home is a volume of its own (kept by a rebuild)
 
 
 class Portal:
@@ -241,7 +244,8 @@ class Portal:
                 check_owner(inst, user)
                 state = await lxd.state(name)
                 address = await asyncio.to_thread(self.store.address, user, g.name)
-                return Container(g.name, name, True, state.status, address, ssh)
+                return Container(g.name, name, True, state.status, address, ssh,
+                                 home_volume=_home(inst) is not None)
             except LXDError as e:
                 log.warning("containers of %s on %s: %s", user, g.name, e)
                 return Container(g.name, name, False, "unreachable", None, ssh,
@@ -274,11 +278,20 @@ class Portal:
     # ------------------------------------------------------------ snapshots
 
     async def snapshots(self, user: str, server: str) -> list[dict]:
-        name = await self._owned(user, server)
+        """The container's snapshots; ``home`` says whether each has the home
+        with it (a home in a volume of its own is snapshotted beside the
+        system under the same name)."""
+        inst = await self._owned_record(user, server)
+        lxd = self.fleet.lxd(self.server(server))
+        home = _home(inst)
         try:
-            return await self.fleet.lxd(self.server(server)).snapshots(name)
+            rows = await lxd.snapshots(inst["name"])
+            homes = (await lxd.snapshots(home["source"], pool=home["pool"])) if home else []
         except LXDError as e:
             raise _refusal(e) from None
+        for r in rows:
+            r["home"] = home is None or _paired(r, homes) is not None
+        return rows
 
     async def snapshot(self, user: str, server: str, snapshot: str | None, *, actor: str,
                        source: str | None = None) -> dict:
@@ -291,7 +304,8 @@ class Portal:
         if snapshot.startswith(AUTO_PREFIX):
             raise PortalError(f"names starting with {AUTO_PREFIX!r} are the scheduled "
                               "snapshots': pick another")
-        name = await self._owned(user, server)
+        inst = await self._owned_record(user, server)
+        name, home = inst["name"], _home(inst)
         lxd = self.fleet.lxd(server)
         try:
             existing = await lxd.snapshots(name)
@@ -306,9 +320,18 @@ class Portal:
                               f"allowed ({limit}): delete one first", 409)
         # Kept until deleted: LXD would otherwise give a snapshot made by
         # hand the container's snapshots.expiry (the schedule's).
+        async def create():
+            await lxd.create_snapshot(name, snapshot, expires_at=KEEP_FOREVER)
+            if home:
+                try:
+                    await lxd.create_snapshot(home["source"], snapshot, expires_at=KEEP_FOREVER,
+                                              pool=home["pool"])
+                except LXDError:
+                    with contextlib.suppress(LXDError):
+                        await lxd.delete_snapshot(name, snapshot)
+                    raise
         await self._step(actor, "snapshot.create", user, {"server": server, "snapshot": snapshot},
-                         lxd.create_snapshot(name, snapshot, expires_at=KEEP_FOREVER),
-                         source=source)
+                         create(), source=source)
         return {"server": server, "name": snapshot}
 
     @property
@@ -347,46 +370,108 @@ class Portal:
             changes = {k: None for k in ("snapshots.schedule", "snapshots.expiry",
                                          "snapshots.pattern", "snapshots.schedule.stopped")}
         server = self.server(server)
-        name = await self._owned(user, server)
+        inst = await self._owned_record(user, server)
+        home = _home(inst)
+        lxd = self.fleet.lxd(server)
+
+        async def apply():
+            await lxd.update_config(inst["name"], changes)
+            if home:    # the same schedule for the home (volumes have no .stopped)
+                await lxd.update_volume_config(home["pool"], home["source"], {
+                    k: v for k, v in changes.items() if k != "snapshots.schedule.stopped"})
         await self._step(actor, "snapshot.schedule", user, {
             "server": server, "schedule": schedule, "keep": keep if schedule else None},
-            self.fleet.lxd(server).update_config(name, changes), source=source)
+            apply(), source=source)
         return self._schedule(server, schedule, keep if schedule else None)
 
-    async def _existing_snapshot(self, user: str, server: str, snapshot: str) -> str:
+    async def _existing_snapshot(self, user: str, server: str, snapshot: str
+                                 ) -> tuple[dict, dict]:
+        """The owned instance's record and its snapshot called ``snapshot``."""
         try:
             naming.check_snapshot_name(snapshot)
         except ValueError as e:
             raise PortalError(str(e)) from None
-        name = await self._owned(user, server)
-        if not any(s["name"] == snapshot
-                   for s in await self.fleet.lxd(self.server(server)).snapshots(name)):
-            raise PortalError(f"there is no snapshot {snapshot} of your container on {server}",
-                              404)
-        return name
+        inst = await self._owned_record(user, server)
+        try:
+            rows = await self.fleet.lxd(self.server(server)).snapshots(inst["name"])
+        except LXDError as e:
+            raise _refusal(e) from None
+        for row in rows:
+            if row["name"] == snapshot:
+                return inst, row
+        raise PortalError(f"there is no snapshot {snapshot} of your container on {server}", 404)
 
     async def restore(self, user: str, server: str, snapshot: str, *, actor: str,
                       source: str | None = None) -> dict:
+        """Put the container back to ``snapshot``: the system, and the home
+        where it has a volume of its own and a snapshot of the same moment.
+        A running container is stopped around it and started again."""
         server = self.server(server)
-        name = await self._existing_snapshot(user, server, snapshot)
+        inst, snap = await self._existing_snapshot(user, server, snapshot)
+        name, home = inst["name"], _home(inst)
         lxd = self.fleet.lxd(server)
+        home_snap = None
+        if home:
+            try:
+                home_snap = _paired(snap, await lxd.snapshots(home["source"], pool=home["pool"]))
+            except LXDError as e:
+                raise _refusal(e) from None
 
         async def restore():
-            await lxd.restore_snapshot(name, snapshot)
+            if home_snap is None:
+                await lxd.restore_snapshot(name, snapshot)
+            else:
+                # A volume cannot be restored while a running container uses it.
+                running = (await lxd.state(name)).running
+                if running:
+                    await lxd.stop(name, timeout=60)
+                await lxd.restore_snapshot(home["source"], home_snap, pool=home["pool"])
+                await lxd.restore_snapshot(name, snapshot)
+                if running:
+                    await lxd.start(name)
             # The snapshot may predate a key or forward change: the store wins.
             await lifecycle.sync_user_container(lxd, self.store, user, server,
                                                 prefix=self.settings.instance_prefix)
         await self._step(actor, "snapshot.restore", user,
-                         {"server": server, "snapshot": snapshot}, restore(), source=source)
-        return {"server": server, "name": snapshot, "restored": True}
+                         {"server": server, "snapshot": snapshot, "home": home_snap},
+                         restore(), source=source)
+        return {"server": server, "name": snapshot, "restored": True,
+                "home": "restored" if home is None or home_snap else "unchanged"}
 
     async def delete_snapshot(self, user: str, server: str, snapshot: str, *, actor: str,
                               source: str | None = None) -> dict:
         server = self.server(server)
-        name = await self._existing_snapshot(user, server, snapshot)
+        inst, snap = await self._existing_snapshot(user, server, snapshot)
+        name, home = inst["name"], _home(inst)
+        lxd = self.fleet.lxd(server)
+
+        async def delete():
+            if home:
+                paired = _paired(snap, await lxd.snapshots(home["source"], pool=home["pool"]))
+                if paired:
+                    await lxd.delete_snapshot(home["source"], paired, pool=home["pool"])
+            await lxd.delete_snapshot(name, snapshot)
         await self._step(actor, "snapshot.delete", user, {"server": server, "snapshot": snapshot},
-                         self.fleet.lxd(server).delete_snapshot(name, snapshot), source=source)
+                         delete(), source=source)
         return {"server": server, "name": snapshot, "deleted": True}
+
+    # ------------------------------------------------------------ rebuild
+
+    async def rebuild(self, user: str, server: str, *, actor: str,
+                      source: str | None = None) -> dict:
+        """A new system from the current template; the home, address, SSH
+        port, forwards, keys and snapshot schedule stay (see
+        lifecycle.rebuild_user_container)."""
+        server = self.server(server)
+        await self._owned(user, server)
+        done = await self._step(actor, "container.rebuild", user, {"server": server},
+                                lifecycle.rebuild_user_container(
+                                    self.fleet.lxd(server), self.store, self.settings, user,
+                                    server, actor=actor), source=source)
+        uc = done.container
+        return {"server": server, "name": uc.name, "address": uc.address,
+                "ssh_command": uc.ssh_command, "home_moved": done.home_moved,
+                "snapshots_removed": done.snapshots_removed}
 
     # ------------------------------------------------------------ export
 
@@ -399,17 +484,26 @@ class Portal:
             raise PortalError("exports are not set up on this site: ask an administrator "
                               "([portal] export_dir)", 409)
         server = self.server(server)
-        name = await self._owned(user, server)
+        inst = await self._owned_record(user, server)
+        name, home = inst["name"], _home(inst)
         folder = Path(self.settings.export_dir) / naming.posix_name(user)
         stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
         dest = folder / f"{name}-{stamp}.tar.gz"
+        home_dest = folder / f"{home['source']}-{stamp}.tar.gz" if home else None
+        lxd = self.fleet.lxd(server)
 
-        async def export() -> int:
+        async def export() -> tuple[int, int]:
             await asyncio.to_thread(folder.mkdir, mode=0o700, parents=True, exist_ok=True)
-            return await self.fleet.lxd(server).export_backup(name, dest)
-        size = await self._step(actor, "container.export", user,
-                                {"server": server, "file": str(dest)}, export(), source=source)
-        return {"server": server, "name": name, "file": str(dest), "bytes": size}
+            size = await lxd.export_backup(name, dest)
+            home_size = (await lxd.export_backup(home["source"], home_dest, pool=home["pool"])
+                         if home else 0)
+            return size, home_size
+        detail = {"server": server, "file": str(dest),
+                  **({"home_file": str(home_dest)} if home else {})}
+        size, home_size = await self._step(actor, "container.export", user, detail, export(),
+                                           source=source)
+        return {"server": server, "name": name, "file": str(dest), "bytes": size,
+                "home_file": str(home_dest) if home else None, "home_bytes": home_size}
 
     # ------------------------------------------------------------ forwards
 
@@ -519,6 +613,38 @@ class Portal:
                 out.append(f"    IdentityFile {identity}")
             out.append("")
         return "\n".join(out)
+
+
+def _home(inst: dict) -> dict | None:
+    """The home volume's disk device of an instance record, if it has one."""
+    dev = (inst.get("devices") or {}).get(HOME_DEVICE)
+    return dev if dev and dev.get("pool") and dev.get("source") else None
+
+
+def _paired(snap: dict, home_snaps: list[dict]) -> str | None:
+    """The home volume's snapshot that goes with the system's ``snap``: the
+    one of the same name; for a scheduled one (LXD takes the system's and
+    the home's in separate passes), the scheduled one nearest in time, if
+    within two minutes."""
+    names = {h["name"] for h in home_snaps}
+    if snap["name"] in names:
+        return snap["name"]
+    if not snap["name"].startswith(AUTO_PREFIX) or not snap.get("created_at"):
+        return None
+    t = _when(snap["created_at"])
+    near = [(abs((_when(h["created_at"]) - t).total_seconds()), h["name"]) for h in home_snaps
+            if h["name"].startswith(AUTO_PREFIX) and h.get("created_at")]
+    best = min(near, default=None)
+    return best[1] if best and best[0] <= 120 else None
+
+
+def _when(stamp: str) -> dt.datetime:
+    """LXD's RFC 3339 time (its nanoseconds cut to microseconds)."""
+    m = re.fullmatch(r"([^.Z+]+T[\d:]+)(?:\.(\d+))?(Z|[+-]\d\d:\d\d)?", stamp)
+    if not m:
+        raise ValueError(f"not an RFC 3339 time: {stamp!r}")
+    zone = m[3] if m[3] and m[3] != "Z" else "+00:00"
+    return dt.datetime.fromisoformat(f"{m[1]}.{((m[2] or '') + '000000')[:6]}{zone}")
 
 
 def _key_json(k) -> dict:

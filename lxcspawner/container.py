@@ -111,6 +111,10 @@ class ContainerSpec:
     # The container's own eth0 (network.nic_device: its assigned address and
     # LXD's filtering); None: the profile's, as it is.
     nic: Mapping[str, str] | None = None
+    # The storage pool holding the user's home volume on this server
+    # (home_volume(name)), mounted at /home/<login>; None: the home lives in
+    # the container's root file system.
+    home_pool: str | None = None
     extra_config: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self):
@@ -177,7 +181,34 @@ class ContainerSpec:
             devs["lxcgpu-gpu"] = {"type": "gpu", "gputype": "physical"}
         if self.nic is not None:
             devs[NIC] = dict(self.nic)
+        if self.home_pool:
+            devs[HOME_DEVICE] = home_device(self.home_pool, self.name, self.posix_user)
         return devs
+
+
+# The user's home as a custom volume of its own ("<instance>-home"), so that
+# a rebuild replaces the system and keeps the home.  The id map base pinned
+# per user keeps the home's owners without a re-chown (FINDINGS.md).
+HOME_DEVICE = "lxcgpu-home"
+
+
+def home_volume(instance: str) -> str:
+    """The name of the custom volume that holds the home of ``instance``'s user."""
+    return f"{instance}-home"
+
+
+def home_device(pool: str, instance: str, login: str) -> dict[str, str]:
+    return {"type": "disk", "pool": pool, "source": home_volume(instance),
+            "path": f"/home/{login}"}
+
+
+def root_pool(inst: Mapping) -> str:
+    """The storage pool of an instance's root disk (its own or its profiles')."""
+    pool = ((inst.get("expanded_devices") or inst.get("devices") or {}).get("root")
+            or {}).get("pool")
+    if not pool:
+        raise ContainerError(f"{inst.get('name')} has no root disk in a storage pool")
+    return pool
 
 
 def check_owner(instance: Mapping, user: str) -> None:

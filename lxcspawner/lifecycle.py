@@ -12,12 +12,14 @@ synchronous and runs in a thread; LXD calls are already off the loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 from . import naming, network
-from .container import ContainerError, ContainerSpec, check_owner, ensure_container, half_made
+from .container import (HOME_DEVICE, ContainerError, ContainerSpec, check_owner, ensure_container,
+                        half_made, home_volume, root_pool)
 from .lxd import LXD, LXDError, LXDNotFound, is_outage
 from .portmap import config_changes, jupyter_maps
 from .provision import provision
@@ -166,6 +168,21 @@ async def _fixed_nic(lxd: LXD, store: Store, settings: Settings, user: str, serv
     return network.nic_device(base, address, port_isolation=settings.port_isolation)
 
 
+async def _home_pool(lxd: LXD, spec: ContainerSpec) -> str | None:
+    """The pool holding the user's home volume on this server, if they have
+    one there (their container was rebuilt before, or deleted keeping it)."""
+    pool = spec.pool
+    if not pool:
+        for name in reversed(spec.profiles):     # a later profile's root wins
+            root = ((await lxd.profile(name)).get("devices") or {}).get("root") or {}
+            if root.get("pool"):
+                pool = root["pool"]
+                break
+    if pool and await lxd.volume(pool, home_volume(spec.name)) is not None:
+        return pool
+    return None
+
+
 _ADDRESS_LOCKS: dict[tuple[str, int], asyncio.Lock] = {}
 
 
@@ -198,16 +215,29 @@ async def _start(lxd: LXD, spec: ContainerSpec, *, created: bool,
 
 
 async def delete_user_container(lxd: LXD, store: Store, user: str, server: str, *,
-                                prefix: str = "", actor: str = "system") -> bool:
+                                prefix: str = "", actor: str = "system",
+                                keep_home: bool = False) -> bool:
     """Delete ``user``'s container on ``server`` and free its address; True
-    if there was a container.  Keys, forwards and the SSH port stay theirs."""
+    if there was a container.  Its home volume goes too unless ``keep_home``
+    (a container made again later finds it).  Keys, forwards and the SSH
+    port stay theirs."""
     name = naming.instance_name(user, server, prefix)
     inst = await lxd.instance(name)
     if inst is not None:
         check_owner(inst, user)
+        home = (inst.get("devices") or {}).get(HOME_DEVICE)
         await lxd.delete_instance(name)
+        if home and not keep_home:
+            await lxd.delete_volume(home["pool"], home["source"])
     await asyncio.to_thread(store.release_address, user, server, actor=actor)
     return inst is not None
+
+
+def _suspended(rec, user: str) -> ContainerError:
+    return ContainerError(f"{user}'s account is suspended (no longer in the lab's groups, "
+                          f"since {rec.suspended:%Y-%m-%d %H:%M} UTC): their containers "
+                          "stay as they are but do not start; an administrator can "
+                          "restore access in the directory")
 
 
 async def ensure_user_container(lxd: LXD, store: Store, settings: Settings, user: str,
@@ -234,10 +264,7 @@ async def ensure_user_container(lxd: LXD, store: Store, settings: Settings, user
     say("allocating SSH port and ids")
     rec = await asyncio.to_thread(store.ensure_user, user, actor=actor)
     if rec.suspended is not None:
-        raise ContainerError(f"{user}'s account is suspended (no longer in the lab's groups, "
-                             f"since {rec.suspended:%Y-%m-%d %H:%M} UTC): their containers "
-                             "stay as they are but do not start; an administrator can "
-                             "restore access in the directory")
+        raise _suspended(rec, user)
     spec = settings.container_spec(user, rec.idmap_base, server=server, **overrides)
     inst = await lxd.instance(spec.name)
     if inst is not None:
@@ -257,6 +284,11 @@ async def ensure_user_container(lxd: LXD, store: Store, settings: Settings, user
                 overrides = {**overrides, "gpus": await lxd.gpu_count()}
             spec = settings.container_spec(user, rec.idmap_base, server=server, nic=nic,
                                            **overrides)
+            home = await _home_pool(lxd, spec)
+            if home:
+                say("attaching your home")
+                spec = settings.container_spec(user, rec.idmap_base, server=server, nic=nic,
+                                               home_pool=home, **overrides)
         created = inst is None
         inst = await ensure_container(lxd, spec)
     address = nic["ipv4.address"]
@@ -290,3 +322,104 @@ async def ensure_user_container(lxd: LXD, store: Store, settings: Settings, user
                         hostname=spec.hostname)
     return UserContainer(spec.name, server, user, spec.posix_user, address, maps.ssh_port,
                          maps.forwards, maps.jupyter_port)
+
+
+# While a container's home is copied into its new volume at its first
+# rebuild, the volume is mounted here in the old system.
+MOVING_HOME_AT = "/mnt/.lxcgpu-home"
+MOVING_HOME_DEVICE = "lxcgpu-home-moving"
+
+
+@dataclass(frozen=True)
+class Rebuilt:
+    container: UserContainer
+    home_moved: bool                # the home was copied into its volume this time
+    snapshots_removed: list[str]    # the old system's snapshots, gone with it
+
+
+async def _move_home(lxd: LXD, name: str, pool: str, login: str, *, timeout: float,
+                     say: Progress) -> None:
+    """Copy the home of a container made before homes had volumes of their
+    own into a new volume (once; reflinks where the pool allows).  The copy
+    runs in the old system as its root: whatever that root did to ``cp``
+    only touches this user's own data.  On failure the new volume goes and
+    the container is as it was."""
+    volume = home_volume(name)
+    old = await lxd.volume(pool, volume)
+    if old is not None:
+        if old.get("used_by"):
+            raise ContainerError(f"the volume {volume} exists and is in use by "
+                                 f"{', '.join(old['used_by'])}: an administrator must look")
+        # What an interrupted earlier move left: copy afresh.
+        await lxd.delete_volume(pool, volume)
+    say("moving your home into a volume of its own")
+    await lxd.create_volume(pool, volume, description=f"home of {login} in {name} (lxcgpu)")
+    try:
+        if not (await lxd.state(name)).running:
+            await lxd.start(name)
+        await lxd.update_devices(name, {MOVING_HOME_DEVICE: {
+            "type": "disk", "pool": pool, "source": volume, "path": MOVING_HOME_AT}})
+        home = f"/home/{login}"
+        entry = await lxd.file_entry(name, home)
+        if entry is not None and entry.type == "directory":
+            argv = ["cp", "-a", "--reflink=auto", "--", f"{home}/.", f"{MOVING_HOME_AT}/"]
+            res = await lxd.execute(name, argv, timeout=timeout)
+            if res.returncode != 0:
+                why = (res.stderr or res.stdout).strip().splitlines()
+                raise ContainerError(f"your home in {name} could not be copied into its own "
+                                     f"volume ({why[-1][:200] if why else res.returncode}); "
+                                     "nothing was changed")
+        await lxd.update_devices(name, {MOVING_HOME_DEVICE: None})
+    except BaseException:
+        with contextlib.suppress(LXDError):
+            await lxd.update_devices(name, {MOVING_HOME_DEVICE: None})
+            await lxd.delete_volume(pool, volume)
+        raise
+
+
+async def rebuild_user_container(lxd: LXD, store: Store, settings: Settings, user: str,
+                                 server: str, *, progress: Progress | None = None,
+                                 actor: str = "system", copy_timeout: float = 6 * 3600
+                                 ) -> Rebuilt:
+    """Replace the system of ``user``'s container on ``server`` with a new
+    one from the template; the home survives with its owners (a volume of
+    its own, the pinned id map base), and so do the address, SSH port,
+    forwards, keys and snapshot schedule.  The old system's snapshots go
+    with it (the home's stay).  A container whose home is still in its
+    system has it copied into a volume first, once.  Nothing changes
+    before the template is known to exist and the home is safe."""
+    say = progress or (lambda msg: None)
+    name = naming.instance_name(user, server, settings.instance_prefix)
+    inst = await lxd.instance(name)
+    if inst is None:
+        raise ContainerError(f"{user} has no container on {server} to rebuild")
+    check_owner(inst, user)
+    rec = await asyncio.to_thread(store.ensure_user, user, actor=actor)
+    if rec.suspended is not None:
+        raise _suspended(rec, user)
+    spec = settings.container_spec(user, rec.idmap_base, server=server)
+    await lxd.image_by_alias(spec.image)
+    moved = False
+    if HOME_DEVICE not in (inst.get("devices") or {}):
+        await _move_home(lxd, name, root_pool(inst), spec.posix_user, timeout=copy_timeout,
+                         say=say)
+        moved = True
+    schedule = {k: v for k, v in (inst.get("config") or {}).items()
+                if k.startswith("snapshots.")}
+    snapshots = [s["name"] for s in await lxd.snapshots(name)]
+    say("stopping container")
+    try:
+        await lxd.stop(name, timeout=60)
+    except LXDError as e:
+        if is_outage(e):
+            raise
+        log.warning("%s: a clean stop failed (%s); it is stopped by force", name, e)
+    say("removing the old system")
+    await lxd.delete_instance(name)
+    log.info("%s: old system removed (%d snapshots with it); making it anew", name,
+             len(snapshots))
+    uc = await ensure_user_container(lxd, store, settings, user, server, progress=progress,
+                                     actor=actor)
+    if schedule:
+        await lxd.update_config(name, schedule)
+    return Rebuilt(uc, moved, snapshots)

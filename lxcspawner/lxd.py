@@ -569,55 +569,75 @@ class LXD:
                 pass
         await self.run(delete, what=f"delete {name}", timeout=timeout + 30)
 
-    # Snapshots (names checked by the caller: naming.check_snapshot_name).
+    # Snapshots (names checked by the caller: naming.check_snapshot_name) of
+    # an instance, or with ``pool`` of a custom volume in that storage pool.
 
-    async def snapshots(self, name: str) -> list[dict]:
-        """The instance's snapshots: name, created_at, size (-1: unknown), stateful."""
+    @staticmethod
+    def _base(name: str, pool: str | None) -> str:
+        return (f"/1.0/storage-pools/{pool}/volumes/custom/{name}" if pool
+                else f"/1.0/instances/{name}")
+
+    async def snapshots(self, name: str, *, pool: str | None = None) -> list[dict]:
+        """The snapshots of the instance (of the custom volume ``name`` in
+        ``pool``): name, created_at, size (-1: unknown), expires_at."""
+        base = self._base(name, pool)
+
         def get():
-            rows = self._request("get", f"/1.0/instances/{name}/snapshots",
+            rows = self._request("get", f"{base}/snapshots",
                                  params={"recursion": "1"}).json()["metadata"] or []
-            return [{"name": r.get("name"), "created_at": r.get("created_at"),
+            return [{"name": r.get("name", "").rsplit("/", 1)[-1],
+                     "created_at": r.get("created_at"),
                      "size": r.get("size", -1), "expires_at": r.get("expires_at")}
                     for r in rows]
         return await self.run(get, what=f"snapshots of {name}")
 
     async def create_snapshot(self, name: str, snapshot: str, timeout: float = 300, *,
-                              expires_at: str | None = None) -> None:
+                              expires_at: str | None = None, pool: str | None = None) -> None:
         """``expires_at`` (RFC 3339): when LXD deletes it; None: the
-        instance's ``snapshots.expiry``, if it has one."""
+        instance's (volume's) ``snapshots.expiry``, if it has one."""
         body = {"name": snapshot, **({"expires_at": expires_at} if expires_at else {})}
+        base = self._base(name, pool)
         await self.run(lambda: self._async_request(
-            "post", f"/1.0/instances/{name}/snapshots", json=body,
+            "post", f"{base}/snapshots", json=body,
             timeout=timeout), what=f"snapshot {name}/{snapshot}", timeout=timeout + 30,
             retry=False)
 
-    async def restore_snapshot(self, name: str, snapshot: str, timeout: float = 300) -> None:
+    async def restore_snapshot(self, name: str, snapshot: str, timeout: float = 300, *,
+                               pool: str | None = None) -> None:
         """Put the instance back to ``snapshot`` (LXD stops and restarts a
-        running instance around it)."""
+        running instance around it).  A custom volume (``pool``) can only be
+        restored while no running instance uses it."""
+        base = self._base(name, pool)
         await self.run(lambda: self._async_request(
-            "put", f"/1.0/instances/{name}", json={"restore": snapshot}, timeout=timeout),
+            "put", base, json={"restore": snapshot}, timeout=timeout),
             what=f"restore {name}/{snapshot}", timeout=timeout + 30, retry=False)
 
-    async def delete_snapshot(self, name: str, snapshot: str, timeout: float = 300) -> None:
+    async def delete_snapshot(self, name: str, snapshot: str, timeout: float = 300, *,
+                              pool: str | None = None) -> None:
+        base = self._base(name, pool)
         await self.run(lambda: self._async_request(
-            "delete", f"/1.0/instances/{name}/snapshots/{snapshot}", timeout=timeout),
+            "delete", f"{base}/snapshots/{snapshot}", timeout=timeout),
             what=f"delete snapshot {name}/{snapshot}", timeout=timeout + 30, retry=False)
 
-    async def export_backup(self, name: str, dest, *, timeout: float = 3600) -> int:
-        """An LXD backup of the instance (with its snapshots) written to
-        ``dest`` (a path; written as ``dest.part`` and renamed, 0600); the
-        backup is removed from LXD afterwards.  Its size in bytes."""
+    async def export_backup(self, name: str, dest, *, timeout: float = 3600,
+                            pool: str | None = None) -> int:
+        """An LXD backup of the instance (of the custom volume ``name`` in
+        ``pool``), snapshots included, written to ``dest`` (a path; written
+        as ``dest.part`` and renamed, 0600); the backup is removed from LXD
+        afterwards.  Its size in bytes."""
         backup = f"lxcgpu-export-{int(time.time())}"
+        base = self._base(name, pool)
+        only = "volume_only" if pool else "instance_only"
 
         def export() -> int:
-            self._async_request("post", f"/1.0/instances/{name}/backups", timeout=timeout,
-                                json={"name": backup, "instance_only": False,
+            self._async_request("post", f"{base}/backups", timeout=timeout,
+                                json={"name": backup, only: False,
                                       "optimized_storage": False,
                                       "compression_algorithm": "gzip"})
             part = f"{dest}.part"
             size = 0
             try:
-                resp = self._request("get", f"/1.0/instances/{name}/backups/{backup}/export",
+                resp = self._request("get", f"{base}/backups/{backup}/export",
                                      raw=True, stream=True, timeout=timeout)
                 fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
                 with os.fdopen(fd, "wb") as f, contextlib.closing(resp):
@@ -631,10 +651,80 @@ class LXD:
                 raise
             finally:
                 with contextlib.suppress(LXDError):
-                    self._async_request("delete", f"/1.0/instances/{name}/backups/{backup}",
-                                        timeout=120)
+                    self._async_request("delete", f"{base}/backups/{backup}", timeout=120)
             return size
         return await self.run(export, what=f"export {name}", timeout=timeout + 60, retry=False)
+
+    # Custom storage volumes (a user's home on a GPU server).
+
+    async def volume(self, pool: str, name: str) -> dict | None:
+        """The custom volume's record (config, used_by), or None."""
+        def get():
+            try:
+                return self._request(
+                    "get", f"/1.0/storage-pools/{pool}/volumes/custom/{name}").json()["metadata"]
+            except LXDNotFound:
+                return None
+        return await self.run(get, what=f"get volume {pool}/{name}")
+
+    async def volumes(self, pool: str) -> list[dict]:
+        """The custom volumes of this client's project in ``pool``."""
+        def get():
+            rows = self._request("get", f"/1.0/storage-pools/{pool}/volumes",
+                                 params={"recursion": "1"}).json()["metadata"] or []
+            return [r for r in rows if r.get("type") == "custom"]
+        return await self.run(get, what=f"list volumes of {pool}")
+
+    async def create_volume(self, pool: str, name: str, *,
+                            config: Mapping[str, str] | None = None,
+                            description: str = "", timeout: float = 300) -> None:
+        """Create an empty filesystem volume; one that exists is left as is."""
+        body = {"name": name, "type": "custom", "content_type": "filesystem",
+                "config": dict(config or {}), "description": description}
+
+        def create():
+            try:
+                self._async_request("post", f"/1.0/storage-pools/{pool}/volumes/custom",
+                                    json=body, timeout=timeout)
+            except LXDError as e:
+                if "already exists" not in str(e):
+                    raise
+        await self.run(create, what=f"create volume {pool}/{name}", timeout=timeout + 30,
+                       retry=False)
+
+    async def update_volume_config(self, pool: str, name: str,
+                                   changes: Mapping[str, str | None]) -> None:
+        """Set (or, with None, remove) config keys of a custom volume."""
+        path = f"/1.0/storage-pools/{pool}/volumes/custom/{name}"
+
+        def update():
+            resp = self._request("get", path)
+            etag = resp.headers.get("ETag")
+            md = resp.json()["metadata"]
+            cfg = dict(md.get("config") or {})
+            for k, v in changes.items():
+                if v is None:
+                    cfg.pop(k, None)
+                else:
+                    cfg[k] = v
+            if cfg == md.get("config"):
+                return
+            self._async_request("put", path, json={"config": cfg,
+                                                   "description": md.get("description", "")},
+                                headers={"If-Match": etag} if etag else None,
+                                timeout=self.timeout)
+        await self.run(update, what=f"update volume {pool}/{name}")
+
+    async def delete_volume(self, pool: str, name: str, timeout: float = 300) -> None:
+        """Delete a custom volume and its snapshots; already gone is success."""
+        def delete():
+            try:
+                self._async_request("delete", f"/1.0/storage-pools/{pool}/volumes/custom/{name}",
+                                    timeout=timeout)
+            except LXDNotFound:
+                pass
+        await self.run(delete, what=f"delete volume {pool}/{name}", timeout=timeout + 30,
+                       retry=False)
 
     def _set_state(self, name: str, action: str, *, force: bool, timeout: float) -> None:
         status = self._request("get", f"/1.0/instances/{name}/state").json()["metadata"]["status"]

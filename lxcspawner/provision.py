@@ -163,6 +163,17 @@ async def write_keys(lxd: LXD, name: str, acct: Account, keys_text: str) -> None
         log.warning("%s: %s", name, res.stdout.strip()[:300])
 
 
+async def _own_fresh_home(lxd: LXD, name: str, acct: Account) -> None:
+    """Give an empty home that root owns (a new volume) to the user, then
+    copy /etc/skel into it as the user (nothing of theirs is there yet)."""
+    argv = ["chown", "--no-dereference", f"{acct.uid}:{acct.gid}", "--", acct.home]
+    (await lxd.execute(name, argv)).check(argv)
+    argv = ["chmod", "0750", "--", acct.home]
+    (await lxd.execute(name, argv)).check(argv)
+    argv = ["cp", "-r", "--no-clobber", "--", "/etc/skel/.", f"{acct.home}/"]
+    (await lxd.execute(name, argv, user=acct.uid, group=acct.gid)).check(argv)
+
+
 async def ensure_account(lxd: LXD, name: str, login: str) -> tuple[Account, bool]:
     """The login account inside, created if missing; (account, created)."""
     if not naming.is_valid_posix_name(login) or login in naming.RESERVED_POSIX:
@@ -171,12 +182,23 @@ async def ensure_account(lxd: LXD, name: str, login: str) -> tuple[Account, bool
     acct = accounts.get(login)
     if acct is None:
         argv = ["useradd", "--create-home", "--shell", "/bin/bash", "--user-group",
-                "--comment", "lxcgpu user", "--", login]
+                "--comment", "lxcgpu user"]
+        # A home that is already there (its own volume, kept through a
+        # rebuild) keeps its owner: the account takes that uid.
+        home = await lxd.file_entry(name, f"/home/{login}")
+        fresh_home = home is not None and home.type == "directory" and home.uid == 0
+        if home is not None and home.type == "directory" and home.uid >= FIRST_UID \
+                and str(home.uid) not in {str(a.uid) for a in accounts.values()}:
+            argv += ["--uid", str(home.uid)]
+        argv += ["--", login]
         (await lxd.execute(name, argv)).check(argv)
         accounts = parse_passwd(await _read(lxd, name, "/etc/passwd") or "")
         acct = accounts.get(login)
         if acct is None:
             raise ProvisionError(f"useradd {login} succeeded but the account is missing")
+        if fresh_home:
+            # A new, empty home volume (root's 0711): the user's, with the skeleton.
+            await _own_fresh_home(lxd, name, acct)
         created = True
     else:
         created = False

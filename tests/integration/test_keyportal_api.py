@@ -353,3 +353,92 @@ def test_scheduled_snapshots_and_hand_made_ones_kept(clients, alice_container, l
     assert r.status_code == 200 and r.json()["schedule"] == ""
     cfg = asyncio.run(lxd.instance(alice_container))["config"]
     assert "snapshots.schedule" not in cfg and "snapshots.expiry" not in cfg
+
+
+def test_rebuild_keeps_the_home_and_replaces_the_system(hub, clients, alice_container, lxd,
+                                                        tmp_path):
+    """lxc-gpu's `rebuild`: a new system from the template; the home (its
+    files and their owner), address, SSH port, keys and snapshot schedule
+    stay.  The first rebuild moves the home into a volume of its own; from
+    then on snapshots take the home with the system and restore both."""
+    alice, name = clients[ALICE], alice_container
+    _, pub = keypair(tmp_path, "alice-rebuild")
+    assert alice("post", "keys", json={"key": pub}).status_code == 201
+    home = "/home/alice"
+    uid = asyncio.run(lxd.file_entry(name, home)).uid
+    asyncio.run(lxd.put_file(name, f"{home}/thesis.txt", "chapter 1\n", mode=0o600,
+                             uid=uid, gid=uid))
+    asyncio.run(lxd.put_file(name, "/usr/local/bin/tool", "#!/bin/sh\n", mode=0o755))
+    before = asyncio.run(lxd.instance(name))
+    assert alice("post", f"containers/{SERVER}/snapshots",
+                 json={"name": "old-system"}).status_code == 201
+    assert alice("put", f"containers/{SERVER}/snapshot-schedule",
+                 json={"schedule": "@weekly", "keep": 2}).status_code == 200
+    # Nobody else rebuilds it: bob has no container there, and may not act for alice.
+    assert clients[BOB]("post", f"containers/{SERVER}/rebuild").status_code == 404
+    assert clients[BOB]("post", f"containers/{SERVER}/rebuild?user={ALICE}").status_code == 403
+    assert asyncio.run(lxd.file_entry(name, "/usr/local/bin/tool")) is not None
+    volume = f"{name}-home"
+    try:
+        r = alice("post", f"containers/{SERVER}/rebuild")
+        assert r.status_code == 200, r.text
+        out = r.json()
+        assert out["home_moved"] is True and out["snapshots_removed"] == ["old-system"]
+        after = asyncio.run(lxd.instance(name))
+        assert after["devices"]["lxcgpu-home"]["source"] == volume
+        assert after["devices"]["eth0"]["ipv4.address"] == before["devices"]["eth0"][
+            "ipv4.address"] == out["address"]
+        for key in ("user.lxcgpu.ssh-port", "security.idmap.base"):
+            assert after["config"][key] == before["config"][key]
+        assert after["config"]["snapshots.schedule"] == "@weekly"
+        assert after["config"]["volatile.uuid"] != before["config"]["volatile.uuid"]
+        assert asyncio.run(lxd.file_entry(name, "/usr/local/bin/tool")) is None
+        thesis = asyncio.run(lxd.file_entry(name, f"{home}/thesis.txt"))
+        assert thesis.data == b"chapter 1\n" and thesis.uid == uid
+        assert asyncio.run(lxd.file_entry(name, home)).uid == uid
+        keys = asyncio.run(lxd.execute(name, ["cat", f"{home}/.ssh/authorized_keys"])).stdout
+        assert pub.split()[1] in keys
+        res = asyncio.run(lxd.execute(name, ["id", "-u", "alice"]))
+        assert res.stdout.strip() == str(uid)
+        assert alice("get", f"containers/{SERVER}/snapshots").json() == []
+        vol = asyncio.run(lxd.volume("lxcgpu", volume))
+        assert vol["config"].get("snapshots.schedule") is None   # set through the portal only
+        # From now on a snapshot has the home with it, and a restore brings both back.
+        assert alice("post", f"containers/{SERVER}/snapshots",
+                     json={"name": "with-home"}).status_code == 201
+        snaps = alice("get", f"containers/{SERVER}/snapshots").json()
+        assert [(s["name"], s["home"]) for s in snaps] == [("with-home", True)]
+        asyncio.run(lxd.put_file(name, f"{home}/thesis.txt", "overwritten\n", mode=0o600,
+                                 uid=uid, gid=uid))
+        r = alice("post", f"containers/{SERVER}/snapshots/with-home/restore")
+        assert r.status_code == 200 and r.json()["home"] == "restored", r.text
+        assert asyncio.run(lxd.get_file(name, f"{home}/thesis.txt")) == b"chapter 1\n"
+        assert asyncio.run(lxd.state(name)).running
+        # A second rebuild copies nothing; the home is still there.
+        r = alice("post", f"containers/{SERVER}/rebuild")
+        assert r.status_code == 200, r.text
+        assert r.json()["home_moved"] is False
+        assert r.json()["snapshots_removed"] == ["with-home"]
+        assert asyncio.run(lxd.get_file(name, f"{home}/thesis.txt")) == b"chapter 1\n"
+        # The home's snapshots stay with the volume (the system's went).
+        homes = asyncio.run(lxd.snapshots(volume, pool="lxcgpu"))
+        assert [s["name"] for s in homes] == ["with-home"]
+        # An export writes the home beside the system.
+        r = alice("post", f"containers/{SERVER}/export")
+        assert r.status_code == 201, r.text
+        files = [Path(r.json()["file"]), Path(r.json()["home_file"])]
+        assert files[1].name.startswith(volume) and files[1].stat().st_size == \
+            r.json()["home_bytes"] > 0
+        for f in files:
+            f.unlink()
+        store = Settings.load(hub.env["LXCGPU_CONFIG"]).open_store()
+        try:
+            rebuilds = [a for a in store.audit_log(user=ALICE, limit=50)
+                        if a.action == "container.rebuild"]
+        finally:
+            store.close()
+        assert len(rebuilds) == 2 and all(json.loads(a.detail).get("source") for a in rebuilds)
+    finally:
+        alice("put", f"containers/{SERVER}/snapshot-schedule", json={"schedule": ""})
+        asyncio.run(lxd.delete_instance(name))
+        asyncio.run(lxd.delete_volume("lxcgpu", volume))
