@@ -15,6 +15,7 @@ import contextlib
 import datetime as dt
 import json
 import logging
+import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -598,6 +599,78 @@ class Portal:
                                  r["status"] in ("failed", "unreachable") for r in rs))},
                          source=source)
         return {"users": out}
+
+    async def remove_user(self, user: str, *, delete_containers: bool, actor: str,
+                          source: str | None = None) -> dict:
+        """What is left of someone who left the lab: their hub servers
+        stopped and tokens revoked, their keys and forwards gone (out of
+        every container too), their containers stopped and kept, or deleted
+        with their homes.  Each step is audited; their SSH port and id
+        block stay reserved (a container kept still has files of theirs).
+        Access itself is the directory's: remove them from the lab's groups."""
+        if user == actor:
+            raise PortalError("you cannot remove yourself", 409)
+        await self.existing_user(user)
+        done: dict[str, Any] = {"user": user}
+        hub = self.hub_api()
+        if hub is not None:
+            async def end_hub() -> dict:
+                model = await asyncio.to_thread(hub.user, user)
+                stopped = await asyncio.to_thread(hub.stop_servers, model) if model else []
+                revoked = await asyncio.to_thread(hub.revoke_tokens, user) if model else 0
+                return {"servers_stopped": stopped, "tokens_revoked": revoked}
+            done["hub"] = await self._step(actor, "user.remove.hub", user, {}, end_hub(),
+                                           source=source)
+        keys = await self._store(self.store.list_keys, user)
+        for k in keys:
+            await self._store(self.store.remove_key, user, k.fingerprint, actor=actor)
+        forwards = await self._store(self.store.list_forwards, user=user)
+        for f in forwards:
+            await self._store(self.store.remove_forward, user, f.server,
+                              container_port=f.container_port, actor=actor)
+        done["keys_removed"], done["forwards_removed"] = len(keys), len(forwards)
+
+        async def one(g) -> dict:
+            lxd = self.fleet.lxd(g.name)
+            try:
+                if delete_containers:
+                    gone = await lifecycle.delete_user_container(
+                        lxd, self.store, user, g.name, prefix=self.settings.instance_prefix,
+                        actor=actor)
+                    status = "deleted" if gone else "none"
+                else:
+                    try:    # keys and port maps out of it first
+                        sync = await lifecycle.sync_user_container(
+                            lxd, self.store, user, g.name, prefix=self.settings.instance_prefix)
+                    except LXDNotFound:
+                        status = "none"
+                    else:
+                        await lxd.stop(sync.name, timeout=60)
+                        status = "stopped, kept"
+                ok = True
+                detail = ""
+            except (LXDError, ContainerError) as e:
+                status, ok, detail = "failed", False, _refusal(e).args[0]
+                log.warning("removing %s on %s: %s", user, g.name, e)
+            await self.audit(actor, "user.remove.container", user,
+                             {"server": g.name, "status": status,
+                              **({"error": detail} if detail else {})}, ok=ok, source=source)
+            return {"server": g.name, "status": status, "detail": detail}
+        done["containers"] = list(await asyncio.gather(*(one(g)
+                                                         for g in self.settings.servers)))
+        await self.audit(actor, "user.remove", user, {
+            "delete_containers": delete_containers, "keys": len(keys),
+            "forwards": len(forwards)}, ok=all(c["status"] != "failed"
+                                               for c in done["containers"]), source=source)
+        return done
+
+    def hub_api(self):
+        """The hub's API with this service's token (None outside the hub)."""
+        url, token = os.environ.get("JUPYTERHUB_API_URL"), os.environ.get("JUPYTERHUB_API_TOKEN")
+        if not (url and token):
+            return None
+        from hub_config.labsync import Hub
+        return Hub(url, token)
 
     # ------------------------------------------------------------ ssh config
 

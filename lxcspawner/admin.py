@@ -26,6 +26,7 @@ from typing import Any, Awaitable, Callable, Sequence, TypeVar
 from sqlalchemy.exc import SQLAlchemyError
 
 from . import lifecycle, naming, trust
+from .container import home_volume
 from .fleet import Fleet, ServerResult, summary
 from .lxd import LXD, LXDError
 from .settings import Settings
@@ -366,19 +367,23 @@ def cmd_container_delete(ctx: Context, args) -> None:
     server = _server(ctx, args)
     name = naming.instance_name(args.name, server, ctx.settings.instance_prefix)
     if not args.yes:
-        raise ValueError(f"deleting {name} deletes everything in it ({args.name}'s files, "
-                         "installed packages, running jobs); run again with --yes to do it")
+        raise ValueError(f"deleting {name} deletes everything in it ({args.name}'s files"
+                         f"{'' if args.keep_home else ', their home included'}, installed "
+                         "packages, running jobs); run again with --yes to do it")
 
     async def delete(lxd: LXD) -> bool:
         return await lifecycle.delete_user_container(
             lxd, ctx.store, args.name, server, prefix=ctx.settings.instance_prefix,
-            actor=ctx.actor)
-    existed = _audited(ctx, "container.delete", args.name, {"server": server},
+            actor=ctx.actor, keep_home=args.keep_home)
+    existed = _audited(ctx, "container.delete", args.name,
+                       {"server": server, "keep_home": args.keep_home},
                        lambda: ctx.with_lxd(server, delete))
     ctx.emit({"container": name, "deleted": existed},
              fields([("container", name),
                      ("deleted", "yes; its address is free again" if existed
-                      else "there was none (its address, if any, is free again)")]))
+                      else "there was none (its address, if any, is free again)"),
+                     ("home", f"kept (volume {home_volume(name)}; a container made again "
+                              "gets it back)" if args.keep_home else "deleted with it")]))
 
 
 # ---------------------------------------------------------------- audit
@@ -541,6 +546,8 @@ def build_parser() -> argparse.ArgumentParser:
              "(their SSH port, keys and forwards stay theirs)")
     q.add_argument("name", **NAME)
     q.add_argument("--yes", action="store_true", help="really delete it")
+    q.add_argument("--keep-home", action="store_true", help="keep their home volume (where "
+                   "the container was rebuilt once): a container made again gets it back")
     server_opt(q)
 
     srv = groups.add_parser("server", help="the GPU servers of the site file"

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 from . import naming, network
-from .container import (HOME_DEVICE, ContainerError, ContainerSpec, check_owner, ensure_container,
-                        half_made, home_volume, root_pool)
+from .container import (HOME_DEVICE, ContainerError, ContainerSpec, check_extra_key, check_owner,
+                        ensure_container, half_made, home_volume, root_pool)
 from .lxd import LXD, LXDError, LXDNotFound, is_outage
 from .portmap import config_changes, jupyter_maps
 from .provision import provision
@@ -384,7 +384,8 @@ async def rebuild_user_container(lxd: LXD, store: Store, settings: Settings, use
     """Replace the system of ``user``'s container on ``server`` with a new
     one from the template; the home survives with its owners (a volume of
     its own, the pinned id map base), and so do the address, SSH port,
-    forwards, keys and snapshot schedule.  The old system's snapshots go
+    forwards, keys and the container's own settings (snapshot schedule,
+    ``security.nesting``, limits an admin set: extra config keys).  The old system's snapshots go
     with it (the home's stay).  A container whose home is still in its
     system has it copied into a volume first, once.  Nothing changes
     before the template is known to exist and the home is safe."""
@@ -404,8 +405,15 @@ async def rebuild_user_container(lxd: LXD, store: Store, settings: Settings, use
         await _move_home(lxd, name, root_pool(inst), spec.posix_user, timeout=copy_timeout,
                          say=say)
         moved = True
-    schedule = {k: v for k, v in (inst.get("config") or {}).items()
-                if k.startswith("snapshots.")}
+    # The container's own settings beyond what the site gives every
+    # container (a snapshot schedule, Docker's nesting, an admin's limit).
+    base = spec.config()
+    carried = {}
+    for key, value in (inst.get("config") or {}).items():
+        with contextlib.suppress(ValueError):
+            if key not in base:
+                check_extra_key(key)
+                carried[key] = value
     snapshots = [s["name"] for s in await lxd.snapshots(name)]
     say("stopping container")
     try:
@@ -419,7 +427,5 @@ async def rebuild_user_container(lxd: LXD, store: Store, settings: Settings, use
     log.info("%s: old system removed (%d snapshots with it); making it anew", name,
              len(snapshots))
     uc = await ensure_user_container(lxd, store, settings, user, server, progress=progress,
-                                     actor=actor)
-    if schedule:
-        await lxd.update_config(name, schedule)
+                                     actor=actor, extra_config=carried)
     return Rebuilt(uc, moved, snapshots)

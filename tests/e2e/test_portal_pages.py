@@ -115,6 +115,19 @@ async def test_keys_and_containers_page(hub, lxd, browser, artifacts, researcher
             "automatic snapshots daily, the newest 3 kept")
         await expect(schedule.locator("select")).to_have_value("@daily")
         assert (await lxd.instance(instance))["config"]["snapshots.schedule"] == "@daily"
+        # Rebuild: only with its box ticked; the home and the schedule stay.
+        await lxd.put_file(instance, "/usr/local/bin/mine", "#!/bin/sh\n", mode=0o755)
+        rebuild = card.locator("form.rebuild")
+        await rebuild.locator("button").click()
+        await expect(page.locator("#flash.alert-danger")).to_contain_text("tick the box")
+        assert await lxd.file_entry(instance, "/usr/local/bin/mine") is not None
+        await rebuild.locator("input[name=confirm]").check()
+        await rebuild.locator("button").click()
+        await expect(page.locator("#flash.alert-success")).to_contain_text(
+            "has a new system; your home is as it was", timeout=300_000)
+        assert await lxd.file_entry(instance, "/usr/local/bin/mine") is None
+        assert await lxd.get_file(instance, f"/home/{login}/data.txt") == b"original\n"
+        await expect(schedule.locator("select")).to_have_value("@daily")
         await page.screenshot(path=artifacts / "portal-containers.png", full_page=True)
     except BaseException:
         with contextlib.suppress(Exception):

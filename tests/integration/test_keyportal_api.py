@@ -11,6 +11,7 @@ refused with a sentence and changes nothing.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import json
 import stat
 import subprocess
@@ -362,6 +363,7 @@ def test_rebuild_keeps_the_home_and_replaces_the_system(hub, clients, alice_cont
     stay.  The first rebuild moves the home into a volume of its own; from
     then on snapshots take the home with the system and restore both."""
     alice, name = clients[ALICE], alice_container
+    started = datetime.datetime.now(datetime.timezone.utc)
     _, pub = keypair(tmp_path, "alice-rebuild")
     assert alice("post", "keys", json={"key": pub}).status_code == 201
     home = "/home/alice"
@@ -434,7 +436,7 @@ def test_rebuild_keeps_the_home_and_replaces_the_system(hub, clients, alice_cont
         store = Settings.load(hub.env["LXCGPU_CONFIG"]).open_store()
         try:
             rebuilds = [a for a in store.audit_log(user=ALICE, limit=50)
-                        if a.action == "container.rebuild"]
+                        if a.action == "container.rebuild" and a.time >= started]
         finally:
             store.close()
         assert len(rebuilds) == 2 and all(json.loads(a.detail).get("source") for a in rebuilds)

@@ -15,6 +15,7 @@ import pytest
 
 from lxcspawner import lifecycle
 from lxcspawner.container import IDMAP_BLOCK, IDMAP_USER_FIRST
+from lxcspawner.lxd import LXDError
 from lxcspawner.portmap import FORWARD_PREFIX, SSH_PORT_KEY
 from lxcspawner.settings import Settings
 from tests.fixtures.lxd import REPO, TEST_KEY
@@ -276,3 +277,69 @@ async def test_a_container_made_before_pinning_is_pinned_with_one_restart(
     actions = [(a.action, a.ok) for a in store.audit_log(user=user)]
     assert actions.count(("address.release", True)) == 1
     assert actions.count(("container.delete", True)) == 1
+
+
+async def test_rebuild_keeps_home_and_settings_and_delete_may_keep_the_home(
+        lxd, store, site, run_tag, logs_on_failure):
+    """A rebuild replaces the system and keeps the home (moved into a volume
+    of its own, once) and the container's own settings; a move that LXD
+    cannot make changes nothing; `container delete --keep-home` keeps the
+    home for a container made again, plain `--yes` deletes it."""
+    user, settings = "gina", site[1]
+    extra = {TEST_KEY: run_tag, "security.nesting": "true"}
+    uc = await lifecycle.ensure_user_container(lxd, store, settings, user, actor="test",
+                                               extra_config=extra)
+    logs_on_failure.append(uc.name)
+    volume, pool = f"{uc.name}-home", "lxcgpu"
+    home = f"/home/{uc.posix_user}"
+    try:
+        uid = (await lxd.file_entry(uc.name, home)).uid
+        await lxd.put_file(uc.name, f"{home}/data.csv", "1,2,3\n", uid=uid, gid=uid)
+        await lxd.put_file(uc.name, "/usr/local/bin/mine", "#!/bin/sh\n", mode=0o755)
+        # Where the volume cannot be mounted (root replaced /mnt with a file),
+        # the rebuild stops before anything changed.
+        await lxd.execute(uc.name, ["sh", "-c", "rm -rf /mnt && touch /mnt"])
+        uuid = (await lxd.instance(uc.name))["config"]["volatile.uuid"]
+        with pytest.raises(LXDError):
+            await lifecycle.rebuild_user_container(lxd, store, settings, user, SERVER,
+                                                   actor="test")
+        inst = await lxd.instance(uc.name)
+        assert inst["config"]["volatile.uuid"] == uuid
+        assert set(inst["devices"]) == {"eth0"}
+        assert await lxd.volume(pool, volume) is None
+        assert await lxd.get_file(uc.name, "/usr/local/bin/mine") == b"#!/bin/sh\n"
+        await lxd.execute(uc.name, ["sh", "-c", "rm -f /mnt && mkdir /mnt"])
+
+        steps: list[str] = []
+        done = await lifecycle.rebuild_user_container(lxd, store, settings, user, SERVER,
+                                                      actor="test", progress=steps.append)
+        assert done.home_moved and "moving your home into a volume of its own" in steps
+        inst = await lxd.instance(uc.name)
+        assert inst["config"]["volatile.uuid"] != uuid
+        assert {k: inst["config"].get(k) for k in extra} == extra
+        assert inst["devices"]["lxcgpu-home"] == {"type": "disk", "pool": pool,
+                                                  "source": volume, "path": home}
+        assert done.container.address == uc.address and done.container.ssh_port == uc.ssh_port
+        assert await lxd.file_entry(uc.name, "/usr/local/bin/mine") is None
+        entry = await lxd.file_entry(uc.name, f"{home}/data.csv")
+        assert (entry.data, entry.uid) == (b"1,2,3\n", uid)
+
+        # Deleted keeping the home: a container made again gets it back.
+        no = await asyncio.to_thread(admin_cli, site[0], "container", "delete", user)
+        assert "their home included" in no.stderr and "--yes" in no.stderr
+        kept = await asyncio.to_thread(admin_cli, site[0], "container", "delete", user,
+                                       "--yes", "--keep-home")
+        assert kept.returncode == 0 and "kept (volume" in kept.stdout, kept
+        assert await lxd.instance(uc.name) is None and await lxd.volume(pool, volume)
+        steps.clear()
+        again = await lifecycle.ensure_user_container(lxd, store, settings, user, actor="test",
+                                                      extra_config=extra, progress=steps.append)
+        assert "attaching your home" in steps
+        assert await lxd.get_file(again.name, f"{home}/data.csv") == b"1,2,3\n"
+        gone = await asyncio.to_thread(admin_cli, site[0], "container", "delete", user, "--yes")
+        assert gone.returncode == 0 and "deleted with it" in gone.stdout, gone
+        assert await lxd.volume(pool, volume) is None
+    finally:
+        await lifecycle.delete_user_container(lxd, store, user, SERVER, prefix=run_tag,
+                                              actor="test")
+        await lxd.delete_volume(pool, volume)

@@ -103,6 +103,19 @@ def test_login_status_snapshots_forwards_keys_and_ssh_config(hub, cli, tmp_path)
         assert asyncio.run(lxd.get_file(name, "/home/alice/notes.txt")) == b"kept\n"
         rc, out, err = run(cli, "delete-snapshot", SERVER, "cli-test", "--yes")
         assert rc == 0, err
+        # lxc-gpu's rebuild: a new system, the home kept.
+        asyncio.run(lxd.put_file(name, "/usr/local/bin/mine", "#!/bin/sh\n", mode=0o755))
+        rc, out, err = run(cli, "rebuild", SERVER)
+        assert rc == 1 and "--yes" in err and "home" in err
+        rc, out, err = run(cli, "rebuild", SERVER, "--yes")
+        assert rc == 0 and "has a new system" in out, err
+        assert asyncio.run(lxd.get_file(name, "/home/alice/notes.txt")) == b"kept\n"
+        assert asyncio.run(lxd.file_entry(name, "/usr/local/bin/mine")) is None
+        rc, out, err = run(cli, "snapshot", SERVER, "with-home")
+        rc, out, err = run(cli, "snapshots", SERVER)
+        assert rc == 0 and "HOME" in out and "with-home" in out and "yes" in out, out
+        rc, out, err = run(cli, "delete-snapshot", SERVER, "with-home", "--yes")
+        assert rc == 0, err
     finally:
         lxd.close()
 
@@ -126,3 +139,9 @@ def test_login_status_snapshots_forwards_keys_and_ssh_config(hub, cli, tmp_path)
     assert rc == 0 and f"Host {SERVER}\n" in out and "IdentityFile ~/.ssh/id_ed25519" in out
     rc, out, err = run(cli, "start", "nowhere")
     assert rc == 1 and "unknown GPU server" in err
+    lxd = LXD(timeout=120, retries=1)
+    try:
+        asyncio.run(lxd.delete_instance(name))
+        asyncio.run(lxd.delete_volume("lxcgpu", f"{name}-home"))
+    finally:
+        lxd.close()
