@@ -288,6 +288,8 @@ if _portal.enabled:
     _roles = _roles.get_value([]) if hasattr(_roles, "get_value") else list(_roles)
     if not any(r.get("name") == "user" for r in _roles):
         c.JupyterHub.load_roles.append(_portal_service.USER_ROLE)
+    if not any(r.get("name") == _portal_service.SERVICE for r in _roles):
+        c.JupyterHub.load_roles.append(_portal_service.SERVICE_ROLE)
     # The hub's pages link to it (hub_config/templates/page.html extends the
     # hub's own); a site's template paths come first.
     c.JupyterHub.template_paths = [*(c.JupyterHub.get("template_paths") or []),

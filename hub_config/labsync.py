@@ -94,6 +94,11 @@ class Hub:
                 return out
             offset += len(items)
 
+    def user(self, name: str) -> dict | None:
+        """The hub's model of ``name`` (with its servers), or None."""
+        r = self._call("get", f"/users/{quote(name)}")
+        return None if r.status_code == 404 else r.json()
+
     def stop_servers(self, user: dict) -> list[str]:
         name = quote(user["name"])
         stopped = []

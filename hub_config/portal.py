@@ -38,6 +38,16 @@ USER_ROLE = {
 }
 
 
+# What the service itself may do in the hub: an admin's "remove a user"
+# stops that user's servers and revokes their tokens (keyportal.portal).
+SERVICE_ROLE = {
+    "name": SERVICE,
+    "description": "keyportal: stop a removed user's servers and revoke their tokens",
+    "scopes": ["read:users", "read:servers", "delete:servers", "read:tokens", "tokens"],
+    "services": [SERVICE],
+}
+
+
 class LXCGPUPortal(Configurable):
     """Settings of keyportal as a hub service (``c.LXCGPUPortal.*``)."""
 

@@ -335,6 +335,17 @@ class AdminAuditHandler(AdminHandler):
                                                 limit=limit))
 
 
+class AdminUserHandler(AdminHandler):
+    async def delete(self, name: str):
+        choice = self.get_query_argument("containers", "")
+        if choice not in ("keep", "delete"):
+            raise PortalError("say what happens to their containers: ?containers=keep "
+                              "(stopped, kept) or ?containers=delete (with their homes)")
+        self.send(await self.portal.remove_user(unquote(name),
+                                                delete_containers=choice == "delete",
+                                                actor=self.actor, source=self.source))
+
+
 class AdminPushKeysHandler(AdminHandler):
     async def post(self):
         user = self.body().get("user")
@@ -392,6 +403,7 @@ def api_routes() -> list[tuple[str, type]]:
         (f"{c}/forwards/(?P<port>[^/]+)", ForwardHandler),
         ("ssh-config", SSHConfigHandler),
         ("admin/users", AdminUsersHandler),
+        (r"admin/users/(?P<name>[^/]+)", AdminUserHandler),
         ("admin/containers", AdminContainersHandler),
         ("admin/audit", AdminAuditHandler),
         ("admin/push-keys", AdminPushKeysHandler),
@@ -399,6 +411,8 @@ def api_routes() -> list[tuple[str, type]]:
 
 
 def make_app(portal: Portal, prefix: str, hub_auth: HubOAuth) -> web.Application:
+    # A removed user's revoked tokens must not live on in this service's cache.
+    portal.forget_tokens = hub_auth.cache.clear
     api = prefix + "api/v1/"
     routes = [(api + pattern, handler) for pattern, handler in api_routes()] + [
         (prefix, pages.HomeHandler),
@@ -407,6 +421,8 @@ def make_app(portal: Portal, prefix: str, hub_auth: HubOAuth) -> web.Application
         (prefix + f"containers/{SERVER}/(?P<action>start|stop|snapshot|schedule|restore"
                   "|delete-snapshot|rebuild|export|forward|unforward)", pages.ContainerPage),
         (prefix + "ssh-config", pages.SSHConfigPage),
+        (prefix + "admin", pages.AdminPage),
+        (prefix + "admin/(?P<action>stop|push-keys|remove-user)", pages.AdminActionPage),
         (prefix + "lxcgpu", CLIHandler),
         (api, IndexHandler),
         (api + "openapi.json", OpenAPIHandler),
@@ -434,7 +450,9 @@ def main(argv=None) -> int:
         return 2
     settings = Settings.load()
     portal = Portal(settings)
-    hub_auth = HubOAuth(cache_max_age=60, allow_token_in_url=False)
+    # The handlers' hub_auth is HubOAuth's one instance (HubAuthenticated
+    # takes hub_auth_class.instance()): configure that one, not a copy.
+    hub_auth = HubOAuth.instance(cache_max_age=60, allow_token_in_url=False)
     app = make_app(portal, prefix, hub_auth)
     parts = urlsplit(url)
     # Bodies past MAX_BODY get a sentence (prepare); far larger ones are cut

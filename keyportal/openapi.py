@@ -89,6 +89,13 @@ PATHS: dict[str, dict[str, dict]] = {
                                params=[{"name": "identity", "in": "query",
                                         "schema": {"type": "string"}}])},
     "/admin/users": {"get": _op("every user", admin=True)},
+    "/admin/users/{name}": {"delete": _op(
+        "remove a user: hub servers stopped, tokens revoked, keys and forwards deleted, "
+        "containers stopped and kept (containers=keep) or deleted with their homes "
+        "(containers=delete); each step audited", admin=True, params=[
+            {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}},
+            {"name": "containers", "in": "query", "required": True,
+             "schema": {"type": "string", "enum": ["keep", "delete"]}}])},
     "/admin/containers": {"get": _op("every lxcgpu container on every server", admin=True)},
     "/admin/audit": {"get": _op("the audit log, newest first", admin=True, params=[
         {"name": "user", "in": "query", "schema": {"type": "string"}},

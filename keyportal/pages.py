@@ -21,6 +21,8 @@ from tornado import web
 from lxcspawner.lxd import LXDError
 from lxcspawner.store import StoreError
 
+from hub_config.portal import ADMIN_SCOPE
+
 from .portal import AUTO_PREFIX, MAX_BODY, Portal, PortalError, _refusal
 
 log = logging.getLogger("keyportal")
@@ -50,6 +52,13 @@ class PageHandler(HubOAuthenticated, web.RequestHandler):
     def user(self) -> str:
         return self.current_user["name"]
 
+    @property
+    def is_admin(self) -> bool:
+        """A hub administrator, or a session whose scopes carry the portal's
+        admin scope (the API also takes custom:keyportal:admin tokens)."""
+        return bool(self.current_user.get("admin")) or \
+            ADMIN_SCOPE in (self.current_user.get("scopes") or ())
+
     def render_page(self, name: str, **values) -> None:
         flash = self.get_signed_cookie(FLASH, max_age_days=1)
         if flash:
@@ -59,27 +68,29 @@ class PageHandler(HubOAuthenticated, web.RequestHandler):
         self.finish(TEMPLATES.get_template(name).render(
             user=self.current_user, prefix=self.prefix, hub=hub, xsrf=self.xsrf_token.decode()
             if isinstance(self.xsrf_token, bytes) else self.xsrf_token,
-            flash=json.loads(flash) if flash else None, quote=quote, **values))
+            flash=json.loads(flash) if flash else None, quote=quote, is_admin=self.is_admin,
+            **values))
 
-    def done(self, message: str, ok: bool = True, results: list | None = None) -> None:
+    def done(self, message: str, ok: bool = True, results: list | None = None, *,
+             to: str = "") -> None:
         self.set_signed_cookie(FLASH, json.dumps({"ok": ok, "message": message,
                                                   "results": results or []}),
                                path=self.prefix, httponly=True,
                                secure=self.request.protocol == "https", samesite="Strict",
                                expires_days=None)
-        self.redirect(self.prefix)
+        self.redirect(self.prefix + to)
 
     def confirmed(self) -> bool:
         return self.get_body_argument("confirm", "") == "yes"
 
-    async def act(self, coro, ok_message) -> None:
+    async def act(self, coro, ok_message, *, to: str = "") -> None:
         try:
             result = await coro
         except (PortalError, LXDError, StoreError, ValueError) as e:
-            self.done(str(_refusal(e)), ok=False)
+            self.done(str(_refusal(e)), ok=False, to=to)
             return
         self.done(ok_message(result) if callable(ok_message) else ok_message,
-                  results=result.get("servers") if isinstance(result, dict) else None)
+                  results=result.get("servers") if isinstance(result, dict) else None, to=to)
 
 
 class HomeHandler(PageHandler):
@@ -195,3 +206,68 @@ class SSHConfigPage(PageHandler):
         self.set_header("Content-Type", "text/plain; charset=utf-8")
         self.set_header("Content-Disposition", 'attachment; filename="lxcgpu-ssh-config"')
         self.finish(await self.portal.ssh_config(self.user))
+
+
+class AdminPage(PageHandler):
+    """Every user, every container, the audit log (hub admins)."""
+
+    def check_admin(self) -> None:
+        if not self.is_admin:
+            raise web.HTTPError(403, "this page is for the lab's administrators")
+
+    @web.authenticated
+    async def get(self):
+        self.check_admin()
+        audit_user = self.get_query_argument("user", "").strip() or None
+        audit_q = self.get_query_argument("q", "").strip() or None
+        users = await self.portal.admin_users()
+        containers = await self.portal.admin_containers()
+        containers_of: dict[str, list] = {}
+        for c in containers:
+            if c.get("owner"):
+                containers_of.setdefault(c["owner"], []).append(c)
+        try:
+            audit = await self.portal.admin_audit(user=audit_user, search=audit_q, limit=200)
+        except PortalError as e:
+            raise web.HTTPError(e.status, str(e)) from None
+        self.render_page("admin.html", page="admin", users=users, containers=containers,
+                         containers_of=containers_of, audit=audit, audit_user=audit_user,
+                         audit_q=audit_q)
+
+
+class AdminActionPage(AdminPage):
+    @web.authenticated
+    async def post(self, action: str):
+        self.check_admin()
+        who = {"actor": self.user, "source": self.request.remote_ip}
+        user = self.get_body_argument("user", "").strip() or None
+        if action == "push-keys":
+            await self.act(self.portal.push_keys(user, **who),
+                           lambda r: f"keys and port maps pushed again for {len(r['users'])} "
+                                     "user(s)", to="admin")
+            return
+        if not user:
+            self.done("which user?", ok=False, to="admin")
+            return
+        if not self.confirmed():
+            self.done(f"tick the box to confirm: {action.replace('-', ' ')} {user}", ok=False,
+                      to="admin")
+            return
+        if action == "stop":
+            server = self.get_body_argument("server", "")
+            await self.act(self.portal.set_state(user, server, "stop", **who),
+                           f"{user}'s container on {server} stopped", to="admin")
+        elif action == "remove-user":
+            choice = self.get_body_argument("containers", "")
+            if choice not in ("keep", "delete"):
+                self.done("choose whether their containers are kept or deleted", ok=False,
+                          to="admin")
+                return
+            await self.act(self.portal.remove_user(user, delete_containers=choice == "delete",
+                                                   **who),
+                           lambda r: f"{user} removed: {r['keys_removed']} keys and "
+                                     f"{r['forwards_removed']} forwards gone; containers: "
+                                     + ", ".join(f"{c['server']} {c['status']}"
+                                                 for c in r["containers"]), to="admin")
+        else:
+            raise web.HTTPError(404)

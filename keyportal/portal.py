@@ -19,7 +19,7 @@ import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from lxcspawner import lifecycle, naming
 from lxcspawner.container import HOME_DEVICE, ContainerError, check_owner
@@ -92,6 +92,9 @@ class Portal:
 
     def __init__(self, settings: Settings, store: Store | None = None):
         self.settings = settings
+        # Called once a user's tokens are revoked (the app empties the cache
+        # of the hub's answers about tokens).
+        self.forget_tokens: Callable[[], None] = lambda: None
         self.store = store or settings.open_store()
         self.fleet = Fleet(settings, self.store, actor="keyportal")
 
@@ -621,6 +624,7 @@ class Portal:
                 return {"servers_stopped": stopped, "tokens_revoked": revoked}
             done["hub"] = await self._step(actor, "user.remove.hub", user, {}, end_hub(),
                                            source=source)
+            self.forget_tokens()
         keys = await self._store(self.store.list_keys, user)
         for k in keys:
             await self._store(self.store.remove_key, user, k.fingerprint, actor=actor)

@@ -24,14 +24,25 @@ pytestmark = [pytest.mark.lxd, pytest.mark.ldap]
 SERVER = "node1"
 
 
-@pytest.fixture
-async def researcher(hub, ldap_directory, lxd):
-    name = f"{hub.run_tag}pg"
+async def _researcher(hub, ldap_directory, lxd, suffix: str):
+    name = f"{hub.run_tag}{suffix}"
     password = secrets.token_urlsafe(12)
     ldap_directory.add_user(name, password, groups=["gpu-users"])
     yield name, password
     hub.api("DELETE", f"/users/{name}/server")
     await lxd.delete_instance(naming.instance_name(name, SERVER, hub.run_tag))
+
+
+@pytest.fixture
+async def researcher(hub, ldap_directory, lxd):
+    async for who in _researcher(hub, ldap_directory, lxd, "pg"):
+        yield who
+
+
+@pytest.fixture
+async def another_researcher(hub, ldap_directory, lxd):
+    async for who in _researcher(hub, ldap_directory, lxd, "pa"):
+        yield who
 
 
 async def test_keys_and_containers_page(hub, lxd, browser, artifacts, researcher, tmp_path):
@@ -133,5 +144,41 @@ async def test_keys_and_containers_page(hub, lxd, browser, artifacts, researcher
         with contextlib.suppress(Exception):
             await page.screenshot(path=artifacts / "portal-failure.png", full_page=True)
         raise
+    finally:
+        await context.close()
+
+
+async def test_admin_page(hub, browser, artifacts, ldap_directory, another_researcher):
+    """Hub admins get the portal's admin page (users, containers, the audit
+    log with search); a researcher gets 403 and no link to it."""
+    name, password = another_researcher
+    context = await browser.new_context(viewport={"width": 1280, "height": 1000},
+                                        ignore_https_errors=True)
+    page = await context.new_page()
+    try:
+        await log_in(page, hub, name, password)
+        r = await page.goto(f"{hub.url}/services/keyportal/admin")
+        assert r.status == 403
+        await page.goto(f"{hub.url}/services/keyportal/")
+        await expect(page.locator("h2", has_text="SSH keys")).to_be_visible()
+        await expect(page.locator("a", has_text="lxcgpu admin")).to_have_count(0)
+        await context.clear_cookies()
+
+        await log_in(page, hub, "carol", ldap_directory.passwords["carol"])
+        await page.goto(f"{hub.url}/services/keyportal/")
+        await page.click("a:has-text('lxcgpu admin')")
+        await page.wait_for_url("**/services/keyportal/admin", timeout=30_000)
+        users = page.locator("#users")
+        await expect(users).to_contain_text(naming.posix_name(name))
+        # Remove needs its box ticked: nothing happens without it.
+        row = page.locator(f"#user-{naming.posix_name(name)}")
+        await row.locator("form.remove-user button").click()
+        await expect(page.locator("#flash.alert-danger")).to_contain_text("tick the box")
+        await expect(users).to_contain_text(naming.posix_name(name))
+        await page.fill("#audit-search input[name=user]", name)
+        await page.fill("#audit-search input[name=q]", "user.create")
+        await page.click("#audit-search button")
+        await expect(page.locator("#audit tbody tr").first).to_contain_text(name)
+        await page.screenshot(path=artifacts / "portal-admin.png", full_page=True)
     finally:
         await context.close()

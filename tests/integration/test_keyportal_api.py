@@ -444,3 +444,56 @@ def test_rebuild_keeps_the_home_and_replaces_the_system(hub, clients, alice_cont
         alice("put", f"containers/{SERVER}/snapshot-schedule", json={"schedule": ""})
         asyncio.run(lxd.delete_instance(name))
         asyncio.run(lxd.delete_volume("lxcgpu", volume))
+
+
+def test_an_admin_removes_a_user(hub, clients, lxd, ldap_directory, tmp_path):
+    """Remove a user: their tokens revoked, keys and forwards gone (from the
+    container too), the container stopped and kept; then deleted.  Only an
+    admin, never themselves, and only with a choice about the containers."""
+    from tests.integration.test_hub_login import login
+    s, r = login(hub, "carol", ldap_directory.passwords["carol"])
+    assert r.status_code == 302, r.text
+    admin = Client(hub, make_token(hub, "carol"))
+    zoe = Client(hub, make_token(hub, "zoe"))
+    _, pub = keypair(tmp_path, "zoe")
+    assert zoe("post", "keys", json={"key": pub}).status_code == 201
+    r = zoe("post", f"containers/{SERVER}")
+    assert r.status_code == 201, r.text
+    name = r.json()["name"]
+    try:
+        assert zoe("post", f"containers/{SERVER}/forwards", json={"port": 8080}
+                   ).status_code == 201
+        assert clients[ALICE]("delete", "admin/users/zoe?containers=keep").status_code == 403
+        r = admin("delete", "admin/users/zoe")
+        assert r.status_code == 400 and "containers=keep" in r.json()["message"]
+        r = admin("delete", "admin/users/carol?containers=keep")
+        assert r.status_code == 409 and "yourself" in r.json()["message"]
+        assert admin("delete", "admin/users/nobody-here?containers=keep").status_code == 404
+        assert zoe("get", "me").status_code == 200
+
+        r = admin("delete", "admin/users/zoe?containers=keep")
+        assert r.status_code == 200, r.text
+        out = r.json()
+        assert out["keys_removed"] == 1 and out["forwards_removed"] == 1
+        assert out["hub"]["tokens_revoked"] >= 1
+        assert out["containers"] == [{"server": SERVER, "status": "stopped, kept",
+                                      "detail": ""}]
+        with hub.session() as s:
+            r = s.get(f"{hub.url}/hub/api/user", headers={"Authorization": f"token {zoe.token}"},
+                      timeout=30)
+        assert r.status_code in (401, 403), r.text
+        assert zoe("get", "me").status_code in (401, 403)
+        inst = asyncio.run(lxd.instance(name))
+        assert inst["status"] == "Stopped"
+        assert not [k for k in inst["config"] if k.startswith("user.lxcgpu.forward.")]
+        assert asyncio.run(lxd.get_file(name, "/home/zoe/.ssh/authorized_keys")) == b""
+        audit = admin("get", "admin/audit?user=zoe&q=user.remove&limit=20").json()
+        assert {a["action"] for a in audit} >= {"user.remove", "user.remove.hub",
+                                                "user.remove.container"}
+        assert all(a["actor"] == "carol" for a in audit)
+        r = admin("delete", "admin/users/zoe?containers=delete")
+        assert r.status_code == 200, r.text
+        assert r.json()["containers"][0]["status"] == "deleted"
+        assert asyncio.run(lxd.instance(name)) is None
+    finally:
+        asyncio.run(lxd.delete_instance(name))
