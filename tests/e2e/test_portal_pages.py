@@ -172,6 +172,7 @@ async def test_admin_page(hub, browser, artifacts, ldap_directory, another_resea
         await expect(users).to_contain_text(naming.posix_name(name))
         # Remove needs its box ticked: nothing happens without it.
         row = page.locator(f"#user-{naming.posix_name(name)}")
+        await expect(row.locator("td").nth(3)).to_have_text(re.compile(r"^\d+$"))   # keys
         await row.locator("form.remove-user button").click()
         await expect(page.locator("#flash.alert-danger")).to_contain_text("tick the box")
         await expect(users).to_contain_text(naming.posix_name(name))
