@@ -373,6 +373,7 @@ async def _move_home(lxd: LXD, name: str, pool: str, login: str, *, timeout: flo
     except BaseException:
         with contextlib.suppress(LXDError):
             await lxd.update_devices(name, {MOVING_HOME_DEVICE: None})
+        with contextlib.suppress(LXDError):
             await lxd.delete_volume(pool, volume)
         raise
 

@@ -48,6 +48,17 @@ def local_socket() -> str:
     return next((p for p in DEFAULT_SOCKET_PATHS if os.path.exists(p)), DEFAULT_SOCKET_PATHS[0])
 
 
+
+def _merged(current: Mapping, changes: Mapping | None) -> dict:
+    """``current`` with ``changes`` applied: a value set, None removes the key."""
+    out = dict(current)
+    for k, v in (changes or {}).items():
+        if v is None:
+            out.pop(k, None)
+        else:
+            out[k] = dict(v) if isinstance(v, Mapping) else v
+    return out
+
 class LXDError(RuntimeError):
     """An LXD request failed; ``status`` is LXD's HTTP status when known."""
 
@@ -535,20 +546,11 @@ class LXD:
     async def _update(self, name: str, *, config: Mapping[str, str | None] | None = None,
                       devices: Mapping[str, Mapping[str, str] | None] | None = None,
                       what: str) -> None:
-        def merged(current: Mapping, changes: Mapping | None) -> dict:
-            out = dict(current)
-            for k, v in (changes or {}).items():
-                if v is None:
-                    out.pop(k, None)
-                else:
-                    out[k] = dict(v) if isinstance(v, Mapping) else v
-            return out
-
         def update():
             inst = self._request("get", f"/1.0/instances/{name}")
             etag = inst.headers.get("ETag")
             md = inst.json()["metadata"]
-            cfg, devs = merged(md["config"], config), merged(md["devices"], devices)
+            cfg, devs = _merged(md["config"], config), _merged(md["devices"], devices)
             if cfg == md["config"] and devs == md["devices"]:
                 return
             body = {"config": cfg, "devices": devs, "profiles": md["profiles"],
@@ -701,12 +703,7 @@ class LXD:
             resp = self._request("get", path)
             etag = resp.headers.get("ETag")
             md = resp.json()["metadata"]
-            cfg = dict(md.get("config") or {})
-            for k, v in changes.items():
-                if v is None:
-                    cfg.pop(k, None)
-                else:
-                    cfg[k] = v
+            cfg = _merged(md.get("config") or {}, changes)
             if cfg == md.get("config"):
                 return
             self._async_request("put", path, json={"config": cfg,
