@@ -238,7 +238,7 @@ def cmd_rebuild(args, p: Portal) -> Any:
     r = p.call("POST", f"containers/{q(args.server)}/rebuild")
     gone = r["snapshots_removed"]
     return r, (f"{r['name']} has a new system and runs at {r['address']}: {r['ssh_command']}"
-               + (f"\n{len(gone)} snapshots of the old system went with it: {', '.join(gone)}"
+               + (f"\nthe old system's snapshots went with it: {', '.join(gone)}"
                   if gone else ""))
 
 

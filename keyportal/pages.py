@@ -182,7 +182,7 @@ class ContainerPage(PageHandler):
         elif action == "rebuild":
             await self.act(p.rebuild(u, server, **who), lambda r: (
                 f"your container on {server} has a new system; your home is as it was"
-                + (f" ({len(r['snapshots_removed'])} snapshots of the old system went with it)"
+                + (f" (the old system's snapshots went with it: {', '.join(r['snapshots_removed'])})"
                    if r["snapshots_removed"] else "")))
         elif action == "export":
             await self.act(p.export(u, server, **who), lambda r: (
