@@ -15,6 +15,9 @@ server, and measures, each through the proxy with the user's token:
 - snapshot and restore: ``POST .../snapshots`` and ``.../restore`` against
   the same LXD call made directly (the baseline, in the same run): p50 and
   the ratio;
+- rebuild: ``POST .../rebuild`` polled to its end (``operations/ID``), the
+  first one moving a 64 MiB home into its volume, then the rest against a
+  plain container made again from the same image by LXD directly;
 - a key added and removed: ``POST keys`` / ``DELETE keys/...`` (the store,
   then both containers at once);
 - ``GET containers`` and ``GET me`` with ``--users`` users in the store.
@@ -44,6 +47,7 @@ sys.path[:0] = [str(REPO), str(REPO / "setup")]
 from lxcspawner import naming  # noqa: E402
 from lxcspawner.container import IDMAP_BLOCK, IDMAP_USER_FIRST  # noqa: E402
 from lxcspawner.settings import Settings  # noqa: E402
+from lxdhost import POOL  # noqa: E402
 from tests.fixtures.hub import launch_hub  # noqa: E402
 from tests.fixtures.lxd2 import running_second_lxd  # noqa: E402
 
@@ -149,6 +153,43 @@ async def main() -> None:
             print(line("restore, LXD directly", lxd_rest))
             print(f"{'':>4}ratio (p50): {med(api_rest) / med(lxd_rest):.2f}x")
 
+            print("\n## rebuild, node1: through keyportal (the operation, polled to its end) vs "
+                  "LXD directly (a plain container from the same image: stop, delete, create, "
+                  "start, an address)")
+
+            def rebuild() -> tuple[float, dict]:
+                t = time.perf_counter()
+                op = call(hub, token, "POST", "containers/node1/rebuild")[0].json()
+                while op["status"] == "running":
+                    op = call(hub, token, "GET", f"operations/{op['id']}?wait=30")[0].json()
+                if op["status"] != "done":
+                    raise RuntimeError(f"rebuild failed: {op['message']}")
+                return time.perf_counter() - t, op["result"]
+            await lxd.put_file(names["node1"], f"/home/{naming.posix_name(USER)}/data.bin",
+                               os.urandom(64 << 20))
+            dt, result = await asyncio.to_thread(rebuild)
+            assert result["home_moved"], result
+            print(f"{'first rebuild (a 64 MiB home moved into its volume)':<52} {dt:8.3f} s")
+            raw = f"{prefix}-raw"
+            await lxd.create_instance(raw, image_alias=settings.image, profiles=settings.profiles)
+            await lxd.start(raw)
+            api_rb, lxd_rb = [], []
+            for _ in range(max(3, args.n // 2)):
+                dt, result = await asyncio.to_thread(rebuild)
+                assert not result["home_moved"], result
+                api_rb.append(dt)
+                t = time.perf_counter()
+                await lxd.delete_instance(raw)          # a forced stop, then the delete
+                await lxd.create_instance(raw, image_alias=settings.image,
+                                          profiles=settings.profiles)
+                await lxd.start(raw)
+                await lxd.wait_for_address(raw, timeout=120)
+                lxd_rb.append(time.perf_counter() - t)
+            await lxd.delete_instance(raw)
+            print(line("rebuild through keyportal (home kept, user ready)", api_rb))
+            print(line("a plain container made again, LXD directly", lxd_rb))
+            print(f"{'':>4}ratio (p50): {med(api_rb) / med(lxd_rb):.2f}x")
+
             print("\n## a key change reaching the user's containers on node1 and node2")
             adds, removes = [], []
             for i in range(args.n):
@@ -189,6 +230,10 @@ async def main() -> None:
             for s, client in lxds.items():
                 try:
                     await client.delete_instance(names[s])
+                    if await client.volume(POOL, f"{names[s]}-home") is not None:
+                        await client.delete_volume(POOL, f"{names[s]}-home")
+                    if s == "node1" and await client.instance(f"{prefix}-raw") is not None:
+                        await client.delete_instance(f"{prefix}-raw")
                 except Exception as e:  # noqa: BLE001 - say it, go on
                     print(f"(could not delete {names[s]}: {e})")
                 client.close()

@@ -37,6 +37,7 @@ from lxcspawner.settings import Settings
 from lxcspawner.store import StoreError
 
 from . import openapi, pages
+from .operations import MAX_WAIT
 from .portal import MAX_BODY, Portal, PortalError, _refusal
 
 log = logging.getLogger("keyportal")
@@ -210,16 +211,45 @@ class ContainerActionHandler(APIHandler):
                                               source=self.source))
 
 
-class RebuildHandler(APIHandler):
-    async def post(self, server: str):
-        self.send(await self.portal.rebuild(self.user, server, actor=self.actor,
-                                            source=self.source))
+class OperationStartHandler(APIHandler):
+    """A long operation: 202 with the operation at once (``Location`` is
+    where to poll it)."""
+
+    def started(self, op: dict) -> None:
+        where = f"{self.settings['prefix']}api/v1/operations/{op['id']}"
+        self.set_header("Location", where)
+        self.send(op, 202)
 
 
-class ExportHandler(APIHandler):
+class RebuildHandler(OperationStartHandler):
     async def post(self, server: str):
-        self.send(await self.portal.export(self.user, server, actor=self.actor,
-                                           source=self.source), 201)
+        self.started(await self.portal.rebuild(self.user, server, actor=self.actor,
+                                               source=self.source))
+
+
+class ExportHandler(OperationStartHandler):
+    async def post(self, server: str):
+        self.started(await self.portal.export(self.user, server, actor=self.actor,
+                                              source=self.source))
+
+
+class OperationsHandler(APIHandler):
+    def get(self):
+        self.send([op.json() for op in self.portal.operations.of(self.user)])
+
+
+class OperationHandler(APIHandler):
+    async def get(self, op_id: str):
+        op = self.portal.operation(self.user, op_id)
+        wait = self.get_query_argument("wait", "0")
+        try:
+            seconds = float(wait)
+        except ValueError:
+            raise PortalError("wait: seconds, a number") from None
+        if not 0 <= seconds <= MAX_WAIT:
+            raise PortalError(f"wait: 0 to {MAX_WAIT} seconds")
+        await self.portal.operations.wait(op, seconds)
+        self.send(op.json())
 
 
 class SnapshotsHandler(APIHandler):
@@ -402,6 +432,8 @@ def api_routes() -> list[tuple[str, type]]:
         (f"{c}/forwards", ForwardsHandler),
         (f"{c}/forwards/(?P<port>[^/]+)", ForwardHandler),
         ("ssh-config", SSHConfigHandler),
+        ("operations", OperationsHandler),
+        (r"operations/(?P<op_id>[A-Za-z0-9_-]{1,40})", OperationHandler),
         ("admin/users", AdminUsersHandler),
         (r"admin/users/(?P<name>[^/]+)", AdminUserHandler),
         ("admin/containers", AdminContainersHandler),
@@ -421,6 +453,7 @@ def make_app(portal: Portal, prefix: str, hub_auth: HubOAuth) -> web.Application
         (prefix + f"containers/{SERVER}/(?P<action>start|stop|snapshot|schedule|restore"
                   "|delete-snapshot|rebuild|export|forward|unforward)", pages.ContainerPage),
         (prefix + "ssh-config", pages.SSHConfigPage),
+        (prefix + r"operations/(?P<op_id>[A-Za-z0-9_-]{1,40})", pages.OperationPage),
         (prefix + "admin", pages.AdminPage),
         (prefix + "admin/(?P<action>stop|push-keys|remove-user)", pages.AdminActionPage),
         (prefix + "lxcgpu", CLIHandler),

@@ -15,7 +15,7 @@ Then::
     lxcgpu snapshot gpu17 [NAME] / lxcgpu snapshots gpu17
     lxcgpu restore gpu17 NAME / lxcgpu delete-snapshot gpu17 NAME
     lxcgpu schedule gpu17 @daily 7 / lxcgpu schedule gpu17 off
-    lxcgpu export gpu17
+    lxcgpu export gpu17 / lxcgpu operations
     lxcgpu forward gpu17 6006 / lxcgpu forwards gpu17 / lxcgpu unforward gpu17 6006
     lxcgpu keys / lxcgpu keys add ~/.ssh/id_ed25519.pub / lxcgpu keys remove SHA256:...
     lxcgpu ssh-config >> ~/.ssh/config
@@ -228,6 +228,27 @@ def cmd_schedule(args, p: Portal) -> Any:
     return r, text
 
 
+def follow(args, p: Portal, op: dict) -> dict:
+    """Poll a long operation until it ends, its steps on stderr; its result
+    (``--no-wait``: the operation as it started)."""
+    if args.no_wait:
+        return op
+    step = None
+    while op["status"] == "running":
+        if op["step"] != step:
+            step = op["step"]
+            print(f"  {step} ...", file=sys.stderr)
+        op = p.call("GET", f"operations/{q(op['id'])}?wait=20")
+    if op["status"] == "failed":
+        raise CLIError(op["message"])
+    return op["result"]
+
+
+def _started(op: dict, what: str) -> str:
+    return (f"{what} started: operation {op['id']}; follow it with "
+            f"`lxcgpu operations` (status {op['status']})")
+
+
 def cmd_rebuild(args, p: Portal) -> Any:
     confirm(args, f"Rebuild your container on {args.server}: a fresh system from the lab's "
                   "template? Your home, address, SSH port, keys and forwards stay; installed "
@@ -235,7 +256,9 @@ def cmd_rebuild(args, p: Portal) -> Any:
                   "running programs stop.")
     print("rebuilding (a minute; longer the first time, when your home is copied into a "
           "volume of its own) ...", file=sys.stderr)
-    r = p.call("POST", f"containers/{q(args.server)}/rebuild")
+    r = follow(args, p, p.call("POST", f"containers/{q(args.server)}/rebuild"))
+    if args.no_wait:
+        return r, _started(r, "the rebuild")
     gone = r["snapshots_removed"]
     return r, (f"{r['name']} has a new system and runs at {r['address']}: {r['ssh_command']}"
                + (f"\nthe old system's snapshots went with it: {', '.join(gone)}"
@@ -245,10 +268,21 @@ def cmd_rebuild(args, p: Portal) -> Any:
 def cmd_export(args, p: Portal) -> Any:
     print(f"exporting your container on {args.server} (minutes for a large one) ...",
           file=sys.stderr)
-    r = p.call("POST", f"containers/{q(args.server)}/export")
+    r = follow(args, p, p.call("POST", f"containers/{q(args.server)}/export"))
+    if args.no_wait:
+        return r, _started(r, "the export")
     return r, (f"exported to {r['file']} ({_size(r['bytes'])}) on the lab's export folder"
                + (f"\nyour home to {r['home_file']} ({_size(r['home_bytes'])})"
                   if r.get("home_file") else ""))
+
+
+def cmd_operations(args, p: Portal) -> Any:
+    rows = p.call("GET", "operations")
+    return rows, table([[o["id"], o["kind"], o["server"], o["status"],
+                         o["message"] if o["status"] == "failed" else o["step"],
+                         (o["created"] or "")[11:19], (o["finished"] or "")[11:19] or None]
+                        for o in rows],
+                       ["id", "what", "server", "status", "step", "started", "ended"])
 
 
 def cmd_forward(args, p: Portal) -> Any:
@@ -343,10 +377,14 @@ def build_parser() -> argparse.ArgumentParser:
               "@weekly and how many to keep) or turn off", server=True)
     q_.add_argument("when", nargs="?", choices=("@hourly", "@daily", "@weekly", "off"))
     q_.add_argument("keep", nargs="?", type=int, metavar="KEEP")
-    leaf("rebuild", cmd_rebuild, "a fresh system from the lab's template; your home stays",
-         server=True)
-    leaf("export", cmd_export, "an LXD backup of your container to the lab's export "
-         "folder", server=True)
+    for q_ in (leaf("rebuild", cmd_rebuild, "a fresh system from the lab's template; your "
+                    "home stays", server=True),
+               leaf("export", cmd_export, "an LXD backup of your container to the lab's "
+                    "export folder", server=True)):
+        q_.add_argument("--no-wait", action="store_true", help="start it and return (follow "
+                        "it with `lxcgpu operations`)")
+    leaf("operations", cmd_operations, "your rebuilds and exports: running, and ended in the "
+         "last hour")
     leaf("forward", cmd_forward, "expose a port of your container on the server",
          server=True).add_argument("port", type=int, metavar="PORT")
     leaf("forwards", cmd_forwards, "your forwards on a server", server=True)

@@ -58,12 +58,13 @@ PATHS: dict[str, dict[str, dict]] = {
     "/containers/{server}/start": {"post": _op("start it", params=[SERVER])},
     "/containers/{server}/stop": {"post": _op("stop it", params=[SERVER])},
     "/containers/{server}/rebuild": {"post": _op(
-        "a new system from the current template; your home (/home/<login>), address, SSH "
-        "port, forwards, keys and snapshot schedule stay; the old system's snapshots go",
-        params=[SERVER])},
+        "start a rebuild (202, an operation to poll): a new system from the current "
+        "template; your home (/home/<login>), address, SSH port, forwards, keys and snapshot "
+        "schedule stay; the old system's snapshots go", params=[SERVER], ok=202)},
     "/containers/{server}/export": {"post": _op(
-        "write an LXD backup of your container (snapshots included), and of its home volume "
-        "if it has one, to the site's export folder", params=[SERVER], ok=201)},
+        "start an export (202, an operation to poll): an LXD backup of your container "
+        "(snapshots included), and of its home volume if it has one, in the site's export "
+        "folder", params=[SERVER], ok=202)},
     "/containers/{server}/snapshots": {
         "get": _op("its snapshots", params=[SERVER]),
         "post": _op("take a snapshot (no name: a time stamp)", params=[SERVER],
@@ -88,6 +89,15 @@ PATHS: dict[str, dict[str, dict]] = {
     "/ssh-config": {"get": _op("an ~/.ssh/config with a Host per GPU server", text=True,
                                params=[{"name": "identity", "in": "query",
                                         "schema": {"type": "string"}}])},
+    "/operations": {"get": _op("your long operations (rebuilds, exports), running and "
+                               "ended in the last hour, newest first")},
+    "/operations/{op_id}": {"get": _op(
+        "one operation: status running, done (result) or failed (message, code); step says "
+        "what it is doing", params=[
+            {"name": "op_id", "in": "path", "required": True, "schema": {"type": "string"}},
+            {"name": "wait", "in": "query", "required": False,
+             "schema": {"type": "number", "minimum": 0, "maximum": 60},
+             "description": "answer when it ends, or after this many seconds"}])},
     "/admin/users": {"get": _op("every user", admin=True)},
     "/admin/users/{name}": {"delete": _op(
         "remove a user: hub servers stopped, tokens revoked, keys and forwards deleted, "

@@ -114,6 +114,8 @@ class HomeHandler(PageHandler):
                 except (PortalError, LXDError) as e:
                     c["detail"] = str(_refusal(e))
             c["forwards"] = await self.portal.forwards(self.user, c["server"])
+            c["operations"] = [op_view(op) for op in self.portal.operations.of(self.user)
+                               if op.server == c["server"]][:3]
         self.render_page("home.html", me=me, keys=keys, containers=containers,
                          snapshot_limit=self.portal.snapshot_limit,
                          export_on=bool(self.portal.settings.export_dir))
@@ -180,15 +182,11 @@ class ContainerPage(PageHandler):
                                    f"{r['keep']} kept" if r["schedule"]
                                    else "no automatic snapshots"))
         elif action == "rebuild":
-            await self.act(p.rebuild(u, server, **who), lambda r: (
-                f"your container on {server} has a new system; your home is as it was"
-                + (f" (the old system's snapshots went with it: {', '.join(r['snapshots_removed'])})"
-                   if r["snapshots_removed"] else "")))
+            await self.act(p.rebuild(u, server, **who),
+                           f"rebuilding your container on {server}: follow it on its card")
         elif action == "export":
-            await self.act(p.export(u, server, **who), lambda r: (
-                f"exported to {r['file']} ({r['bytes'] // 2**20} MiB)"
-                + (f" and your home to {r['home_file']} ({r['home_bytes'] // 2**20} MiB)"
-                   if r["home_file"] else "")))
+            await self.act(p.export(u, server, **who),
+                           f"exporting your container on {server}: follow it on its card")
         elif action == "forward":
             await self.act(p.add_forward(u, server, arg("port", ""), **who),
                            lambda r: f"{server}:{r['forward']['host_port']} now reaches port "
@@ -198,6 +196,45 @@ class ContainerPage(PageHandler):
                            "forward removed")
         else:
             raise web.HTTPError(404)
+
+
+def op_view(op) -> dict:
+    """An operation as its card shows it: the JSON plus one sentence."""
+    view = op.json()
+    r = op.result or {}
+    if op.status == "running":
+        view["sentence"] = f"{op.step} ..."
+    elif op.status == "failed":
+        view["sentence"] = op.message
+    elif op.kind == "rebuild":
+        gone = r.get("snapshots_removed") or []
+        view["sentence"] = ("a new system; your home is as it was"
+                            + (f" (the old system's snapshots went with it: {', '.join(gone)})"
+                               if gone else ""))
+    elif op.kind == "export":
+        view["sentence"] = (f"written to {r.get('file')} ({(r.get('bytes') or 0) // 2**20} MiB)"
+                            + (f" and your home to {r['home_file']} "
+                               f"({(r.get('home_bytes') or 0) // 2**20} MiB)"
+                               if r.get("home_file") else ""))
+    else:
+        view["sentence"] = op.status
+    return view
+
+
+class OperationPage(PageHandler):
+    """An operation for the page's script (the browser session; the API
+    has the same at api/v1/operations/ID for tokens)."""
+
+    @web.authenticated
+    async def get(self, op_id: str):
+        try:
+            op = self.portal.operation(self.user, op_id)
+        except PortalError as e:
+            raise web.HTTPError(e.status, str(e)) from None
+        await self.portal.operations.wait(op, 20)
+        self.set_header("Content-Type", "application/json; charset=utf-8")
+        self.set_header("Cache-Control", "no-store")
+        self.finish(json.dumps(op_view(op)))
 
 
 class SSHConfigPage(PageHandler):

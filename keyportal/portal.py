@@ -28,6 +28,8 @@ from lxcspawner.lxd import LXDError, LXDNotFound, LXDUnavailable, is_outage
 from lxcspawner.settings import Settings, SettingsError
 from lxcspawner.store import Exhausted, InvalidInput, NotFound, Store, StoreError
 
+from .operations import Operation, Operations, Progress
+
 log = logging.getLogger("keyportal")
 
 #: The largest request body keyportal reads (keys and names are small).
@@ -97,6 +99,7 @@ class Portal:
         self.forget_tokens: Callable[[], None] = lambda: None
         self.store = store or settings.open_store()
         self.fleet = Fleet(settings, self.store, actor="keyportal")
+        self.operations = Operations(_sentence)
 
     def close(self) -> None:
         self.fleet.close()
@@ -142,6 +145,23 @@ class Portal:
             return self.settings.gpu_server(name).name
         except (SettingsError, ValueError) as e:
             raise PortalError(str(e), 404) from None
+
+    def _idle(self, user: str, server: str) -> None:
+        """409 while an operation (a rebuild, an export) works on the
+        container."""
+        op = self.operations.running(user, server)
+        if op is not None:
+            raise _busy(op)
+
+    def _start(self, user: str, kind: str, server: str, actor: str, work) -> dict:
+        return self.operations.start(user, kind, server, actor, work, _busy).json()
+
+    def operation(self, user: str, op_id: str) -> Operation:
+        op = self.operations.get(op_id)
+        if op is None or op.user != user:
+            raise PortalError("there is no such operation (they are kept an hour after they "
+                              "end)", 404)
+        return op
 
     def instance(self, user: str, server: str) -> str:
         return naming.instance_name(user, server, self.settings.instance_prefix)
@@ -259,6 +279,7 @@ class Portal:
     async def create(self, user: str, server: str, *, actor: str, source: str | None = None
                      ) -> dict:
         server = self.server(server)
+        self._idle(user, server)
         uc = await self._step(actor, "container.up", user, {"server": server},
                               lifecycle.ensure_user_container(
                                   self.fleet.lxd(server), self.store, self.settings, user,
@@ -274,6 +295,7 @@ class Portal:
         if action == "start":
             # Start is "make it ready": keys and port maps as the store says.
             return await self.create(user, server, actor=actor, source=source)
+        self._idle(user, server)
         name = await self._owned(user, server)
         await self._step(actor, "container.stop", user, {"server": server},
                          self.fleet.lxd(server).stop(name, timeout=60), source=source)
@@ -308,6 +330,7 @@ class Portal:
         if snapshot.startswith(AUTO_PREFIX):
             raise PortalError(f"names starting with {AUTO_PREFIX!r} are the scheduled "
                               "snapshots': pick another")
+        self._idle(user, server)
         inst = await self._owned_record(user, server)
         name, home = inst["name"], _home(inst)
         lxd = self.fleet.lxd(server)
@@ -374,6 +397,7 @@ class Portal:
             changes = {k: None for k in ("snapshots.schedule", "snapshots.expiry",
                                          "snapshots.pattern", "snapshots.schedule.stopped")}
         server = self.server(server)
+        self._idle(user, server)
         inst = await self._owned_record(user, server)
         home = _home(inst)
         lxd = self.fleet.lxd(server)
@@ -411,6 +435,7 @@ class Portal:
         where it has a volume of its own and a snapshot of the same moment.
         A running container is stopped around it and started again."""
         server = self.server(server)
+        self._idle(user, server)
         inst, snap = await self._existing_snapshot(user, server, snapshot)
         name, home = inst["name"], _home(inst)
         lxd = self.fleet.lxd(server)
@@ -445,6 +470,7 @@ class Portal:
     async def delete_snapshot(self, user: str, server: str, snapshot: str, *, actor: str,
                               source: str | None = None) -> dict:
         server = self.server(server)
+        self._idle(user, server)
         inst, snap = await self._existing_snapshot(user, server, snapshot)
         name, home = inst["name"], _home(inst)
         lxd = self.fleet.lxd(server)
@@ -463,31 +489,40 @@ class Portal:
 
     async def rebuild(self, user: str, server: str, *, actor: str,
                       source: str | None = None) -> dict:
-        """A new system from the current template; the home, address, SSH
-        port, forwards, keys and snapshot schedule stay (see
-        lifecycle.rebuild_user_container)."""
+        """Start a rebuild (an operation, see keyportal.operations): a new
+        system from the current template; the home, address, SSH port,
+        forwards, keys and snapshot schedule stay (see
+        lifecycle.rebuild_user_container).  The operation's result says
+        where the container runs and which snapshots went."""
         server = self.server(server)
+        self._idle(user, server)
         await self._owned(user, server)
-        done = await self._step(actor, "container.rebuild", user, {"server": server},
-                                lifecycle.rebuild_user_container(
-                                    self.fleet.lxd(server), self.store, self.settings, user,
-                                    server, actor=actor), source=source)
-        uc = done.container
-        return {"server": server, "name": uc.name, "address": uc.address,
-                "ssh_command": uc.ssh_command, "home_moved": done.home_moved,
-                "snapshots_removed": done.snapshots_removed}
+
+        async def work(say: Progress) -> dict:
+            done = await self._step(actor, "container.rebuild", user, {"server": server},
+                                    lifecycle.rebuild_user_container(
+                                        self.fleet.lxd(server), self.store, self.settings,
+                                        user, server, actor=actor, progress=say),
+                                    source=source)
+            uc = done.container
+            return {"server": server, "name": uc.name, "address": uc.address,
+                    "ssh_command": uc.ssh_command, "home_moved": done.home_moved,
+                    "snapshots_removed": done.snapshots_removed}
+        return self._start(user, "rebuild", server, actor, work)
 
     # ------------------------------------------------------------ export
 
     async def export(self, user: str, server: str, *, actor: str,
                      source: str | None = None) -> dict:
-        """An LXD backup of the user's container (snapshots included) in the
-        site's export folder: ``<export_dir>/<login>/<instance>-<UTC time>.tar.gz``,
-        importable on any LXD server with ``lxc import FILE``."""
+        """Start an export (an operation): an LXD backup of the user's
+        container (snapshots included) in the site's export folder,
+        ``<export_dir>/<login>/<instance>-<UTC time>.tar.gz``, importable on
+        any LXD server with ``lxc import FILE``; the home's volume beside it."""
         if not self.settings.export_dir:
             raise PortalError("exports are not set up on this site: ask an administrator "
                               "([portal] export_dir)", 409)
         server = self.server(server)
+        self._idle(user, server)
         inst = await self._owned_record(user, server)
         name, home = inst["name"], _home(inst)
         folder = Path(self.settings.export_dir) / naming.posix_name(user)
@@ -496,18 +531,26 @@ class Portal:
         home_dest = folder / f"{home['source']}-{stamp}.tar.gz" if home else None
         lxd = self.fleet.lxd(server)
 
-        async def export() -> tuple[int, int]:
+        async def export(say: Progress) -> tuple[int, int]:
+            def step(what: str):
+                return lambda n: say(f"the GPU server is packing {what}" if n == 0 else
+                                     f"saving {what} ({n // 2**20} MiB so far)")
             await asyncio.to_thread(folder.mkdir, mode=0o700, parents=True, exist_ok=True)
-            size = await lxd.export_backup(name, dest)
-            home_size = (await lxd.export_backup(home["source"], home_dest, pool=home["pool"])
-                         if home else 0)
+            size = await lxd.export_backup(name, dest, progress=step("the system"))
+            home_size = 0
+            if home:
+                home_size = await lxd.export_backup(home["source"], home_dest, pool=home["pool"],
+                                                    progress=step("your home"))
             return size, home_size
-        detail = {"server": server, "file": str(dest),
-                  **({"home_file": str(home_dest)} if home else {})}
-        size, home_size = await self._step(actor, "container.export", user, detail, export(),
-                                           source=source)
-        return {"server": server, "name": name, "file": str(dest), "bytes": size,
-                "home_file": str(home_dest) if home else None, "home_bytes": home_size}
+
+        async def work(say: Progress) -> dict:
+            detail = {"server": server, "file": str(dest),
+                      **({"home_file": str(home_dest)} if home else {})}
+            size, home_size = await self._step(actor, "container.export", user, detail,
+                                               export(say), source=source)
+            return {"server": server, "name": name, "file": str(dest), "bytes": size,
+                    "home_file": str(home_dest) if home else None, "home_bytes": home_size}
+        return self._start(user, "export", server, actor, work)
 
     # ------------------------------------------------------------ forwards
 
@@ -690,6 +733,23 @@ class Portal:
                 out.append(f"    IdentityFile {identity}")
             out.append("")
         return "\n".join(out)
+
+
+def _sentence(e: BaseException) -> tuple[str, int] | None:
+    """An operation's failure as the user's sentence and its status (None
+    for a bug: the operation logs it)."""
+    if isinstance(e, PortalError):
+        return str(e), e.status
+    if isinstance(e, (LXDError, ContainerError, StoreError, ValueError)):
+        r = _refusal(e)
+        return str(r), r.status
+    return None
+
+
+def _busy(op: Operation) -> PortalError:
+    since = dt.datetime.fromtimestamp(op.created, dt.timezone.utc).strftime("%H:%M:%S UTC")
+    return PortalError(f"your container on {op.server} is busy: a {op.kind} started at {since} "
+                       f"is running ({op.step}); try again when it has finished", 409)
 
 
 def _home(inst: dict) -> dict | None:

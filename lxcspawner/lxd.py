@@ -622,16 +622,20 @@ class LXD:
             what=f"delete snapshot {name}/{snapshot}", timeout=timeout + 30, retry=False)
 
     async def export_backup(self, name: str, dest, *, timeout: float = 3600,
-                            pool: str | None = None) -> int:
+                            pool: str | None = None,
+                            progress: Callable[[int], None] | None = None) -> int:
         """An LXD backup of the instance (of the custom volume ``name`` in
         ``pool``), snapshots included, written to ``dest`` (a path; written
         as ``dest.part`` and renamed, 0600); the backup is removed from LXD
-        afterwards.  Its size in bytes."""
+        afterwards.  Its size in bytes.  ``progress(bytes)`` (called from a
+        worker thread) follows the download: 0 while LXD makes the backup."""
+        progress = progress or (lambda n: None)
         backup = f"lxcgpu-export-{int(time.time())}"
         base = self._base(name, pool)
         only = "volume_only" if pool else "instance_only"
 
         def export() -> int:
+            progress(0)
             self._async_request("post", f"{base}/backups", timeout=timeout,
                                 json={"name": backup, only: False,
                                       "optimized_storage": False,
@@ -646,6 +650,7 @@ class LXD:
                     for chunk in resp.iter_content(1 << 20):
                         f.write(chunk)
                         size += len(chunk)
+                        progress(size)
                 os.replace(part, dest)
             except BaseException:
                 with contextlib.suppress(OSError):

@@ -134,8 +134,14 @@ async def test_keys_and_containers_page(hub, lxd, browser, artifacts, researcher
         assert await lxd.file_entry(instance, "/usr/local/bin/mine") is not None
         await rebuild.locator("input[name=confirm]").check()
         await rebuild.locator("button").click()
+        # It runs as an operation: the card follows its steps, then the
+        # page reloads with the outcome.
         await expect(page.locator("#flash.alert-success")).to_contain_text(
-            "has a new system; your home is as it was", timeout=300_000)
+            "rebuilding your container")
+        operation = card.locator(".operation").first
+        await expect(operation).to_contain_text("Rebuild")
+        await expect(card.locator(".operation[data-status=done]")).to_contain_text(
+            "a new system; your home is as it was", timeout=300_000)
         assert await lxd.file_entry(instance, "/usr/local/bin/mine") is None
         assert await lxd.get_file(instance, f"/home/{login}/data.txt") == b"original\n"
         await expect(schedule.locator("select")).to_have_value("@daily")
@@ -170,6 +176,10 @@ async def test_admin_page(hub, browser, artifacts, ldap_directory, another_resea
         await page.wait_for_url("**/services/keyportal/admin", timeout=30_000)
         users = page.locator("#users")
         await expect(users).to_contain_text(naming.posix_name(name))
+        # No Remove on the admin's own row (the API refuses it too).
+        own = page.locator(f"#user-{naming.posix_name('carol')}")
+        await expect(own).to_be_visible()
+        await expect(own.locator("form.remove-user")).to_have_count(0)
         # Remove needs its box ticked: nothing happens without it.
         row = page.locator(f"#user-{naming.posix_name(name)}")
         await expect(row.locator("td").nth(3)).to_have_text(re.compile(r"^\d+$"))   # keys

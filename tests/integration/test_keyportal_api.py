@@ -15,6 +15,7 @@ import datetime
 import json
 import stat
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -56,6 +57,28 @@ def make_token(hub, user: str, scopes: list[str] | None = None) -> str:
     r = hub.api("post", f"/users/{user}/tokens", json=body)
     assert r.status_code == 201, (r.status_code, r.text)
     return r.json()["token"]
+
+
+def finished(client: Client, r, *, kind: str) -> dict:
+    """A long operation started by ``r`` (202), polled to its end through
+    api/v1/operations/ID?wait=; its result.  The steps it reported are
+    collected in ``result["_steps"]``."""
+    assert r.status_code == 202, r.text
+    op = r.json()
+    assert op["kind"] == kind and op["status"] in ("running", "done", "failed")
+    assert r.headers["Location"].endswith(f"/services/keyportal/api/v1/operations/{op['id']}")
+    steps = [op["step"]]
+    deadline = time.monotonic() + 600
+    while op["status"] == "running" and time.monotonic() < deadline:
+        # A short wait: each step it passes through is seen.
+        got = client("get", f"operations/{op['id']}?wait=0.5")
+        assert got.status_code == 200, got.text
+        op = got.json()
+        if op["step"] != steps[-1]:
+            steps.append(op["step"])
+    assert op["status"] == "done", op
+    assert op["finished"] and op["code"] is None and op["message"] is None
+    return {**op["result"], "_steps": steps}
 
 
 @pytest.fixture(scope="module")
@@ -301,9 +324,8 @@ def test_the_openapi_description_is_served(hub):
 def test_export_lands_in_the_folder_and_imports_again(hub, clients, alice_container, lxd):
     r = clients[ALICE]("post", "containers/nowhere/export")
     assert r.status_code == 404
-    r = clients[ALICE]("post", f"containers/{SERVER}/export")
-    assert r.status_code == 201, r.text
-    out = r.json()
+    out = finished(clients[ALICE], clients[ALICE]("post", f"containers/{SERVER}/export"),
+                   kind="export")
     path = Path(out["file"])
     exports = Path(Settings.load(hub.env["LXCGPU_CONFIG"]).export_dir)
     assert path.parent == exports / "alice" and path.name.startswith(alice_container)
@@ -385,9 +407,23 @@ def test_rebuild_keeps_the_home_and_replaces_the_system(hub, clients, alice_cont
     volume = f"{name}-home"
     try:
         r = alice("post", f"containers/{SERVER}/rebuild")
-        assert r.status_code == 200, r.text
-        out = r.json()
+        op_id = r.json().get("id")
+        # While it runs the container is busy: another change is refused.
+        busy = alice("post", f"containers/{SERVER}/snapshots", json={"name": "meanwhile"})
+        assert busy.status_code == 409 and "busy: a rebuild" in busy.json()["message"], busy.text
+        assert alice("post", f"containers/{SERVER}/rebuild").status_code == 409
+        # Only alice (or an admin) follows her operation.
+        assert clients[BOB]("get", f"operations/{op_id}").status_code == 404
+        assert op_id not in [o["id"] for o in clients[BOB]("get", "operations").json()]
+        bad = alice("get", f"operations/{op_id}?wait=forever")
+        assert bad.status_code == 400 and "wait:" in bad.json()["message"]
+        out = finished(alice, r, kind="rebuild")
         assert out["home_moved"] is True and out["snapshots_removed"] == ["old-system"]
+        # It said what it was doing, step by step.
+        assert len(set(out["_steps"]) - {"starting", "done"}) >= 2, out["_steps"]
+        assert out["_steps"][-1] == "done"
+        assert [o["status"] for o in alice("get", "operations").json()
+                if o["id"] == op_id] == ["done"]
         after = asyncio.run(lxd.instance(name))
         assert after["devices"]["lxcgpu-home"]["source"] == volume
         assert after["devices"]["eth0"]["ipv4.address"] == before["devices"]["eth0"][
@@ -427,20 +463,19 @@ def test_rebuild_keeps_the_home_and_replaces_the_system(hub, clients, alice_cont
         assert asyncio.run(lxd.get_file(name, f"{home}/thesis.txt")) == b"chapter 1\n"
         assert asyncio.run(lxd.state(name)).running
         # A second rebuild copies nothing; the home is still there.
-        r = alice("post", f"containers/{SERVER}/rebuild")
-        assert r.status_code == 200, r.text
-        assert r.json()["home_moved"] is False
-        assert r.json()["snapshots_removed"] == ["with-home"]
+        out = finished(alice, alice("post", f"containers/{SERVER}/rebuild"), kind="rebuild")
+        assert out["home_moved"] is False
+        assert out["snapshots_removed"] == ["with-home"]
         assert asyncio.run(lxd.get_file(name, f"{home}/thesis.txt")) == b"chapter 1\n"
         # The home's snapshots stay with the volume (the system's went).
         homes = asyncio.run(lxd.snapshots(volume, pool="lxcgpu"))
         assert [s["name"] for s in homes] == ["with-home"]
         # An export writes the home beside the system.
-        r = alice("post", f"containers/{SERVER}/export")
-        assert r.status_code == 201, r.text
-        files = [Path(r.json()["file"]), Path(r.json()["home_file"])]
+        out = finished(alice, alice("post", f"containers/{SERVER}/export"), kind="export")
+        files = [Path(out["file"]), Path(out["home_file"])]
         assert files[1].name.startswith(volume) and files[1].stat().st_size == \
-            r.json()["home_bytes"] > 0
+            out["home_bytes"] > 0
+        assert out["_steps"][-1] == "done", out["_steps"]
         for f in files:
             f.unlink()
         store = Settings.load(hub.env["LXCGPU_CONFIG"]).open_store()

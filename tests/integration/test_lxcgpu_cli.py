@@ -109,6 +109,9 @@ def test_login_status_snapshots_forwards_keys_and_ssh_config(hub, cli, tmp_path)
         assert rc == 1 and "--yes" in err and "home" in err
         rc, out, err = run(cli, "rebuild", SERVER, "--yes")
         assert rc == 0 and "has a new system" in out, err
+        assert "  starting ..." in err or "  stopping container ..." in err, err
+        rc, out, err = run(cli, "operations")
+        assert rc == 0 and "rebuild" in out and "done" in out, out
         assert asyncio.run(lxd.get_file(name, "/home/alice/notes.txt")) == b"kept\n"
         assert asyncio.run(lxd.file_entry(name, "/usr/local/bin/mine")) is None
         rc, out, err = run(cli, "snapshot", SERVER, "with-home")
