@@ -44,6 +44,7 @@ from hub_config.authenticator import LXCGPUAuthenticator  # noqa: E402
 from hub_config.bridge import bridge_ipv4  # noqa: E402
 from hub_config.culler import LXCGPUCuller  # noqa: E402
 from hub_config.labsync import LXCGPULabSync  # noqa: E402
+from hub_config import monitor as _monitor_service  # noqa: E402
 from hub_config import portal as _portal_service  # noqa: E402
 from hub_config.origins import DEFAULT_DOMAIN, subdomain_hook  # noqa: E402
 from hub_config.proxy import DEFAULT_DIR as PROXY_DIR  # noqa: E402
@@ -271,14 +272,23 @@ if _culler.timeout:
     c.JupyterHub.services.append(_culler.service())
     c.JupyterHub.load_roles.append(_culler.role())
 
+def _service_env() -> dict:
+    """The environment of our services: the project importable, the same site
+    file as the spawner's."""
+    config = c.LXCSpawner.get("lxcgpu_config") or os.environ.get(LXCGPU_CONFIG_VAR)
+    return {"PYTHONPATH": str(_HERE.parent),
+            **({LXCGPU_CONFIG_VAR: str(config)} if config else {})}
+
+
+# --- monitor: the dashboard of every GPU server's load (monitor/) -----------
+# (Set up below keyportal: every user's role gains its access scope there.)
+_monitor = _monitor_service.LXCGPUMonitor(config=c)
+_user_role = None   # the user role this file defines, if the site defines none
+
 # --- keyportal: keys, containers, snapshots, forwards (keyportal/) ------------
 _portal = _portal_service.LXCGPUPortal(config=c)
 if _portal.enabled:
-    c.JupyterHub.services.append(_portal.service({
-        "PYTHONPATH": str(_HERE.parent),
-        **({LXCGPU_CONFIG_VAR: str(_config)} if (_config := c.LXCSpawner.get("lxcgpu_config")
-                                                 or os.environ.get(LXCGPU_CONFIG_VAR)) else {}),
-    }))
+    c.JupyterHub.services.append(_portal.service(_service_env()))
     _scopes = dict(c.JupyterHub.get("custom_scopes") or {})
     _scopes.update({k: v for k, v in _portal_service.CUSTOM_SCOPES.items() if k not in _scopes})
     c.JupyterHub.custom_scopes = _scopes
@@ -287,10 +297,26 @@ if _portal.enabled:
     _roles = copy.deepcopy(c.JupyterHub.load_roles)
     _roles = _roles.get_value([]) if hasattr(_roles, "get_value") else list(_roles)
     if not any(r.get("name") == "user" for r in _roles):
-        c.JupyterHub.load_roles.append(_portal_service.USER_ROLE)
+        _user_role = copy.deepcopy(_portal_service.USER_ROLE)
+        if _monitor.enabled:
+            _user_role["scopes"] += _monitor_service.USER_SCOPES
+        c.JupyterHub.load_roles.append(_user_role)
     if not any(r.get("name") == _portal_service.SERVICE for r in _roles):
         c.JupyterHub.load_roles.append(_portal_service.SERVICE_ROLE)
     # The hub's pages link to it (hub_config/templates/page.html extends the
     # hub's own); a site's template paths come first.
     c.JupyterHub.template_paths = [*(c.JupyterHub.get("template_paths") or []),
                                    str(_HERE / "templates")]
+
+if _monitor.enabled:
+    c.JupyterHub.services.append(_monitor.service(_service_env()))
+    # The spawn form shows each server's free GPUs (unless the site set its own notes).
+    if "server_notes" not in c.LXCSpawner:
+        c.LXCSpawner.server_notes = _monitor_service.FreeGPUs()
+    if _user_role is None and not _portal.enabled:  # keyportal off: a user role for the monitor
+        _roles = copy.deepcopy(c.JupyterHub.load_roles)
+        _roles = _roles.get_value([]) if hasattr(_roles, "get_value") else list(_roles)
+        if not any(r.get("name") == "user" for r in _roles):
+            c.JupyterHub.load_roles.append({
+                "name": "user", "description": "Standard user privileges, the GPU dashboard",
+                "scopes": ["self", *_monitor_service.USER_SCOPES]})

@@ -30,6 +30,13 @@ errors that name them, so a typo never silently falls back to a default::
     mounts = ["/data:/data:ro"]
     [network]
     port_isolation = true
+    [monitor]                            # the node agents' load API and the dashboard
+    agent_port = 9101                    # [servers.X] agent = "http://HOST:PORT" overrides
+    token_file = "/etc/lxcgpu/monitor.token"
+    idle_utilization = 5                 # % under which a GPU holding memory may be idle
+    idle_minutes = 30
+    disks = ["/"]
+    public = false                       # the dashboard without login (a wall screen)
     [hub]                                # needed once a GPU server is remote
     url = "https://hub.lab.example.org"  # the hub as containers on remote servers reach it
     address = "192.0.2.10"               # the hub's address as GPU servers see it
@@ -80,13 +87,25 @@ class GPUServer:
     client_key: str | None = None
     server_cert: str | None = None   # HTTPS: the server's certificate, pinned
     address: str | None = None       # the host users SSH to; None: the name
+    agent: str | None = None         # its node agent's load API, http://HOST:PORT (see agent_url)
 
     def __post_init__(self):
         naming.check_server_name(self.name)
-        for attr in ("lxd", "project", "client_cert", "client_key", "server_cert", "address"):
+        for attr in ("lxd", "project", "client_cert", "client_key", "server_cert", "address",
+                     "agent"):
             v = getattr(self, attr)
             if v is not None and (not isinstance(v, str) or not v or v != v.strip()):
                 raise ValueError(f"GPU server {self.name}: {attr} must be a non-empty string")
+        if self.agent is not None:
+            url = urlparse(self.agent)
+            try:
+                port = url.port
+            except ValueError:
+                port = None
+            if url.scheme != "http" or not url.hostname or not port \
+                    or url.path not in ("", "/") or url.query or url.fragment:
+                raise ValueError(f"GPU server {self.name}: agent {self.agent!r} must be "
+                                 "http://HOST:PORT (its node agent's load API)")
         certs = (self.client_cert, self.client_key, self.server_cert)
         if self.remote:
             if not self.lxd.startswith("https://") or len(self.lxd) <= len("https://"):
@@ -159,6 +178,15 @@ class Settings:
     # keyportal: where users' exports (LXD backups) are written, e.g. the
     # lab's NAS; None: exports are off.
     export_dir: str | None = None
+    # monitor: the node agents' load API and the dashboard.
+    agent_port: int = 9101           # each agent's port (where [servers.X] agent is not set)
+    monitor_token_file: str = "/etc/lxcgpu/monitor.token"   # shared by agents and dashboard
+    idle_utilization: int = 5        # percent: under it, with memory held, a GPU may be idle
+    idle_minutes: int = 30           # ... for this long: marked idle
+    monitor_disks: tuple[str, ...] = ("/",)
+    monitor_public: bool = False     # the dashboard without login (read-only, no process ids)
+    history_minutes: int = 60        # the dashboard's memory of each server
+    poll_seconds: float = 3.0        # how often the dashboard asks each agent
     source: str | None = field(default=None, compare=False)  # the file, for messages
 
     def __post_init__(self):
@@ -181,6 +209,7 @@ class Settings:
         if self.export_dir is not None and not (isinstance(self.export_dir, str)
                                                 and self.export_dir.startswith("/")):
             raise ValueError(f"[portal] export_dir {self.export_dir!r}: an absolute path")
+        self._check_monitor()
         self._settle_servers()
         if self.instance_prefix and not naming.is_kept(self.instance_prefix, 16):
             raise ValueError(f"instance prefix {self.instance_prefix!r}: up to 16 lowercase "
@@ -196,6 +225,63 @@ class Settings:
             raise ValueError("mounts must be Mount objects")
         # The limits and mounts are checked by the one place that owns them.
         self.container_spec("settings-check", IDMAP_USER_FIRST)
+
+    def _check_monitor(self) -> None:
+        if not _is_int(self.agent_port) or not 1 <= self.agent_port <= 65535:
+            raise ValueError(f"[monitor] agent_port {self.agent_port!r}: a port, 1-65535")
+        if not isinstance(self.monitor_token_file, str) \
+                or not self.monitor_token_file.startswith("/"):
+            raise ValueError(f"[monitor] token_file {self.monitor_token_file!r}: an absolute "
+                             "path")
+        if not _is_int(self.idle_utilization) or not 0 <= self.idle_utilization <= 100:
+            raise ValueError("[monitor] idle_utilization: a percentage, 0-100")
+        if not _is_int(self.idle_minutes) or self.idle_minutes < 1:
+            raise ValueError("[monitor] idle_minutes: a whole number of minutes, at least 1")
+        if not isinstance(self.monitor_disks, tuple) or not all(
+                isinstance(d, str) and d.startswith("/") for d in self.monitor_disks):
+            raise ValueError("[monitor] disks: a list of absolute paths")
+        if not isinstance(self.monitor_public, bool):
+            raise ValueError("[monitor] public must be true or false")
+        if not _is_int(self.history_minutes) or not 1 <= self.history_minutes <= 24 * 60:
+            raise ValueError("[monitor] history_minutes: 1 to 1440")
+        if not isinstance(self.poll_seconds, (int, float)) or isinstance(self.poll_seconds, bool) \
+                or not 0.5 <= self.poll_seconds <= 600:
+            raise ValueError("[monitor] poll_seconds: 0.5 to 600")
+
+    def agent_url(self, server: str | None = None) -> str:
+        """Where the node agent of GPU server ``server`` serves its load API:
+        its ``agent`` setting, else ``http://127.0.0.1:<agent_port>`` for
+        this machine's LXD and ``http://<its LXD host>:<agent_port>`` for a
+        remote one."""
+        g = self.gpu_server(server)
+        if g.agent:
+            return g.agent.rstrip("/")
+        host = urlparse(g.lxd).hostname if g.remote else "127.0.0.1"
+        if ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{self.agent_port}"
+
+    def monitor_token(self) -> str:
+        """The shared secret of the agents' load API (``[monitor] token_file``:
+        root's, not readable by others); SettingsError saying what is wrong."""
+        path = Path(self.monitor_token_file)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            raise SettingsError(f"the monitor token file {path} does not exist (setup/quickstart "
+                                "and setup/gpu-server make it; docs/admin.md, the monitor)"
+                                ) from None
+        except OSError as e:
+            raise SettingsError(f"the monitor token file {path}: {e.strerror or e}") from None
+        with os.fdopen(fd) as f:
+            if os.fstat(f.fileno()).st_mode & 0o077:
+                raise SettingsError(f"the monitor token file {path} is readable by others: "
+                                    f"chmod 600 {path}")
+            token = f.read().strip()
+        if len(token) < 32 or not token.isprintable() or " " in token:
+            raise SettingsError(f"the monitor token file {path} must hold one token of at "
+                                "least 32 characters")
+        return token
 
     def _check_hub(self) -> None:
         if self.hub_url is not None:
@@ -392,6 +478,10 @@ def _str_list(v) -> tuple[str, ...]:
     return tuple(v)
 
 
+def _seconds(v) -> float:
+    return float(_typed((int, float), "a number of seconds")(v))
+
+
 def _bool(v) -> bool:
     return _typed(bool, "true or false")(v)
 
@@ -406,7 +496,8 @@ def _mounts(v) -> tuple[Mount, ...]:
 
 
 # the keys of a [servers.<name>] table (GPUServer's fields)
-_SERVER_KEYS = ("lxd", "project", "client_cert", "client_key", "server_cert", "address")
+_SERVER_KEYS = ("lxd", "project", "client_cert", "client_key", "server_cert", "address",
+                "agent")
 
 
 def _table(table, section: str, known, fail) -> Mapping:
@@ -446,4 +537,10 @@ _SCHEMA: dict[str, dict[str, tuple[str, Any]]] = {
     "network": {"port_isolation": ("port_isolation", _bool)},
     "hub": {"url": ("hub_url", _str), "address": ("hub_address", _str)},
     "portal": {"snapshot_limit": ("snapshot_limit", _int), "export_dir": ("export_dir", _str)},
+    "monitor": {"agent_port": ("agent_port", _int), "token_file": ("monitor_token_file", _str),
+                "idle_utilization": ("idle_utilization", _int),
+                "idle_minutes": ("idle_minutes", _int), "disks": ("monitor_disks", _str_list),
+                "public": ("monitor_public", _bool),
+                "history_minutes": ("history_minutes", _int),
+                "poll_seconds": ("poll_seconds", _seconds)},
 }

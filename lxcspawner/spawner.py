@@ -178,6 +178,13 @@ class LXCSpawner(Spawner):
              "(JupyterHub.concurrent_spawn_limit caps the hub as a whole).",
     )
 
+    server_notes = AnyTrait(
+        None, allow_none=True, config=True,
+        help="An async callable, settings -> {GPU server name: a short note}, whose notes "
+             "the spawn form shows beside each server, such as its free GPUs (the shipped "
+             "config sets the monitor's); a note that fails or takes over 3 s is left out.",
+    )
+
     @default("start_timeout")
     def _default_start_timeout(self):
         # A first start creates the container and shifts its id map, and a
@@ -223,17 +230,30 @@ class LXCSpawner(Spawner):
     def _default_options_form(self):
         return self._options_form
 
-    def _options_form(self, spawner) -> str:
+    async def _options_form(self, spawner) -> str:
         names = self._settings.server_names
         if self.name or len(names) == 1:
             return ""
+        notes = await self._server_notes()
         options = "\n".join(
             f'<option value="{web.escape.xhtml_escape(n)}"'
             f'{" selected" if n == self._settings.server else ""}>'
-            f"{web.escape.xhtml_escape(n)}</option>" for n in names)
+            f"{web.escape.xhtml_escape(n)}"
+            f"{' (' + web.escape.xhtml_escape(notes[n]) + ')' if notes.get(n) else ''}"
+            "</option>" for n in names)
         return (f'<label for="gpu_server">GPU server</label>\n'
                 f'<select class="form-control" name="gpu_server" id="gpu_server">\n'
                 f"{options}\n</select>")
+
+    async def _server_notes(self) -> dict[str, str]:
+        if self.server_notes is None:
+            return {}
+        try:
+            notes = await asyncio.wait_for(self.server_notes(self._settings), 3)
+        except Exception as e:  # noqa: BLE001 - the form goes on without its notes
+            self.log.warning("the spawn form's server notes failed: %s", e)
+            return {}
+        return {k: str(v) for k, v in (notes or {}).items() if isinstance(k, str)}
 
     def options_from_form(self, formdata: dict) -> dict:
         choice = (formdata.get("gpu_server") or [self._settings.server])[0]

@@ -18,6 +18,12 @@ local LXD, so a rebooted server gets its rules back from LXD alone.
 
 Stopping the agent leaves the rules in place: SSH keeps working while it
 restarts.  ``--remove-rules`` takes them out.
+
+It also samples the server's load (:mod:`monitor.collector`: GPUs through
+NVML, who uses each, the host, each container) about once a second and
+serves it to the dashboard (:mod:`monitor.loadapi`) at this server's agent
+address from the site settings, with the site's monitor token.  Without the
+token file it keeps the ports and says why it serves no load.
 """
 
 from __future__ import annotations
@@ -28,12 +34,14 @@ import functools
 import logging
 import os
 import re
+import secrets
 import signal
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
+from urllib.parse import urlsplit
 
 from lxcspawner.dnat import DNATTable, SyncResult, XtablesUnavailable
 from lxcspawner.lxd import LXD, LXDError
@@ -42,6 +50,9 @@ from lxcspawner.portmap import (
     FORWARD_PORTS, JUPYTER_PORTS, SSH_PORTS, PortMap, maps_for, parse_port_range, wanted_ports,
 )
 from lxcspawner.settings import Settings, SettingsError
+
+from . import loadapi
+from .collector import Collector, prometheus
 
 log = logging.getLogger("lxcgpu.node")
 
@@ -238,6 +249,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--chain-prefix", default="LXCGPU", metavar="NAME",
                    help="our chains are NAME-DNAT, NAME-POSTROUTING (nat), NAME-INPUT and "
                         "NAME-FORWARD (filter, IPv4 and IPv6) (default %(default)s)")
+    p.add_argument("--server", metavar="NAME", default=os.environ.get("LXCGPU_SERVER"),
+                   help="which GPU server of the site this is (its name in the site file; "
+                        "default $LXCGPU_SERVER, else the site's default server)")
+    p.add_argument("--listen", metavar="HOST:PORT", default=None,
+                   help="where to serve the load API (default: this server's agent address "
+                        "in the site file, [servers.NAME] agent or [monitor] agent_port)")
+    p.add_argument("--make-token", action="store_true",
+                   help="write a new monitor token to the site's [monitor] token_file if "
+                        "there is none (0600), and exit; copy that file to every GPU server")
     p.add_argument("--once", action="store_true", help="reconcile once and exit")
     p.add_argument("--remove-rules", action="store_true",
                    help="remove our chains and jumps, and exit")
@@ -247,10 +267,64 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _make_token() -> int:
+    """``--make-token``: the site's monitor token file, made once."""
+    try:
+        path = Path(Settings.load().monitor_token_file)
+    except (SettingsError, ValueError) as e:
+        print(f"lxcgpu-node: {e}", file=sys.stderr)
+        return 2
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except FileExistsError:
+        print(f"{path} exists; kept")
+        return 0
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_urlsafe(32) + "\n")
+    print(f"{path}: a new monitor token (copy it, 0600, to every GPU server of the site)")
+    return 0
+
+
+def _listen_address(url: str) -> tuple[str, int]:
+    """``http://HOST:PORT`` or ``HOST:PORT`` -> (host, port)."""
+    parts = urlsplit(url if "//" in url else f"//{url}")
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    if not parts.hostname or not port:
+        raise ValueError(f"--listen {url!r}: HOST:PORT")
+    return parts.hostname, port
+
+
+def _start_load_api(settings: Settings, server: str, lxd: LXD, host: str,
+                    port: int) -> asyncio.Task | None:
+    """The collector's loop and the load API, or None (and the reason in
+    the log) where the monitor token is missing: the ports are kept anyway."""
+    try:
+        token = settings.monitor_token()
+    except SettingsError as e:
+        log.error("no load API: %s", e)
+        return None
+    collector = Collector(server, lxd, disks=settings.monitor_disks,
+                          idle_utilization=settings.idle_utilization,
+                          idle_after=settings.idle_minutes * 60)
+    try:
+        loadapi.serve(loadapi.make_app(server, token, lambda: collector.latest, prometheus),
+                      host, port)
+    except OSError as e:
+        log.error("no load API: cannot listen on %s:%d: %s", host, port, e.strerror or e)
+        return None
+    return asyncio.ensure_future(collector.run(interval=1.0))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=args.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.make_token:
+        return _make_token()
     if not _PREFIX.match(args.chain_prefix):
         print(f"lxcgpu-node: --chain-prefix must be 1-16 capitals, digits or _: "
               f"{args.chain_prefix!r}", file=sys.stderr)
@@ -292,6 +366,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.pidfile:
         Path(args.pidfile).parent.mkdir(parents=True, exist_ok=True)
         Path(args.pidfile).write_text(f"{os.getpid()}\n")
+    try:
+        server = settings.gpu_server(args.server).name
+        host, port = _listen_address(args.listen or settings.agent_url(server))
+    except (SettingsError, ValueError) as e:
+        print(f"lxcgpu-node: {e}", file=sys.stderr)
+        return 2
     lxd = LXD(args.lxd, project=args.project)
     agent = NodeAgent(lxd, table, interval=args.interval, allowed=allowed,
                       hub_api_ports=api_ports, isolate=settings.port_isolation,
@@ -301,6 +381,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.once:
             await agent.reconcile("once")
             return 0
+        load = _start_load_api(settings, server, lxd, host, port)
         task = asyncio.ensure_future(agent.run())
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -309,6 +390,9 @@ def main(argv: list[str] | None = None) -> int:
             await task
         except asyncio.CancelledError:
             log.info("stopping; the rules stay in place")
+        finally:
+            if load is not None:
+                load.cancel()
         return 0
 
     try:

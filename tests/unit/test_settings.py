@@ -301,3 +301,48 @@ def test_portal_snapshot_limit(tmp_path):
         load(tmp_path, "[portal]\nsnapshot_limit = -1\n")
     with pytest.raises(SettingsError, match="snapshots"):
         load(tmp_path, "[portal]\nsnapshots = 3\n")
+
+
+def test_the_monitor_settings_and_each_agents_address(tmp_path):
+    s = Settings.from_dict({
+        "monitor": {"agent_port": 19101, "idle_minutes": 10, "disks": ["/", "/data"],
+                    "public": True, "poll_seconds": 2},
+        "servers": {"gpu17": {}, "gpu18": {"lxd": "https://10.9.8.7:8443", "client_cert": "/c",
+                                           "client_key": "/k", "server_cert": "/s"},
+                    "gpu19": {"agent": "http://gpu19-mgmt:9200"}}})
+    assert s.agent_url("gpu17") == "http://127.0.0.1:19101"
+    assert s.agent_url("gpu18") == "http://10.9.8.7:19101"
+    assert s.agent_url("gpu19") == "http://gpu19-mgmt:9200"
+    assert (s.idle_minutes, s.monitor_disks, s.monitor_public, s.poll_seconds) == \
+        (10, ("/", "/data"), True, 2.0)
+    for bad, said in (({"monitor": {"agent_port": 0}}, "agent_port"),
+                      ({"monitor": {"token_file": "rel/path"}}, "token_file"),
+                      ({"monitor": {"idle_utilization": 101}}, "idle_utilization"),
+                      ({"monitor": {"poll_seconds": 0.1}}, "poll_seconds"),
+                      ({"monitor": {"disks": ["data"]}}, "disks"),
+                      ({"monitor": {"public": "yes"}}, "public"),
+                      ({"monitor": {"colour": 1}}, "unknown key 'colour'"),
+                      ({"servers": {"a": {"agent": "https://a:1"}}}, "http://HOST:PORT"),
+                      ({"servers": {"a": {"agent": "http://a"}}}, "http://HOST:PORT")):
+        with pytest.raises(SettingsError, match=said):
+            Settings.from_dict(bad)
+
+
+def test_the_monitor_token_file_must_be_private(tmp_path):
+    path = tmp_path / "monitor.token"
+    s = Settings.from_dict({"monitor": {"token_file": str(path)}})
+    with pytest.raises(SettingsError, match="does not exist"):
+        s.monitor_token()
+    path.write_text("a" * 40 + "\n")
+    path.chmod(0o644)
+    with pytest.raises(SettingsError, match="readable by others: chmod 600"):
+        s.monitor_token()
+    path.chmod(0o600)
+    assert s.monitor_token() == "a" * 40
+    path.write_text("short\n")
+    with pytest.raises(SettingsError, match="at least 32"):
+        s.monitor_token()
+    link = tmp_path / "link.token"
+    link.symlink_to(path)
+    with pytest.raises(SettingsError):
+        Settings.from_dict({"monitor": {"token_file": str(link)}}).monitor_token()

@@ -1,0 +1,130 @@
+"""The node agent's load API: what the collector saw last, over HTTP.
+
+- ``GET /api/v1/load``: the collector's latest document (JSON; see
+  :mod:`monitor.collector`);
+- ``GET /metrics``: the same as Prometheus text (labels node, gpu, uuid,
+  user);
+- ``GET /api/v1/health``: ``{"node": NAME, "ok": true}``, without a token
+  (for a load balancer's or an admin's check; no details).
+
+Process details are not public: the first two need the site's monitor token
+(``[monitor] token_file``) in the ``Authorization`` header (``Bearer ...`` or
+``token ...``); a token in the URL is refused.  A request never makes the
+agent ask NVML, /proc or LXD anything: it is served from the last sample,
+encoded once per sample, so its cost is bounded whatever the rate.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+from typing import Callable
+
+from tornado import httpserver, netutil, web
+
+log = logging.getLogger("lxcgpu.node")
+
+
+class _Encoded:
+    """The latest document, encoded once per sample."""
+
+    def __init__(self, latest: Callable[[], dict | None], metrics: Callable[[dict], str]):
+        self._latest, self._metrics = latest, metrics
+        self._doc: dict | None = None
+        self._json = self._text = b""
+
+    def _refresh(self) -> dict | None:
+        doc = self._latest()
+        if doc is not None and doc is not self._doc:
+            self._doc = doc
+            self._json = json.dumps(doc, separators=(",", ":")).encode()
+            self._text = self._metrics(doc).encode()
+        return self._doc
+
+    def json(self) -> bytes | None:
+        return self._json if self._refresh() is not None else None
+
+    def metrics(self) -> bytes | None:
+        return self._text if self._refresh() is not None else None
+
+
+class _Handler(web.RequestHandler):
+    public = False
+
+    def prepare(self):
+        if "token" in self.request.query_arguments:
+            self._refuse(400, "tokens in URLs are refused: send it in the Authorization header")
+        if self.public:
+            return
+        given = (self.request.headers.get("Authorization") or "").split(None, 1)
+        ok = (len(given) == 2 and given[0].lower() in ("bearer", "token")
+              and hmac.compare_digest(given[1].strip().encode(),
+                                      self.settings["token"].encode()))
+        if not ok:
+            log.info("load API: refused %s %s from %s (no or wrong token)", self.request.method,
+                     self.request.path, self.request.remote_ip)
+            self.set_header("WWW-Authenticate", 'Bearer realm="lxcgpu-node"')
+            self._refuse(401, "the monitor token is needed (Authorization: Bearer ...)")
+
+    def _refuse(self, status: int, message: str) -> None:
+        self.set_status(status)
+        self.set_header("Content-Type", "application/json; charset=utf-8")
+        self.finish(json.dumps({"status": status, "message": message}))
+        raise web.Finish()
+
+    def write_error(self, status_code: int, **kwargs):
+        self.set_header("Content-Type", "application/json; charset=utf-8")
+        self.finish(json.dumps({"status": status_code, "message": self._reason}))
+
+    def _no_sample(self) -> None:
+        self._refuse(503, "no sample yet: the agent has just started")
+
+
+class LoadHandler(_Handler):
+    def get(self):
+        body = self.settings["encoded"].json()
+        if body is None:
+            self._no_sample()
+        self.set_header("Content-Type", "application/json; charset=utf-8")
+        self.set_header("Cache-Control", "no-store")
+        self.finish(body)
+
+
+class MetricsHandler(_Handler):
+    def get(self):
+        body = self.settings["encoded"].metrics()
+        if body is None:
+            self._no_sample()
+        self.set_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+        self.finish(body)
+
+
+class HealthHandler(_Handler):
+    public = True
+
+    def get(self):
+        self.set_header("Content-Type", "application/json; charset=utf-8")
+        self.finish(json.dumps({"node": self.settings["node"], "ok": True}))
+
+
+def make_app(node: str, token: str, latest: Callable[[], dict | None],
+             metrics: Callable[[dict], str]) -> web.Application:
+    if len(token) < 32:
+        raise ValueError("the monitor token must have at least 32 characters")
+    return web.Application([
+        (r"/api/v1/load", LoadHandler),
+        (r"/metrics", MetricsHandler),
+        (r"/api/v1/health", HealthHandler),
+    ], node=node, token=token, encoded=_Encoded(latest, metrics))
+
+
+def serve(app: web.Application, host: str, port: int) -> tuple[httpserver.HTTPServer, int]:
+    """Listen on ``host:port`` (port 0: one the kernel picks) in the running
+    event loop; the server and its port."""
+    server = httpserver.HTTPServer(app, max_body_size=4096, idle_connection_timeout=60)
+    sockets = netutil.bind_sockets(port, host)
+    server.add_sockets(sockets)
+    port = sockets[0].getsockname()[1]
+    log.info("load API on http://%s:%d (/api/v1/load, /metrics)", host, port)
+    return server, port

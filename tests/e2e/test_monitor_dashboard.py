@@ -1,0 +1,220 @@
+"""The monitor through real parts: two GPU servers' node agents and the
+dashboard the hub runs, in a real browser.
+
+node1 is this machine's LXD with its agent on loopback; node2 is the second
+real LXD daemon in its own network namespace (tests/fixtures/lxd2.py) with
+its agent there, on node2's address.  Both agents serve their load with the
+site's monitor token (and refuse requests without it); the hub's dashboard
+polls both.  A researcher logs in and sees both cards, this machine's "no
+GPUs" (it has none) and a test container with its user; a CPU-heavy process
+started in that container shows within seconds; node2's agent is stopped and
+its card goes stale within seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+import secrets
+import subprocess
+import shutil
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+from playwright.async_api import expect
+
+from lxcspawner.container import start_container
+from tests.fixtures.browser import log_in
+from tests.fixtures.hub import _ldap_settings, free_port, launch_hub
+from tests.fixtures.lxd import TEST_KEY
+from tests.fixtures.lxd2 import NamespacedAgent
+from tests.fixtures.netns import Agent
+
+pytestmark = [pytest.mark.lxd, pytest.mark.ldap]
+
+FIRST_ID_BLOCK = 14600
+PORTS = 'ssh = "28500-28599"\nforward = "12400-12499"\njupyter = "20600-20699"\n'
+OWNER = "alice"
+
+
+def get(url: str, token: str | None = None, *, timeout: float = 10) -> tuple[int, bytes, dict]:
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"}
+                                 if token else {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, r.read(), dict(r.headers)
+    except urllib.error.HTTPError as e:
+        return e.code, e.read(), dict(e.headers)
+
+
+@pytest.fixture(scope="module")
+def monitor_site(second_lxd, ldap_directory, run_tag, tmp_path_factory):
+    """A hub whose site has node1 (here) and node2 (the second LXD), the
+    monitor token in a 0600 file, and both node agents running."""
+    root = tmp_path_factory.mktemp("monitor-site")
+    token = secrets.token_urlsafe(32)
+    token_file = root / "monitor.token"
+    token_file.touch(mode=0o600)
+    token_file.write_text(token + "\n")
+    agent_port = free_port("127.0.0.1")
+    toml = (f'[store]\nurl = "sqlite:///{root / "lxcgpu.sqlite"}"\n'
+            f"first_id_block = {FIRST_ID_BLOCK}\n[ports]\n{PORTS}"
+            f'[monitor]\ntoken_file = "{token_file}"\nagent_port = {agent_port}\n'
+            f"poll_seconds = 1\n"
+            f"[servers.node1]\n{second_lxd.site_table('node2')}"
+            f'[containers]\nprefix = "{run_tag}"\n')
+    hub = launch_hub(root, toml, ldap_settings=_ldap_settings(ldap_directory),
+                     admin_group=ldap_directory.admins_group_dn, tag_key=TEST_KEY,
+                     tag=run_tag, service="lxcgpu-tests")
+    config = root / "lxcgpu.toml"
+    node1 = Agent("LXCM" + run_tag[1:].upper(), root / "node1-agent.log", config=config,
+                  extra=("--server", "node1"))
+    node2 = NamespacedAgent(second_lxd, config, root / "node2-agent.log")
+    node1.start()
+    node2.start()
+    try:
+        hub.start()
+        yield {"hub": hub, "token": token, "agents": {"node1": node1, "node2": node2},
+               "urls": {"node1": f"http://127.0.0.1:{agent_port}",
+                        "node2": f"http://{second_lxd.address}:{agent_port}"}}
+    finally:
+        hub.stop()
+        shutil.rmtree(hub.proxy_dir, ignore_errors=True)
+        node1.stop()
+        node2.stop()
+        subprocess.run(node1.argv("--remove-rules"), capture_output=True, timeout=60,
+                       env=node1.env())
+        print(f"\n===== node1 agent log =====\n{node1.log_text()[-4000:]}")
+        print(f"\n===== node2 agent log =====\n{(root / 'node2-agent.log').read_text()[-4000:]}")
+
+
+def wait_for(check, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(0.5)
+    raise AssertionError(f"{what}: not within {timeout} s (last: {last!r})")
+
+
+def test_the_agents_serve_their_load_with_the_token_only(monitor_site):
+    token = monitor_site["token"]
+    for name, url in monitor_site["urls"].items():
+        def loaded():
+            code, body, _ = get(f"{url}/api/v1/load", token)
+            return json.loads(body) if code == 200 else None
+        doc = wait_for(loaded, 30, f"{name}'s first sample")
+        assert doc["node"] == name
+        assert doc["gpus"]["status"] == "no GPUs" and doc["gpus"]["devices"] == []
+        assert doc["host"]["cpus"] >= 1 and doc["host"]["memory"]["total"] > 0
+        # Without the token, with a wrong one, or with it in the URL: refused.
+        assert get(f"{url}/api/v1/load")[0] == 401
+        assert get(f"{url}/api/v1/load", "x" * 43)[0] == 401
+        assert get(f"{url}/metrics")[0] == 401
+        code, body, _ = get(f"{url}/api/v1/load?token={token}")
+        assert code == 400 and b"URL" in body
+        code, body, headers = get(f"{url}/metrics", token)
+        assert code == 200 and headers["Content-Type"].startswith("text/plain")
+        assert f'lxcgpu_gpus{{node="{name}"}} 0' in body.decode()
+        assert get(f"{url}/api/v1/health")[0] == 200
+
+
+async def test_the_dashboard_shows_both_servers_a_busy_container_and_a_stale_one(
+        monitor_site, user_containers, lxd, browser, artifacts, ldap_directory):
+    hub = monitor_site["hub"]
+    spec = await user_containers(OWNER)
+    await start_container(lxd, spec.name)
+    context = await browser.new_context(viewport={"width": 1400, "height": 1100},
+                                        ignore_https_errors=True)
+    page = await context.new_page()
+    try:
+        await log_in(page, hub, "bob", ldap_directory.passwords["bob"])
+        # The spawn form says what each server has free.
+        await page.goto(f"{hub.url}/hub/spawn")
+        await expect(page.locator("#gpu_server option[value=node1]")).to_have_text(
+            "node1 (no GPUs)")
+        await expect(page.locator("#gpu_server option[value=node2]")).to_have_text(
+            "node2 (no GPUs)")
+        # From the hub's own pages: the navigation bar's link.
+        await page.goto(f"{hub.url}/hub/home")
+        await page.click("#monitor-link")
+        await page.wait_for_url("**/services/monitor/", timeout=30_000)
+        node1, node2 = page.locator("#server-node1"), page.locator("#server-node2")
+        await expect(node1).to_contain_text("no GPUs", timeout=30_000)
+        await expect(node2).to_contain_text("no GPUs")
+        await expect(node1.locator(".badge").first).to_have_text("up")
+        await expect(page.locator("#summary")).to_contain_text("2 of 2 servers up")
+        # alice's container, by her name (not a number), with its state.
+        row = node1.locator("table.containers tr", has_text=spec.name)
+        await expect(row).to_contain_text(OWNER, timeout=30_000)
+        await expect(row).to_contain_text("running")
+        # A CPU-heavy process in it shows within seconds, without a reload.
+        await lxd.execute(spec.name, ["sh", "-c", "timeout 40 sh -c 'while :; do :; done' "
+                                      ">/dev/null 2>&1 &"])
+        started = time.monotonic()
+        cpu = row.locator("td").nth(3)
+        await expect(cpu).to_have_text(re.compile(r"^([4-9]\d|\d{3})%$"), timeout=20_000)
+        busy_after = time.monotonic() - started
+        # Filters: by user, and by server.
+        await page.fill("#filters input[name=user]", OWNER)
+        await page.click("#filters button")
+        await expect(page.locator("table.containers tr", has_text=spec.name)).to_have_count(1)
+        await expect(node2).to_have_count(0)
+        await page.fill("#filters input[name=user]", "")
+        await page.select_option("#filters select[name=server]", "node2")
+        await page.click("#filters button")
+        await expect(node1).to_have_count(0)
+        await expect(node2).to_have_count(1)
+        await page.select_option("#filters select[name=server]", "")
+        await page.click("#filters button")
+        await page.screenshot(path=artifacts / "monitor-dashboard.png", full_page=True)
+        # node2's agent stops: its card goes stale within seconds.
+        monitor_site["agents"]["node2"].proc.terminate()
+        stopped = time.monotonic()
+        await expect(node2.locator(".stale-badge")).to_contain_text("stale since",
+                                                                    timeout=30_000)
+        stale_after = time.monotonic() - stopped
+        await expect(page.locator("#summary")).to_contain_text("1 of 2 servers up")
+        spawn = await context.new_page()
+        await spawn.goto(f"{hub.url}/hub/spawn")
+        await expect(spawn.locator("#gpu_server option[value=node2]")).to_have_text(
+            "node2 (not answering)", timeout=15_000)
+        await spawn.close()
+        await page.screenshot(path=artifacts / "monitor-stale.png", full_page=True)
+        print(f"busy shown after {busy_after:.1f} s; stale shown after {stale_after:.1f} s")
+        assert stale_after < 15
+    except BaseException:
+        with contextlib.suppress(Exception):
+            await page.screenshot(path=artifacts / "monitor-failure.png", full_page=True)
+        raise
+    finally:
+        await context.close()
+        monitor_site["agents"]["node2"].start()
+
+
+async def test_the_dashboard_json_needs_a_login_or_a_token(monitor_site):
+    hub = monitor_site["hub"]
+    url = f"{hub.url}/services/monitor/api/v1/load"
+    with hub.session() as s:
+        r = await asyncio.to_thread(s.get, url, timeout=30, allow_redirects=False)
+        assert r.status_code == 401, r.text
+        hub.api("post", "/users/bob")
+        token = hub.api("post", "/users/bob/tokens",
+                        json={"note": "monitor", "expires_in": 600}).json()["token"]
+        r = await asyncio.to_thread(s.get, url + "?state=free", timeout=30,
+                                    headers={"Authorization": f"token {token}"})
+        assert r.status_code == 200, r.text
+        data = r.json()
+        assert data["filters"]["state"] == "free" and data["summary"]["servers"] == 2
+        r = await asyncio.to_thread(s.get, url + "?state=asleep", timeout=30,
+                                    headers={"Authorization": f"token {token}"})
+        assert r.status_code == 400 and "state: one of" in r.json()["message"]
+        r = await asyncio.to_thread(s.get, url + "?server=nowhere", timeout=30,
+                                    headers={"Authorization": f"token {token}"})
+        assert r.status_code == 404
