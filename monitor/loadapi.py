@@ -108,6 +108,16 @@ class HealthHandler(_Handler):
         self.finish(json.dumps({"node": self.settings["node"], "ok": True}))
 
 
+def _access_log(handler: web.RequestHandler) -> None:
+    """Answers at debug level (the dashboard asks every few seconds);
+    refusals and errors at info and above."""
+    status = handler.get_status()
+    level = logging.DEBUG if status < 400 else logging.INFO if status < 500 else logging.ERROR
+    log.log(level, "%d %s %s (%s) %.1f ms", status, handler.request.method,
+            handler.request.path, handler.request.remote_ip,
+            1000 * handler.request.request_time())
+
+
 def make_app(node: str, token: str, latest: Callable[[], dict | None],
              metrics: Callable[[dict], str]) -> web.Application:
     if len(token) < 32:
@@ -116,7 +126,7 @@ def make_app(node: str, token: str, latest: Callable[[], dict | None],
         (r"/api/v1/load", LoadHandler),
         (r"/metrics", MetricsHandler),
         (r"/api/v1/health", HealthHandler),
-    ], node=node, token=token, encoded=_Encoded(latest, metrics))
+    ], node=node, token=token, encoded=_Encoded(latest, metrics), log_function=_access_log)
 
 
 def serve(app: web.Application, host: str, port: int) -> tuple[httpserver.HTTPServer, int]:
