@@ -454,8 +454,15 @@ class Portal:
                 running = (await lxd.state(name)).running
                 if running:
                     await lxd.stop(name, timeout=60)
-                await lxd.restore_snapshot(home["source"], home_snap, pool=home["pool"])
-                await lxd.restore_snapshot(name, snapshot)
+                try:
+                    await lxd.restore_snapshot(home["source"], home_snap, pool=home["pool"])
+                    await lxd.restore_snapshot(name, snapshot)
+                except BaseException:
+                    # A failed restore must not leave the container down too.
+                    if running:
+                        with contextlib.suppress(LXDError):
+                            await lxd.start(name)
+                    raise
                 if running:
                     await lxd.start(name)
             # The snapshot may predate a key or forward change: the store wins.

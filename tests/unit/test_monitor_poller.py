@@ -5,6 +5,7 @@ view without process ids, and an agent that refuses a wrong token."""
 
 from __future__ import annotations
 
+import json
 import socket
 
 import pytest
@@ -134,3 +135,29 @@ async def test_a_server_goes_stale_after_three_polls_and_keeps_its_data(site):
     card = p.view()["servers"][0]
     assert card["status"] == "stale" and card["since"] == "1970-01-01T00:16:40Z"
     assert len(card["gpus"]) == 3                 # its last data stays
+
+
+async def test_the_public_mode_serves_page_and_json_without_login(site):
+    """[monitor] public = true: a wall screen with no hub login sees the page
+    and the JSON, without process ids or container names."""
+    from tornado.httpclient import AsyncHTTPClient
+
+    p = dashboard.Poller(site, TOKEN, poll_seconds=1, timeout=2)
+    await p.poll()
+    server, port = loadapi.serve(dashboard.make_app(p, "/services/monitor/", None, public=True),
+                                 "127.0.0.1", 0)
+    try:
+        http = AsyncHTTPClient()
+        base = f"http://127.0.0.1:{port}/services/monitor/"
+        page = await http.fetch(base)
+        assert page.code == 200 and b"GPU servers" in page.body
+        assert b"Keys &amp; containers" not in page.body      # no hub menu on a wall
+        data = json.loads((await http.fetch(base + "api/v1/load")).body)
+        gpu1 = next(c for c in data["servers"] if c["name"] == "gpu1")
+        assert gpu1["gpus"][1]["processes"] == [] and "name" not in gpu1["containers"][0]
+        r = await http.fetch(base + "api/v1/load?state=asleep", raise_error=False)
+        assert r.code == 400
+        r = await http.fetch(base + "api/v1/load?token=x", raise_error=False)
+        assert r.code == 400
+    finally:
+        server.stop()
