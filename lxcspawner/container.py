@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Mapping
 
-from . import naming
+from . import gpus, naming
 from .idmap import IDMAP_BLOCK, IDMAP_USER_FIRST, IDMAP_USER_LAST  # noqa: F401
 from .naming import KEY_PREFIX  # noqa: F401
 from .lxd import LXD, LXDError
@@ -107,6 +107,8 @@ class ContainerSpec:
     processes: int | None = None   # LXD limits.processes
     mounts: tuple[Mount, ...] = ()
     gpus: int = 0                  # GPUs on the server; a gpu device only if > 0
+    gpu_pci: tuple[str, ...] = ()  # the chosen GPUs' PCI addresses; (): every GPU
+    nvidia_runtime: bool = False   # LXD injects the host's NVIDIA libraries (driver_sync runtime)
     pool: str | None = None        # storage pool for the root disk (default: the profile's)
     # The container's own eth0 (network.nic_device: its assigned address and
     # LXD's filtering); None: the profile's, as it is.
@@ -170,6 +172,8 @@ class ContainerSpec:
             cfg["limits.memory"] = self.memory
         if self.processes:
             cfg["limits.processes"] = str(self.processes)
+        if self.nvidia_runtime and (self.gpus > 0 or self.gpu_pci):
+            cfg["nvidia.runtime"] = "true"
         cfg.update(self.extra_config)
         return cfg
 
@@ -177,8 +181,7 @@ class ContainerSpec:
         devs = {m.device_name: m.device() for m in self.mounts}
         if self.pool:
             devs["root"] = {"type": "disk", "path": "/", "pool": self.pool}
-        if self.gpus > 0:
-            devs["lxcgpu-gpu"] = {"type": "gpu", "gputype": "physical"}
+        devs.update(gpus.devices(self.gpus, self.gpu_pci))
         if self.nic is not None:
             devs[NIC] = dict(self.nic)
         if self.home_pool:

@@ -17,7 +17,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
-from . import naming, network
+from . import driversync, gpus, naming, network
 from .container import (HOME_DEVICE, ContainerError, ContainerSpec, check_extra_key, check_owner,
                         ensure_container, half_made, home_volume, root_pool)
 from .lxd import LXD, LXDError, LXDNotFound, is_outage
@@ -32,7 +32,7 @@ Progress = Callable[[str], None]
 
 # ContainerSpec fields a caller may set over the site settings.
 SPEC_OVERRIDES = frozenset({"image", "profiles", "prefix", "cpu", "memory", "processes",
-                            "mounts", "gpus", "pool", "extra_config"})
+                            "mounts", "gpus", "gpu_pci", "pool", "extra_config"})
 
 
 @dataclass(frozen=True)
@@ -194,6 +194,34 @@ def _address_lock(lxd: LXD) -> asyncio.Lock:
     return _ADDRESS_LOCKS[key]
 
 
+async def _runtime_setting(lxd: LXD, spec: ContainerSpec, inst: Mapping[str, Any]) -> None:
+    """A stopped container of a server in driver_sync "runtime" gets
+    ``nvidia.runtime`` before it starts (one made before the mode was chosen
+    too), where the server has GPUs."""
+    if not spec.nvidia_runtime or (inst.get("config") or {}).get("nvidia.runtime") == "true":
+        return
+    if (await lxd.gpus())[0] > 0:
+        await lxd.update_config(spec.name, {"nvidia.runtime": "true"})
+
+
+async def _sync_driver(lxd: LXD, settings: Settings, name: str, server: str,
+                       say: Callable[[str], None]) -> None:
+    """driver_sync "installer": the container's NVIDIA userspace driver made
+    the host's (lxcspawner.driversync); nothing on a server without an
+    NVIDIA driver, or when the versions match."""
+    if settings.driver_sync_for(server) != "installer":
+        return
+    host = gpus.host_driver_version((await lxd.gpus())[1])
+    if host is None:
+        return
+    try:
+        await driversync.sync(lxd, name, host, settings.installer_dir,
+                              arch=(await lxd.server_info()).get("environment", {}).get(
+                                  "kernel_architecture"), progress=say)
+    except driversync.DriverSyncError as e:
+        raise ContainerError(str(e)) from e
+
+
 async def _start(lxd: LXD, spec: ContainerSpec, *, created: bool,
                  say: Callable[[str], None]) -> None:
     """Start the container.  The first start of one made just now shifts its
@@ -204,6 +232,11 @@ async def _start(lxd: LXD, spec: ContainerSpec, *, created: bool,
     try:
         await lxd.start(spec.name)
     except LXDError as e:
+        if spec.nvidia_runtime and "nvidia" in str(e).lower():
+            raise ContainerError(
+                f"{spec.server} cannot give containers its NVIDIA driver: NVIDIA's container "
+                "toolkit (nvidia-container-cli) is missing or failing there; an administrator "
+                "installs it, or sets driver_sync = \"installer\" for that server") from e
         if not created or is_outage(e):
             raise
         log.warning("%s: its first start failed (%s): deleting it and creating it again",
@@ -311,11 +344,13 @@ async def ensure_user_container(lxd: LXD, store: Store, settings: Settings, user
     if start or restart:
         state = await lxd.state(spec.name)
         if not state.running:
+            await _runtime_setting(lxd, spec, inst)
             say("starting container")
             await _start(lxd, spec, created=created, say=say)
         if address not in state.addresses:
             say("waiting for network")
             await lxd.wait_for_address(spec.name, timeout=address_timeout, expected=address)
+        await _sync_driver(lxd, settings, spec.name, server, say)
         say("preparing user")
         keys = await asyncio.to_thread(store.authorized_keys, user)
         await provision(lxd, spec.name, login=spec.posix_user, keys=keys,

@@ -32,6 +32,7 @@ import urllib3
 from pylxd import exceptions as pylxd_exc
 
 from . import network
+from .gpus import GPU, parse_resources
 
 log = logging.getLogger("lxcspawner.lxd")
 
@@ -186,7 +187,7 @@ class LXD:
         self._executor = executor or ThreadPoolExecutor(
             max_workers=max_workers, thread_name_prefix="lxcgpu-lxd")
         self._client: pylxd.Client | None = None
-        self._gpus: tuple[int, float] | None = None      # (count, when read)
+        self._gpus: tuple[tuple[int, list[GPU]], float] | None = None   # (gpus(), when)
         self._gpu_locks: dict[int, asyncio.Lock] = {}    # per event loop
 
     # ------------------------------------------------------------ plumbing
@@ -437,7 +438,12 @@ class LXD:
             what="adding the certificate", retry=False)
 
     async def gpu_count(self) -> int:
-        """GPUs LXD sees on this server (0 where there are none).
+        """GPUs LXD sees on this server (0 where there are none); see gpus()."""
+        return (await self.gpus())[0]
+
+    async def gpus(self) -> tuple[int, list[GPU]]:
+        """Every GPU LXD sees on this server, and its NVIDIA GPUs in
+        nvidia-smi's order (lxcspawner.gpus).
 
         Read at most once a minute, by one caller at a time, and tried again
         once on an error: LXD's resources call walks sysfs, and a burst of
@@ -457,9 +463,9 @@ class LXD:
                 log.warning("reading the GPUs of %s failed (%s); trying once more", self, e)
                 await asyncio.sleep(0.5)
                 res = await self.resources()
-            count = int((res.get("gpu") or {}).get("total") or 0)
-            self._gpus = (count, time.monotonic())
-            return count
+            found = (int((res.get("gpu") or {}).get("total") or 0), parse_resources(res))
+            self._gpus = (found, time.monotonic())
+            return found
 
     async def image_by_alias(self, alias: str) -> dict:
         """The image behind ``alias``; ImageNotFound names the command to run."""
@@ -939,6 +945,23 @@ class LXD:
             self._request("post", f"/1.0/instances/{name}/files", params={"path": path},
                           data=data, headers=headers)
         await self.run(put, what=f"write {path} in {name}")
+
+    async def push_file(self, name: str, path: str, source, *, mode: int = 0o644,
+                        timeout: float = 1800) -> None:
+        """Write the local file ``source`` (a path) to ``path`` in the
+        container, streamed (an installer of hundreds of MiB is never held in
+        memory); root's, links handled as in put_file."""
+        headers = {"X-LXD-type": "file", "X-LXD-mode": f"{mode:04o}", "X-LXD-uid": "0",
+                   "X-LXD-gid": "0", "X-LXD-write": "overwrite",
+                   "Content-Type": "application/octet-stream"}
+
+        def push():
+            self._unlinked(name, path)
+            with open(source, "rb") as f:
+                self._request("post", f"/1.0/instances/{name}/files", params={"path": path},
+                              data=f, headers=headers, timeout=timeout)
+        await self.run(push, what=f"write {path} in {name}", timeout=timeout + 30,
+                       retry=False)
 
     async def make_dir(self, name: str, path: str, *, mode: int = 0o755, uid: int = 0,
                        gid: int = 0) -> None:

@@ -30,6 +30,9 @@ errors that name them, so a typo never silently falls back to a default::
     mounts = ["/data:/data:ro"]
     [network]
     port_isolation = true
+    [gpus]
+    driver_sync = "runtime"              # none, runtime (LXD's nvidia.runtime) or installer
+    installer_dir = "/nas/nvidia"        # NVIDIA-Linux-x86_64-<version>.run files (installer)
     [monitor]                            # the node agents' load API and the dashboard
     agent_port = 9101                    # [servers.X] agent = "http://HOST:PORT" overrides
     token_file = "/etc/lxcgpu/monitor.token"
@@ -63,6 +66,8 @@ from .container import IDMAP_BLOCK, IDMAP_USER_FIRST, IDMAP_USER_LAST, Container
 from .portmap import check_port_ranges
 
 DEFAULT_PATH = "/etc/lxcgpu/lxcgpu.toml"
+#: How a container's NVIDIA userspace driver follows the host's (lxcspawner.driversync).
+DRIVER_SYNC_MODES = ("none", "runtime", "installer")
 ENV_VAR = "LXCGPU_CONFIG"
 
 
@@ -88,6 +93,7 @@ class GPUServer:
     server_cert: str | None = None   # HTTPS: the server's certificate, pinned
     address: str | None = None       # the host users SSH to; None: the name
     agent: str | None = None         # its node agent's load API, http://HOST:PORT (see agent_url)
+    driver_sync: str | None = None   # none, runtime or installer; None: [gpus] driver_sync
 
     def __post_init__(self):
         naming.check_server_name(self.name)
@@ -96,6 +102,9 @@ class GPUServer:
             v = getattr(self, attr)
             if v is not None and (not isinstance(v, str) or not v or v != v.strip()):
                 raise ValueError(f"GPU server {self.name}: {attr} must be a non-empty string")
+        if self.driver_sync is not None and self.driver_sync not in DRIVER_SYNC_MODES:
+            raise ValueError(f"GPU server {self.name}: driver_sync {self.driver_sync!r}: one "
+                             f"of {', '.join(DRIVER_SYNC_MODES)}")
         if self.agent is not None:
             url = urlparse(self.agent)
             try:
@@ -178,6 +187,10 @@ class Settings:
     # keyportal: where users' exports (LXD backups) are written, e.g. the
     # lab's NAS; None: exports are off.
     export_dir: str | None = None
+    # GPUs: how a container's NVIDIA userspace driver follows the host's
+    # (lxcspawner.driversync), and where the installers are.
+    driver_sync: str = "none"
+    installer_dir: str | None = None
     # monitor: the node agents' load API and the dashboard.
     agent_port: int = 9101           # each agent's port (where [servers.X] agent is not set)
     monitor_token_file: str = "/etc/lxcgpu/monitor.token"   # shared by agents and dashboard
@@ -210,6 +223,12 @@ class Settings:
                                                 and self.export_dir.startswith("/")):
             raise ValueError(f"[portal] export_dir {self.export_dir!r}: an absolute path")
         self._check_monitor()
+        if self.driver_sync not in DRIVER_SYNC_MODES:
+            raise ValueError(f"[gpus] driver_sync {self.driver_sync!r}: one of "
+                             f"{', '.join(DRIVER_SYNC_MODES)}")
+        if self.installer_dir is not None and not (isinstance(self.installer_dir, str)
+                                                   and self.installer_dir.startswith("/")):
+            raise ValueError(f"[gpus] installer_dir {self.installer_dir!r}: an absolute path")
         self._settle_servers()
         if self.instance_prefix and not naming.is_kept(self.instance_prefix, 16):
             raise ValueError(f"instance prefix {self.instance_prefix!r}: up to 16 lowercase "
@@ -247,6 +266,14 @@ class Settings:
         if not isinstance(self.poll_seconds, (int, float)) or isinstance(self.poll_seconds, bool) \
                 or not 0.5 <= self.poll_seconds <= 600:
             raise ValueError("[monitor] poll_seconds: 0.5 to 600")
+
+    def driver_sync_for(self, server: str | None = None) -> str:
+        """How GPU server ``server`` keeps containers' NVIDIA driver in step:
+        its own ``driver_sync``, else ``[gpus] driver_sync`` (also for a name
+        the site does not list)."""
+        name = server or self.server
+        own = next((g.driver_sync for g in self.servers if g.name == name), None)
+        return own or self.driver_sync
 
     def agent_url(self, server: str | None = None) -> str:
         """Where the node agent of GPU server ``server`` serves its load API:
@@ -425,6 +452,7 @@ class Settings:
             "image": self.image, "profiles": self.profiles, "prefix": self.instance_prefix,
             "cpu": self.cpu, "memory": self.memory, "processes": self.processes,
             "mounts": self.mounts,
+            "nvidia_runtime": self.driver_sync_for(server) == "runtime",
         }
         for k in ("user", "server", "idmap_base"):
             if k in overrides:
@@ -497,7 +525,7 @@ def _mounts(v) -> tuple[Mount, ...]:
 
 # the keys of a [servers.<name>] table (GPUServer's fields)
 _SERVER_KEYS = ("lxd", "project", "client_cert", "client_key", "server_cert", "address",
-                "agent")
+                "agent", "driver_sync")
 
 
 def _table(table, section: str, known, fail) -> Mapping:
@@ -537,6 +565,7 @@ _SCHEMA: dict[str, dict[str, tuple[str, Any]]] = {
     "network": {"port_isolation": ("port_isolation", _bool)},
     "hub": {"url": ("hub_url", _str), "address": ("hub_address", _str)},
     "portal": {"snapshot_limit": ("snapshot_limit", _int), "export_dir": ("export_dir", _str)},
+    "gpus": {"driver_sync": ("driver_sync", _str), "installer_dir": ("installer_dir", _str)},
     "monitor": {"agent_port": ("agent_port", _int), "token_file": ("monitor_token_file", _str),
                 "idle_utilization": ("idle_utilization", _int),
                 "idle_minutes": ("idle_minutes", _int), "disks": ("monitor_disks", _str_list),

@@ -1,0 +1,109 @@
+"""driver_sync "installer" in a real container: an older NVIDIA userspace
+driver inside is found, the host version's installer (here a fake one, a
+shell script in the installer folder that writes the versioned libraries as
+NVIDIA's .run does) is pushed in and run with --no-kernel-module --silent,
+and the versions are equal after; a second start does nothing; a missing
+installer and a failing one give a sentence naming what to do; a link the
+user planted where the installer goes is replaced, never followed.
+
+No GPU here, so the host's version is given to the sync (on a GPU server it
+comes from LXD's /1.0/resources: tests/unit/test_gpus.py).
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from lxcspawner import driversync
+from lxcspawner.container import start_container
+
+pytestmark = pytest.mark.lxd
+
+USER = "drv"
+SERVER = "drv"
+LIBDIR = "/usr/lib/x86_64-linux-gnu"
+HOST = "550.54.14"
+OLD = "535.104.05"
+
+# What NVIDIA's installer leaves behind, in the fake's own words (argv only;
+# it refuses to run without the flags lxcgpu must pass).
+FAKE_INSTALLER = r"""#!/bin/sh
+set -e
+case " $* " in *" --no-kernel-module "*) ;; *) echo "missing --no-kernel-module" >&2; exit 2 ;; esac
+case " $* " in *" --silent "*) ;; *) echo "missing --silent" >&2; exit 2 ;; esac
+v=@VERSION@
+d=/usr/lib/x86_64-linux-gnu
+for lib in libcuda libnvidia-ml; do
+  : > "$d/$lib.so.$v"
+  ln -sf "$lib.so.$v" "$d/$lib.so.1"
+done
+echo "Installation of the NVIDIA Accelerated Graphics Driver for Linux-x86_64 (version: $v) is now complete."
+"""
+
+
+@pytest.fixture(scope="module")
+async def drv(lxd, user_containers):
+    spec = await user_containers(USER, server=SERVER)
+    await start_container(lxd, spec.name)
+    return spec.name
+
+
+def installer(folder, version: str, body: str = FAKE_INSTALLER):
+    path = folder / driversync.installer_name(version)
+    path.write_text(body.replace("@VERSION@", version))
+    path.chmod(0o644)           # the hub reads it; lxcgpu makes it executable inside
+    return path
+
+
+async def test_an_older_driver_is_replaced_by_the_hosts(lxd, drv, tmp_path):
+    # An older driver inside, as an image built months ago has.
+    for lib in ("libcuda", "libnvidia-ml"):
+        (await lxd.execute(drv, ["ln", "-sf", f"{lib}.so.{OLD}", f"{LIBDIR}/{lib}.so.1"])
+         ).check(["ln"])
+    assert await driversync.container_version(lxd, drv) == OLD
+    installer(tmp_path, HOST)
+    said: list[str] = []
+    assert await driversync.sync(lxd, drv, HOST, str(tmp_path), progress=said.append) == \
+        "installed"
+    assert await driversync.container_version(lxd, drv) == HOST
+    assert said == [f"installing the NVIDIA driver {HOST} (was {OLD}; a few minutes)",
+                    f"NVIDIA driver {HOST} installed"]
+    # The installer does not stay in the container.
+    assert await lxd.file_entry(drv, driversync.IN_CONTAINER) is None
+    # The next start: the versions match, nothing is pushed or run.
+    (tmp_path / driversync.installer_name(HOST)).unlink()
+    t = time.perf_counter()
+    assert await driversync.sync(lxd, drv, HOST, str(tmp_path), progress=said.append) == \
+        "matched"
+    print(f"driver check with matching versions: {(time.perf_counter() - t) * 1000:.1f} ms")
+    assert len(said) == 2
+
+
+async def test_a_missing_or_failing_installer_is_a_sentence(lxd, drv, tmp_path):
+    with pytest.raises(driversync.DriverSyncError) as e:
+        await driversync.sync(lxd, drv, "560.28.03", str(tmp_path))
+    assert f"puts NVIDIA-Linux-x86_64-560.28.03.run at {tmp_path}" in str(e.value)
+    with pytest.raises(driversync.DriverSyncError, match=r"installer_dir"):
+        await driversync.sync(lxd, drv, "560.28.03", None)
+    installer(tmp_path, "560.28.03", "#!/bin/sh\necho 'ERROR: unable to load' >&2\nexit 1\n")
+    with pytest.raises(driversync.DriverSyncError) as e:
+        await driversync.sync(lxd, drv, "560.28.03", str(tmp_path))
+    assert "installer failed" in str(e.value) and "exit 1" in str(e.value)
+    assert await lxd.file_entry(drv, driversync.IN_CONTAINER) is None
+
+
+async def test_a_planted_link_is_replaced_not_followed(lxd, drv, tmp_path):
+    """Root in the container links the installer's path to /etc/shadow:
+    lxcgpu's write replaces the link; /etc/shadow keeps its contents."""
+    before = await lxd.get_file(drv, "/etc/shadow")
+    (await lxd.execute(drv, ["ln", "-sf", "/etc/shadow", driversync.IN_CONTAINER])
+     ).check(["ln"])
+    for lib in ("libcuda", "libnvidia-ml"):
+        (await lxd.execute(drv, ["ln", "-sf", f"{lib}.so.{OLD}", f"{LIBDIR}/{lib}.so.1"])
+         ).check(["ln"])
+    installer(tmp_path, HOST)
+    assert await driversync.sync(lxd, drv, HOST, str(tmp_path)) == "installed"
+    assert await lxd.get_file(drv, "/etc/shadow") == before
+    assert await lxd.file_entry(drv, driversync.IN_CONTAINER) is None

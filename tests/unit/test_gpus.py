@@ -1,0 +1,101 @@
+"""A GPU server's GPUs from LXD's /1.0/resources, and the devices a
+container gets.
+
+resources-no-gpu.json is this machine's LXD's own answer (no GPU here); the
+others follow LXD 5.0's api.ResourcesGPUCard fields (id, pci_address,
+driver, driver_version, vendor_id, product, and the nvidia section that LXD
+fills through nvidia-container-cli): one RTX 4090 with and without the
+container toolkit on the host, and eight A100s whose DRM numbers (LXD's
+``id``) are not in PCI order, beside the board's own ASPEED VGA.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lxcspawner import gpus
+from lxcspawner.container import IDMAP_USER_FIRST, ContainerSpec
+from lxcspawner.settings import Settings, SettingsError
+
+DATA = Path(__file__).resolve().parents[1] / "fixtures" / "data"
+
+
+def resources(name: str) -> dict:
+    return json.loads((DATA / f"resources-{name}.json").read_text())
+
+
+def test_no_gpu_here():
+    res = resources("no-gpu")
+    assert gpus.parse_resources(res) == []
+    assert gpus.host_driver_version([]) is None
+    assert gpus.devices(0) == {}
+    with pytest.raises(gpus.GPUChoiceError, match="node1 has no GPU '0'; it has no GPUs"):
+        gpus.choose([], ["0"], "node1")
+
+
+def test_one_gpu_with_and_without_the_container_toolkit():
+    (g,) = gpus.parse_resources(resources("1-gpu"))
+    assert (g.index, g.model, g.pci_address) == (0, "NVIDIA GeForce RTX 4090", "0000:01:00.0")
+    assert g.uuid == "GPU-5e0b2d6a-0a8c-4f0b-9a3e-1c2d3e4f5a6b"
+    assert (g.driver_version, g.cuda_version) == ("550.54.14", "12.4")
+    # Without the toolkit LXD has no nvidia section: no UUID, the kernel
+    # driver's version from sysfs, LXD's product name.
+    (bare,) = gpus.parse_resources(resources("1-gpu-no-toolkit"))
+    assert bare.uuid is None and bare.driver_version == "550.54.14"
+    assert bare.model == "AD102 [GeForce RTX 4090]"
+    assert gpus.host_driver_version([bare]) == "550.54.14"
+
+
+def test_eight_gpus_in_nvidia_smi_order_not_drm_order():
+    found = gpus.parse_resources(resources("8-gpus"))
+    assert len(found) == 8                         # the ASPEED VGA is not one of them
+    assert [g.pci_address for g in found] == sorted(g.pci_address for g in found)
+    assert [g.index for g in found] == list(range(8))
+    assert [g.drm_id for g in found] == [3, 1, 0, 2, 7, 5, 4, 6]
+    assert found[2].uuid == "GPU-00000002-1111-2222-3333-000000000002"
+    assert gpus.host_driver_version(found) == "550.54.14"
+    # Every GPU by default: one device, no filter.
+    assert gpus.devices(9) == {"lxcgpu-gpu": {"type": "gpu", "gputype": "physical"}}
+    # Chosen by UUID and by index: one device each, by PCI address.
+    chosen = gpus.choose(found, ["gpu-00000005-1111-2222-3333-000000000005", "2", 2], "gpu17")
+    assert [g.index for g in chosen] == [2, 5]
+    assert gpus.devices(9, [g.pci_address for g in chosen]) == {
+        "lxcgpu-gpu-0": {"type": "gpu", "gputype": "physical", "pci": "0000:47:00.0"},
+        "lxcgpu-gpu-1": {"type": "gpu", "gputype": "physical", "pci": "0000:90:00.0"}}
+    with pytest.raises(gpus.GPUChoiceError) as e:
+        gpus.choose(found, ["8"], "gpu17")
+    assert "gpu17 has no GPU '8'; its GPUs: 0 (GPU-00000000" in str(e.value)
+    with pytest.raises(gpus.GPUChoiceError):
+        gpus.choose(found, ["GPU-nope"], "gpu17")
+    with pytest.raises(ValueError, match="not a PCI address"):
+        gpus.devices(1, ["../../etc"])
+
+
+def test_the_container_spec_renders_gpus_and_the_runtime():
+    base = dict(user="alice", server="gpu17", idmap_base=IDMAP_USER_FIRST)
+    assert "lxcgpu-gpu" not in ContainerSpec(**base).devices()
+    spec = ContainerSpec(**base, gpus=8, nvidia_runtime=True)
+    assert spec.devices()["lxcgpu-gpu"] == {"type": "gpu", "gputype": "physical"}
+    assert spec.config()["nvidia.runtime"] == "true"
+    spec = ContainerSpec(**base, gpus=8, gpu_pci=("0000:47:00.0",))
+    assert [k for k in spec.devices() if gpus.is_gpu_device(k)] == ["lxcgpu-gpu-0"]
+    assert "nvidia.runtime" not in spec.config()
+    # No GPUs: no runtime either (LXD would fail the start without a driver).
+    assert "nvidia.runtime" not in ContainerSpec(**base, nvidia_runtime=True).config()
+
+
+def test_driver_sync_per_server():
+    s = Settings.from_dict({"gpus": {"driver_sync": "runtime", "installer_dir": "/nas/nvidia"},
+                            "servers": {"gpu17": {}, "gpu18": {"driver_sync": "installer"}}})
+    assert s.driver_sync_for("gpu17") == "runtime" and s.driver_sync_for("gpu18") == "installer"
+    assert s.container_spec("alice", IDMAP_USER_FIRST, server="gpu17").nvidia_runtime
+    assert not s.container_spec("alice", IDMAP_USER_FIRST, server="gpu18").nvidia_runtime
+    assert Settings().driver_sync == "none"
+    for bad, said in (({"gpus": {"driver_sync": "magic"}}, "driver_sync 'magic'"),
+                      ({"gpus": {"installer_dir": "nas"}}, "installer_dir"),
+                      ({"servers": {"a": {"driver_sync": "yes"}}}, "driver_sync 'yes'")):
+        with pytest.raises(SettingsError, match=said):
+            Settings.from_dict(bad)
