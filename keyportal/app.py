@@ -287,6 +287,18 @@ class RestoreHandler(APIHandler):
                                             source=self.source))
 
 
+class GPUsHandler(APIHandler):
+    async def get(self, server: str):
+        self.send(await self.portal.gpus(self.user, server))
+
+    async def put(self, server: str):
+        body = self.body()
+        if "gpus" not in body:
+            raise PortalError('send {"gpus": "all"} or {"gpus": ["GPU-...", 2]}')
+        self.send(await self.portal.set_gpus(self.user, server, body["gpus"], actor=self.actor,
+                                             source=self.source))
+
+
 class ForwardsHandler(APIHandler):
     async def get(self, server: str):
         self.send(await self.portal.forwards(self.user, server))
@@ -429,6 +441,7 @@ def api_routes() -> list[tuple[str, type]]:
         (f"{c}/snapshot-schedule", ScheduleHandler),
         (f"{c}/snapshots/(?P<name>[^/]+)/restore", RestoreHandler),
         (f"{c}/snapshots/(?P<name>[^/]+)", SnapshotHandler),
+        (f"{c}/gpus", GPUsHandler),
         (f"{c}/forwards", ForwardsHandler),
         (f"{c}/forwards/(?P<port>[^/]+)", ForwardHandler),
         ("ssh-config", SSHConfigHandler),
@@ -451,7 +464,7 @@ def make_app(portal: Portal, prefix: str, hub_auth: HubOAuth) -> web.Application
         (prefix + "keys/add", pages.KeyAddPage),
         (prefix + "keys/remove", pages.KeyRemovePage),
         (prefix + f"containers/{SERVER}/(?P<action>start|stop|snapshot|schedule|restore"
-                  "|delete-snapshot|rebuild|export|forward|unforward)", pages.ContainerPage),
+                  "|delete-snapshot|rebuild|export|gpus|forward|unforward)", pages.ContainerPage),
         (prefix + "ssh-config", pages.SSHConfigPage),
         (prefix + r"operations/(?P<op_id>[A-Za-z0-9_-]{1,40})", pages.OperationPage),
         (prefix + "admin", pages.AdminPage),

@@ -17,6 +17,7 @@ Then::
     lxcgpu schedule gpu17 @daily 7 / lxcgpu schedule gpu17 off
     lxcgpu export gpu17 / lxcgpu operations
     lxcgpu forward gpu17 6006 / lxcgpu forwards gpu17 / lxcgpu unforward gpu17 6006
+    lxcgpu gpus gpu17 / lxcgpu gpus gpu17 0,2 / lxcgpu gpus gpu17 all
     lxcgpu keys / lxcgpu keys add ~/.ssh/id_ed25519.pub / lxcgpu keys remove SHA256:...
     lxcgpu ssh-config >> ~/.ssh/config
 
@@ -285,6 +286,22 @@ def cmd_operations(args, p: Portal) -> Any:
                        ["id", "what", "server", "status", "step", "started", "ended"])
 
 
+def cmd_gpus(args, p: Portal) -> Any:
+    path = f"containers/{q(args.server)}/gpus"
+    if args.choice:
+        r = p.call("PUT", path, {"gpus": "all" if args.choice == "all" else
+                                 [c.strip() for c in args.choice.split(",") if c.strip()]})
+    else:
+        r = p.call("GET", path)
+    if not r["gpus"]:
+        return r, f"{r['server']} has no GPUs"
+    which = "all of them" if r["choice"] == "all" else ", ".join(map(str, r["choice"]))
+    return r, (f"{r['server']}: your container gets {which}\n\n"
+               + table([[g["index"], "yes" if g["yours"] else "", g["model"], g["uuid"],
+                         g["pci_address"]] for g in r["gpus"]],
+                       ["gpu", "yours", "model", "uuid", "pci"]))
+
+
 def cmd_forward(args, p: Portal) -> Any:
     r = p.call("POST", f"containers/{q(args.server)}/forwards", {"port": args.port})
     f = r["forward"]
@@ -385,6 +402,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "it with `lxcgpu operations`)")
     leaf("operations", cmd_operations, "your rebuilds and exports: running, and ended in the "
          "last hour")
+    q_ = leaf("gpus", cmd_gpus, "the server's GPUs, and which your container gets (all, or "
+              "a choice: lxcgpu gpus gpu17 0,2)", server=True)
+    q_.add_argument("choice", nargs="?", metavar="all|LIST", help="all, or GPU indexes / "
+                    "UUIDs, comma-separated")
     leaf("forward", cmd_forward, "expose a port of your container on the server",
          server=True).add_argument("port", type=int, metavar="PORT")
     leaf("forwards", cmd_forwards, "your forwards on a server", server=True)

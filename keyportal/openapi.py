@@ -80,6 +80,13 @@ PATHS: dict[str, dict[str, dict]] = {
         "post": _op("put the container back to a snapshot", params=[SERVER, NAME])},
     "/containers/{server}/snapshots/{name}": {
         "delete": _op("delete a snapshot", params=[SERVER, NAME])},
+    "/containers/{server}/gpus": {
+        "get": _op("the server's GPUs (nvidia-smi's order: index, UUID, model) and which are "
+                   "your container's", params=[SERVER]),
+        "put": _op("choose your container's GPUs: \"all\" (the default) or a list of UUIDs "
+                   "or indexes; applied at once", params=[SERVER],
+                   body={"gpus": {"oneOf": [{"type": "string", "enum": ["all"]},
+                                            {"type": "array"}]}})},
     "/containers/{server}/forwards": {
         "get": _op("your port forwards there", params=[SERVER]),
         "post": _op("forward a host port to a container port", params=[SERVER],

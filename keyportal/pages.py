@@ -111,6 +111,7 @@ class HomeHandler(PageHandler):
                     c["schedule"] = await self.portal.snapshot_schedule(self.user, c["server"])
                     c["made_by_hand"] = sum(not x["name"].startswith(AUTO_PREFIX)
                                             for x in c["snapshots"])
+                    c["gpus"] = await self.portal.gpus(self.user, c["server"])
                 except (PortalError, LXDError) as e:
                     c["detail"] = str(_refusal(e))
             c["forwards"] = await self.portal.forwards(self.user, c["server"])
@@ -187,6 +188,11 @@ class ContainerPage(PageHandler):
         elif action == "export":
             await self.act(p.export(u, server, **who),
                            f"exporting your container on {server}: follow it on its card")
+        elif action == "gpus":
+            await self.act(p.set_gpus(u, server, arg("gpus", "").strip() or "all", **who),
+                           lambda r: f"your container on {server} gets "
+                                     + ("every GPU of the server" if r["choice"] == "all"
+                                        else "GPU " + ", ".join(map(str, r["choice"]))))
         elif action == "forward":
             await self.act(p.add_forward(u, server, arg("port", ""), **who),
                            lambda r: f"{server}:{r['forward']['host_port']} now reaches port "

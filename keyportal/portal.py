@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from lxcspawner import gpus as gpus_mod
 from lxcspawner import lifecycle, naming
 from lxcspawner.container import HOME_DEVICE, ContainerError, check_owner
 from lxcspawner.fleet import Fleet, ServerResult
@@ -558,6 +559,49 @@ class Portal:
             return {"server": server, "name": name, "file": str(dest), "bytes": size,
                     "home_file": str(home_dest) if home else None, "home_bytes": home_size}
         return self._start(user, "export", server, actor, work)
+
+    # ------------------------------------------------------------ GPUs
+
+    async def gpus(self, user: str, server: str) -> dict:
+        """The server's NVIDIA GPUs (nvidia-smi's order) and which the user's
+        container gets: every one (``choice`` "all") or those chosen."""
+        server = self.server(server)
+        inst = await self._owned_record(user, server)
+        try:
+            _, found = await self.fleet.lxd(server).gpus()
+        except LXDError as e:
+            raise _refusal(e) from None
+        wanted = gpus_mod.chosen_from_config((inst.get("config") or {}).get(
+            lifecycle.GPUS_KEY))
+        chosen = set()
+        for g in found:
+            if (g.uuid and g.uuid in wanted) or str(g.index) in wanted:
+                chosen.add(g.index)
+        return {"server": server, "choice": "all" if not wanted else sorted(chosen),
+                "gpus": [{**g.json(), "yours": not wanted or g.index in chosen}
+                         for g in found]}
+
+    async def set_gpus(self, user: str, server: str, wanted: Any, *, actor: str,
+                       source: str | None = None) -> dict:
+        """``wanted``: "all", or a list of UUIDs / nvidia-smi indexes."""
+        if wanted == "all":
+            wanted = []
+        elif isinstance(wanted, str):
+            wanted = [w.strip() for w in wanted.split(",") if w.strip()]
+        if not isinstance(wanted, list) or not all(
+                isinstance(w, (str, int)) and not isinstance(w, bool) for w in wanted) \
+                or len(wanted) > 64:
+            raise PortalError('gpus: "all", or a list of GPU UUIDs or nvidia-smi indexes '
+                              '(GET .../gpus lists them)')
+        server = self.server(server)
+        self._idle(user, server)
+        await self._owned(user, server)
+        await self._step(actor, "container.gpus", user,
+                         {"server": server, "gpus": [str(w) for w in wanted] or "all"},
+                         lifecycle.set_user_gpus(self.fleet.lxd(server), user, server, wanted,
+                                                 prefix=self.settings.instance_prefix),
+                         source=source)
+        return await self.gpus(user, server)
 
     # ------------------------------------------------------------ forwards
 

@@ -120,3 +120,20 @@ def devices(gpu_count: int, chosen_pci: Sequence[str] = ()) -> dict[str, dict[st
 
 def is_gpu_device(name: str) -> bool:
     return name == ALL_GPUS_DEVICE or name.startswith(CHOSEN_PREFIX)
+
+
+def device_changes(current: Mapping[str, Any], gpu_count: int,
+                   chosen_pci: Sequence[str] = ()) -> dict[str, dict[str, str] | None]:
+    """What to change in an instance's devices so that its GPU devices are
+    ``devices(gpu_count, chosen_pci)``: new ones set, stale ones None
+    (removed); empty when they are already so."""
+    want = devices(gpu_count, chosen_pci)
+    have = {k: dict(v) for k, v in current.items() if is_gpu_device(k)}
+    changes: dict[str, dict[str, str] | None] = {k: None for k in have if k not in want}
+    changes.update({k: v for k, v in want.items() if have.get(k) != v})
+    return changes
+
+
+def chosen_from_config(value: str | None) -> tuple[str, ...]:
+    """The GPUs a container's ``user.lxcgpu.gpus`` names (UUIDs or indexes); () for all."""
+    return tuple(v for v in (value or "").split(",") if v)

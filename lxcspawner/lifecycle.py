@@ -204,6 +204,58 @@ async def _runtime_setting(lxd: LXD, spec: ContainerSpec, inst: Mapping[str, Any
         await lxd.update_config(spec.name, {"nvidia.runtime": "true"})
 
 
+#: The GPUs a user chose for their container on a server (UUIDs, or nvidia-smi
+#: indexes where the host's LXD has no UUIDs); absent: every GPU.
+GPUS_KEY = f"{naming.KEY_PREFIX}gpus"
+
+
+async def _chosen_pci(lxd: LXD, server: str, wanted: Sequence[str]) -> list[str]:
+    """The PCI addresses of the GPUs ``wanted`` names on this server now;
+    ContainerError when one of them is gone."""
+    try:
+        chosen = gpus.choose((await lxd.gpus())[1], wanted, server)
+    except gpus.GPUChoiceError as e:
+        raise ContainerError(f"{e}: choose your GPUs again (keyportal, or lxcgpu gpus "
+                             f"{server} all)") from None
+    return [g.pci_address for g in chosen]
+
+
+async def set_user_gpus(lxd: LXD, user: str, server: str, wanted: Sequence[str | int], *,
+                        prefix: str = "") -> list:
+    """Give ``user``'s container on ``server`` the GPUs ``wanted`` names (by
+    UUID or nvidia-smi index; empty: every GPU of the server), at once
+    (containers take GPU devices while running); the chosen GPUs.
+    ValueError (gpus.GPUChoiceError) names the server's GPUs for a wrong one."""
+    name = naming.instance_name(user, server, prefix)
+    inst = await lxd.instance(name)
+    if inst is None:
+        raise ContainerError(f"{user} has no container on {server}: start it first")
+    check_owner(inst, user)
+    count, found = await lxd.gpus()
+    chosen = gpus.choose(found, wanted, server) if wanted else ()
+    changes = gpus.device_changes(inst.get("devices") or {}, count,
+                                  [g.pci_address for g in chosen])
+    if changes:
+        await lxd.update_devices(name, changes)
+    await lxd.update_config(name, {GPUS_KEY: ",".join(g.uuid or str(g.index)
+                                                      for g in chosen) or None})
+    log.info("%s: GPUs %s", name, ", ".join(str(g.index) for g in chosen) or "all")
+    return list(chosen)
+
+
+async def _gpu_devices(lxd: LXD, name: str, inst: Mapping[str, Any], server: str) -> None:
+    """Before a start: chosen GPUs follow their UUIDs to their PCI addresses
+    now (a card moved to another slot)."""
+    wanted = gpus.chosen_from_config((inst.get("config") or {}).get(GPUS_KEY))
+    if not wanted:
+        return
+    count = (await lxd.gpus())[0]
+    changes = gpus.device_changes(inst.get("devices") or {}, count,
+                                  await _chosen_pci(lxd, server, wanted))
+    if changes:
+        await lxd.update_devices(name, changes)
+
+
 async def _sync_driver(lxd: LXD, settings: Settings, name: str, server: str,
                        say: Callable[[str], None]) -> None:
     """driver_sync "installer": the container's NVIDIA userspace driver made
@@ -345,6 +397,7 @@ async def ensure_user_container(lxd: LXD, store: Store, settings: Settings, user
         state = await lxd.state(spec.name)
         if not state.running:
             await _runtime_setting(lxd, spec, inst)
+            await _gpu_devices(lxd, spec.name, inst, server)
             say("starting container")
             await _start(lxd, spec, created=created, say=say)
         if address not in state.addresses:
@@ -451,6 +504,9 @@ async def rebuild_user_container(lxd: LXD, store: Store, settings: Settings, use
                 check_extra_key(key)
                 carried[key] = value
     snapshots = [s["name"] for s in await lxd.snapshots(name)]
+    # The GPUs they chose, on the new system too.
+    chose = (inst.get("config") or {}).get(GPUS_KEY)
+    gpu_pci = await _chosen_pci(lxd, server, gpus.chosen_from_config(chose)) if chose else []
     say("stopping container")
     try:
         await lxd.stop(name, timeout=60)
@@ -463,5 +519,8 @@ async def rebuild_user_container(lxd: LXD, store: Store, settings: Settings, use
     log.info("%s: old system removed (%d snapshots with it); making it anew", name,
              len(snapshots))
     uc = await ensure_user_container(lxd, store, settings, user, server, progress=progress,
-                                     actor=actor, extra_config=carried)
+                                     actor=actor, extra_config=carried,
+                                     **({"gpu_pci": tuple(gpu_pci)} if gpu_pci else {}))
+    if chose:
+        await lxd.update_config(name, {GPUS_KEY: chose})
     return Rebuilt(uc, moved, snapshots)

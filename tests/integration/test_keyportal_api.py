@@ -215,6 +215,27 @@ def test_snapshot_break_restore(clients, alice_container, lxd):
     assert "before-break" not in alice("get", f"containers/{SERVER}/snapshots").text
 
 
+def test_gpus_on_a_server_without_any(clients, alice_container, lxd):
+    """This machine has no GPU: the list is empty, "all" is the choice (no
+    device), a GPU by index is refused naming what the server has, bad
+    input is refused, and nothing changes."""
+    alice = clients[ALICE]
+    r = alice("get", f"containers/{SERVER}/gpus")
+    assert r.status_code == 200 and r.json() == {"server": SERVER, "choice": "all", "gpus": []}
+    r = alice("put", f"containers/{SERVER}/gpus", json={"gpus": ["0"]})
+    assert r.status_code == 400 and r.json()["message"] == f"{SERVER} has no GPU '0'; it has no GPUs"
+    for bad in ({"gpus": 5}, {"gpus": [True]}, {}, {"gpus": ["x"] * 65}):
+        r = alice("put", f"containers/{SERVER}/gpus", json=bad)
+        assert r.status_code == 400, (bad, r.text)
+    r = alice("put", f"containers/{SERVER}/gpus", json={"gpus": "all"})
+    assert r.status_code == 200 and r.json()["choice"] == "all", r.text
+    inst = asyncio.run(lxd.instance(alice_container))
+    assert not [d for d in inst["devices"] if d.startswith("lxcgpu-gpu")]
+    assert "user.lxcgpu.gpus" not in inst["config"]
+    assert clients[BOB]("put", f"containers/{SERVER}/gpus?user={ALICE}",
+                        json={"gpus": "all"}).status_code == 403
+
+
 def test_forwards_and_unknown_servers(clients, alice_container):
     alice = clients[ALICE]
     for port in (0, 70000, "80; ls", None):

@@ -112,6 +112,10 @@ def test_login_status_snapshots_forwards_keys_and_ssh_config(hub, cli, tmp_path)
         assert "  starting ..." in err or "  stopping container ..." in err, err
         rc, out, err = run(cli, "operations")
         assert rc == 0 and "rebuild" in out and "done" in out, out
+        rc, out, err = run(cli, "gpus", SERVER)
+        assert rc == 0 and out.strip() == f"{SERVER} has no GPUs", out + err
+        rc, out, err = run(cli, "gpus", SERVER, "0")
+        assert rc == 1 and "has no GPU '0'" in err
         assert asyncio.run(lxd.get_file(name, "/home/alice/notes.txt")) == b"kept\n"
         assert asyncio.run(lxd.file_entry(name, "/usr/local/bin/mine")) is None
         rc, out, err = run(cli, "snapshot", SERVER, "with-home")

@@ -99,3 +99,25 @@ def test_driver_sync_per_server():
                       ({"servers": {"a": {"driver_sync": "yes"}}}, "driver_sync 'yes'")):
         with pytest.raises(SettingsError, match=said):
             Settings.from_dict(bad)
+
+
+def test_device_changes_between_all_and_a_choice():
+    found = gpus.parse_resources(resources("8-gpus"))
+    current = {"eth0": {"type": "nic"}, "lxcgpu-gpu": {"type": "gpu", "gputype": "physical"}}
+    assert gpus.device_changes(current, 9) == {}                  # all, already
+    pci = [found[1].pci_address, found[6].pci_address]
+    changes = gpus.device_changes(current, 9, pci)
+    assert changes == {"lxcgpu-gpu": None,
+                       "lxcgpu-gpu-0": {"type": "gpu", "gputype": "physical", "pci": pci[0]},
+                       "lxcgpu-gpu-1": {"type": "gpu", "gputype": "physical", "pci": pci[1]}}
+    chosen = {"eth0": {"type": "nic"}, **{k: v for k, v in changes.items() if v}}
+    assert gpus.device_changes(chosen, 9, pci) == {}
+    # Back to all; a card that moved slot is followed by its PCI address.
+    assert gpus.device_changes(chosen, 9) == {
+        "lxcgpu-gpu-0": None, "lxcgpu-gpu-1": None,
+        "lxcgpu-gpu": {"type": "gpu", "gputype": "physical"}}
+    moved = gpus.device_changes(chosen, 9, [pci[0], found[7].pci_address])
+    assert moved == {"lxcgpu-gpu-1": {"type": "gpu", "gputype": "physical",
+                                      "pci": found[7].pci_address}}
+    assert gpus.chosen_from_config("GPU-a,3") == ("GPU-a", "3")
+    assert gpus.chosen_from_config(None) == ()
