@@ -3,6 +3,7 @@
 
     .venv/bin/python bench/spawn.py [-n 10] [--concurrent 10] [--keep]
     .venv/bin/python bench/spawn.py --remote [-n 5]   # this machine vs a server elsewhere
+    .venv/bin/python bench/spawn.py --driver-sync [-n 5]   # the NVIDIA driver check and sync
 
 Run as root with LXD up and the template image built (``setup/quickstart``
 or ``setup/test``).  Where setup/quickstart's node agent runs, pause it
@@ -610,6 +611,59 @@ async def run_remote(args, prefix: str, root: Path) -> None:
                 lxd.close()
 
 
+async def run_driver_sync(args, lxd: LXD, prefix: str, root: Path) -> None:
+    """driver_sync "installer" on a real container (no GPU here: the host's
+    version is given, the installer is tests/fixtures/fake_nvidia.py's,
+    padded to a real one's size): the check at a start when the versions
+    match, against a warm start of the same container; then a sync."""
+    from lxcspawner import driversync
+    from tests.fixtures.fake_nvidia import write_installer
+
+    host, old, libdir = "550.54.14", "535.104.05", "/usr/lib/x86_64-linux-gnu"
+    name = f"{prefix}-driver"
+    await lxd.create_instance(name, image_alias=Settings().image, profiles=["lxcgpu"],
+                              config={BENCH_KEY: prefix})
+
+    async def link(version: str) -> None:
+        for lib in ("libcuda", "libnvidia-ml"):
+            (await lxd.execute(name, ["ln", "-sf", f"{lib}.so.{version}",
+                                      f"{libdir}/{lib}.so.1"])).check(["ln"])
+    try:
+        starts = []
+        for _ in range(args.n):
+            t = time.perf_counter()
+            await lxd.start(name)
+            await lxd.wait_for_address(name, timeout=120)
+            starts.append(time.perf_counter() - t)
+            await lxd.stop(name, timeout=60)
+        await lxd.start(name)
+        await lxd.wait_for_address(name, timeout=120)
+        await link(host)
+        checks = []
+        for _ in range(max(20, args.n)):
+            t = time.perf_counter()
+            assert await driversync.sync(lxd, name, host, None) == "matched"
+            checks.append(time.perf_counter() - t)
+        print("\n## driver_sync installer: the check at a start when the versions match")
+        print(f"{'the check (links read through LXD):':<44} p50 {med(checks) * 1000:7.1f} ms  "
+              f"p95 {pct(checks, 95) * 1000:7.1f} ms  (target < 50 ms)")
+        print(f"{'a warm start of the same container':<44} p50 {med(starts):7.3f} s  "
+              f"(the check adds {med(checks) / med(starts) * 100:.1f} %)")
+        installer = write_installer(root, host, pad_bytes=args.installer_mib << 20)
+        syncs = []
+        for _ in range(3):
+            await link(old)
+            t = time.perf_counter()
+            assert await driversync.sync(lxd, name, host, str(root)) == "installed"
+            syncs.append(time.perf_counter() - t)
+        print(f"{'a sync, fake installer of ' + str(args.installer_mib) + ' MiB':<44} p50 "
+              f"{med(syncs):7.3f} s  (pushed at "
+              f"{installer.stat().st_size / 2**20 / med(syncs):.0f} MiB/s or more; a real "
+              "installer's own run adds its minute or two)")
+    finally:
+        await lxd.delete_instance(name)
+
+
 async def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("-n", type=int, default=10, help="hot and warm spawns each (default 10)")
@@ -621,6 +675,12 @@ async def main() -> None:
                     help="instead: hot and warm spawns on this machine and on a second LXD "
                          "server over HTTPS (made for the run, as the tests make it), side "
                          "by side")
+    ap.add_argument("--driver-sync", action="store_true",
+                    help="instead: the NVIDIA driver check at a start with matching versions "
+                         "against a warm start, and a sync with a fake installer")
+    ap.add_argument("--installer-mib", type=int, default=350,
+                    help="--driver-sync: the fake installer's size (default %(default)s MiB, "
+                         "as NVIDIA's)")
     args = ap.parse_args()
     if args.n < 1 or not 0 <= args.concurrent <= BLOCK_LAST - BLOCK_FIRST:
         ap.error(f"need -n >= 1 and --concurrent 0..{BLOCK_LAST - BLOCK_FIRST}")
@@ -636,6 +696,14 @@ async def main() -> None:
           f"concurrent={args.concurrent}, containers {prefix}-*, "
           f"load average {os.getloadavg()[0]:.2f}")
     root = Path(tempfile.mkdtemp(prefix="lxcgpu-bench-spawn-"))
+    if args.driver_sync:
+        try:
+            await run_driver_sync(args, lxd, prefix, root)
+        finally:
+            print(f"load average at the end: {os.getloadavg()[0]:.2f}")
+            shutil.rmtree(root, ignore_errors=True)
+            lxd.close()
+        return
     if args.remote:
         try:
             await run_remote(args, prefix, root)

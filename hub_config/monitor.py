@@ -84,6 +84,9 @@ class FreeGPUs:
         for card in poller.view()["servers"]:
             gpus = card["gpus"]
             free = sum(g["state"] == "free" for g in gpus)
+            models = ", ".join(sorted({g["name"] for g in gpus if g.get("name")}))
             notes[card["name"]] = ("not answering" if card["status"] == "stale" else
-                                   "no GPUs" if not gpus else f"{free} of {len(gpus)} GPUs free")
+                                   "no GPUs" if not gpus else
+                                   f"{free} of {len(gpus)} GPUs free"
+                                   + (f": {models}" if models else ""))
         return notes

@@ -18,6 +18,7 @@ import pytest
 
 from lxcspawner import driversync
 from lxcspawner.container import start_container
+from tests.fixtures.fake_nvidia import write_installer
 
 pytestmark = pytest.mark.lxd
 
@@ -27,34 +28,11 @@ LIBDIR = "/usr/lib/x86_64-linux-gnu"
 HOST = "550.54.14"
 OLD = "535.104.05"
 
-# What NVIDIA's installer leaves behind, in the fake's own words (argv only;
-# it refuses to run without the flags lxcgpu must pass).
-FAKE_INSTALLER = r"""#!/bin/sh
-set -e
-case " $* " in *" --no-kernel-module "*) ;; *) echo "missing --no-kernel-module" >&2; exit 2 ;; esac
-case " $* " in *" --silent "*) ;; *) echo "missing --silent" >&2; exit 2 ;; esac
-v=@VERSION@
-d=/usr/lib/x86_64-linux-gnu
-for lib in libcuda libnvidia-ml; do
-  : > "$d/$lib.so.$v"
-  ln -sf "$lib.so.$v" "$d/$lib.so.1"
-done
-echo "Installation of the NVIDIA Accelerated Graphics Driver for Linux-x86_64 (version: $v) is now complete."
-"""
-
-
 @pytest.fixture(scope="module")
 async def drv(lxd, user_containers):
     spec = await user_containers(USER, server=SERVER)
     await start_container(lxd, spec.name)
     return spec.name
-
-
-def installer(folder, version: str, body: str = FAKE_INSTALLER):
-    path = folder / driversync.installer_name(version)
-    path.write_text(body.replace("@VERSION@", version))
-    path.chmod(0o644)           # the hub reads it; lxcgpu makes it executable inside
-    return path
 
 
 async def test_an_older_driver_is_replaced_by_the_hosts(lxd, drv, tmp_path):
@@ -63,7 +41,7 @@ async def test_an_older_driver_is_replaced_by_the_hosts(lxd, drv, tmp_path):
         (await lxd.execute(drv, ["ln", "-sf", f"{lib}.so.{OLD}", f"{LIBDIR}/{lib}.so.1"])
          ).check(["ln"])
     assert await driversync.container_version(lxd, drv) == OLD
-    installer(tmp_path, HOST)
+    write_installer(tmp_path, HOST)
     said: list[str] = []
     assert await driversync.sync(lxd, drv, HOST, str(tmp_path), progress=said.append) == \
         "installed"
@@ -87,7 +65,7 @@ async def test_a_missing_or_failing_installer_is_a_sentence(lxd, drv, tmp_path):
     assert f"puts NVIDIA-Linux-x86_64-560.28.03.run at {tmp_path}" in str(e.value)
     with pytest.raises(driversync.DriverSyncError, match=r"installer_dir"):
         await driversync.sync(lxd, drv, "560.28.03", None)
-    installer(tmp_path, "560.28.03", "#!/bin/sh\necho 'ERROR: unable to load' >&2\nexit 1\n")
+    write_installer(tmp_path, "560.28.03", "#!/bin/sh\necho 'ERROR: unable to load' >&2\nexit 1\n")
     with pytest.raises(driversync.DriverSyncError) as e:
         await driversync.sync(lxd, drv, "560.28.03", str(tmp_path))
     assert "installer failed" in str(e.value) and "exit 1" in str(e.value)
@@ -103,7 +81,7 @@ async def test_a_planted_link_is_replaced_not_followed(lxd, drv, tmp_path):
     for lib in ("libcuda", "libnvidia-ml"):
         (await lxd.execute(drv, ["ln", "-sf", f"{lib}.so.{OLD}", f"{LIBDIR}/{lib}.so.1"])
          ).check(["ln"])
-    installer(tmp_path, HOST)
+    write_installer(tmp_path, HOST)
     assert await driversync.sync(lxd, drv, HOST, str(tmp_path)) == "installed"
     assert await lxd.get_file(drv, "/etc/shadow") == before
     assert await lxd.file_entry(drv, driversync.IN_CONTAINER) is None

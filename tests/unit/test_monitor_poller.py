@@ -161,3 +161,24 @@ async def test_the_public_mode_serves_page_and_json_without_login(site):
         assert r.code == 400
     finally:
         server.stop()
+
+
+async def test_the_spawn_forms_notes(site, tmp_path):
+    """hub_config.monitor.FreeGPUs: each server's free GPUs and models, from
+    its agent, for LXCSpawner.server_notes."""
+    from hub_config.monitor import FreeGPUs
+    from lxcspawner.settings import Settings
+
+    token = tmp_path / "monitor.token"
+    token.touch(mode=0o600)
+    token.write_text(TOKEN + "\n")
+    settings = Settings.from_dict({"monitor": {"token_file": str(token), "poll_seconds": 1},
+                                   "servers": {name: {"agent": url} for name, url in site}},
+                                  source=str(tmp_path / "site.toml"))
+    notes = await FreeGPUs()(settings)
+    assert notes == {"gpu1": "1 of 3 GPUs free: NVIDIA A100",
+                     "gpu2": "1 of 1 GPUs free: NVIDIA A100", "gpu3": "not answering"}
+    no_token = Settings.from_dict({"monitor": {"token_file": str(tmp_path / "none")},
+                                   "servers": {name: {"agent": url} for name, url in site}},
+                                  source=str(tmp_path / "other.toml"))
+    assert await FreeGPUs()(no_token) == {}
