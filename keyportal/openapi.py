@@ -104,7 +104,8 @@ PATHS: dict[str, dict[str, dict]] = {
             {"name": "op_id", "in": "path", "required": True, "schema": {"type": "string"}},
             {"name": "wait", "in": "query", "required": False,
              "schema": {"type": "number", "minimum": 0, "maximum": 60},
-             "description": "answer when it ends, or after this many seconds"}])},
+             "description": "answer when it ends or its step changes, or after this many "
+                            "seconds"}])},
     "/admin/users": {"get": _op("every user", admin=True)},
     "/admin/users/{name}": {"delete": _op(
         "remove a user: hub servers stopped, tokens revoked, keys and forwards deleted, "

@@ -1,8 +1,8 @@
 """Long operations (a rebuild, an export): the request that starts one
 answers at once (202, the operation), and the work goes on in keyportal's
 event loop; the page, the API and the ``lxcgpu`` client follow it by polling
-``api/v1/operations/{id}`` (``?wait=S`` holds the answer until it finishes
-or S seconds pass).
+``api/v1/operations/{id}`` (``?wait=S`` holds the answer until it finishes,
+its step changes, or S seconds pass).
 
 While one runs, the container it works on is busy: another change to it
 (start, stop, a snapshot, a second rebuild) is refused with a sentence
@@ -130,9 +130,18 @@ class Operations:
                       key=lambda op: op.created, reverse=True)
 
     async def wait(self, op: Operation, seconds: float) -> None:
-        if op.status == "running" and seconds > 0:
+        """Until ``op`` ends, its step changes, or ``seconds`` (at most
+        MAX_WAIT) pass: a poller sees every step as it comes."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + min(seconds, MAX_WAIT)
+        step = op.step
+        while op.status == "running" and op.step == step:
+            left = deadline - loop.time()
+            if left <= 0:
+                return
             try:
-                await asyncio.wait_for(op.event.wait(), min(seconds, MAX_WAIT))
+                # The step may change in a worker thread: looked at 4 times a second.
+                await asyncio.wait_for(op.event.wait(), min(left, 0.25))
             except asyncio.TimeoutError:
                 pass
 

@@ -541,8 +541,9 @@ class Portal:
 
         async def export(say: Progress) -> tuple[int, int]:
             def step(what: str):
+                # A new step every 64 MiB (a poller is answered at each step).
                 return lambda n: say(f"the GPU server is packing {what}" if n == 0 else
-                                     f"saving {what} ({n // 2**20} MiB so far)")
+                                     f"saving {what} ({(n >> 26) * 64} MiB so far)")
             await asyncio.to_thread(folder.mkdir, mode=0o700, parents=True, exist_ok=True)
             size = await lxd.export_backup(name, dest, progress=step("the system"))
             home_size = 0

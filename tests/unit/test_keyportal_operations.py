@@ -87,3 +87,26 @@ async def test_ended_operations_are_forgotten_after_an_hour(monkeypatch):
     for op in many:
         await o.wait(op, 5)
     assert len(o.of("alice")) == operations.KEEP_PER_USER
+
+
+async def test_a_wait_answers_at_the_next_step():
+    o = ops()
+    gate, second = asyncio.Event(), asyncio.Event()
+
+    async def work(say):
+        say("first")
+        await gate.wait()
+        say("second")
+        await second.wait()
+        return {}
+    op = o.start("alice", "export", "node1", "alice", work, _busy)
+    await asyncio.sleep(0)
+    assert op.step == "first"
+    loop = asyncio.get_running_loop()
+    loop.call_later(0.3, gate.set)
+    t = loop.time()
+    await o.wait(op, 30)
+    assert op.step == "second" and op.status == "running" and loop.time() - t < 5
+    second.set()
+    await o.wait(op, 30)
+    assert op.status == "done"
