@@ -27,8 +27,8 @@ from tornado import web
 from traitlets import Any as AnyTrait
 from traitlets import Bool, Dict, Integer, List, TraitError, Unicode, default, validate
 
-from . import jupyter
-from .lifecycle import ensure_user_container
+from . import gpus, jupyter
+from .lifecycle import ensure_user_container, set_user_gpus
 from .container import ContainerError
 from .lxd import LXD, LXDError, is_outage
 from .portmap import jupyter_host_port
@@ -243,7 +243,11 @@ class LXCSpawner(Spawner):
             "</option>" for n in names)
         return (f'<label for="gpu_server">GPU server</label>\n'
                 f'<select class="form-control" name="gpu_server" id="gpu_server">\n'
-                f"{options}\n</select>")
+                f"{options}\n</select>\n"
+                '<label for="gpus" class="mt-2">GPUs</label>\n'
+                '<input class="form-control" name="gpus" id="gpus" value="" '
+                'placeholder="as before (all, unless you chose some); or all, or 0,2 '
+                '(nvidia-smi indexes), or GPU UUIDs">')
 
     async def _server_notes(self) -> dict[str, str]:
         if self.server_notes is None:
@@ -257,7 +261,26 @@ class LXCSpawner(Spawner):
 
     def options_from_form(self, formdata: dict) -> dict:
         choice = (formdata.get("gpu_server") or [self._settings.server])[0]
-        return {"gpu_server": self._check_server(choice)}
+        options = {"gpu_server": self._check_server(choice)}
+        wanted = (formdata.get("gpus") or [""])[0].strip()
+        if wanted:
+            options["gpus"] = wanted
+        return options
+
+    def _wanted_gpus(self) -> list[str] | None:
+        """The GPUs user_options asks for (the form's text or an API
+        client's list): None to keep the container's, [] for all."""
+        wanted = self.user_options.get("gpus")
+        if wanted is None:
+            return None
+        if isinstance(wanted, str):
+            wanted = [w.strip() for w in wanted.split(",") if w.strip()]
+        if not isinstance(wanted, list) or len(wanted) > 64 or not all(
+                isinstance(w, (str, int)) and not isinstance(w, bool) and len(str(w)) <= 80
+                for w in wanted):
+            raise ContainerError('GPUs: "all", or nvidia-smi indexes or GPU UUIDs separated '
+                                 "by commas")
+        return [] if [str(w).lower() for w in wanted] == ["all"] else [str(w) for w in wanted]
 
     def _check_server(self, name: Any) -> str:
         names = self._settings.server_names
@@ -401,12 +424,24 @@ class LXCSpawner(Spawner):
         lxd = self._lxd(server)
         settings = shared.settings
         inside = jupyter.container_port(self.name)
+        wanted = self._wanted_gpus()
+        if wanted:
+            # Checked before anything is made: a wrong GPU changes nothing.
+            try:
+                gpus.choose((await lxd.gpus())[1], wanted, server)
+            except gpus.GPUChoiceError as e:
+                raise ContainerError(str(e)) from None
         async with self._turn(shared, server):
             uc = await ensure_user_container(
                 lxd, await shared.store(), settings, self.user.name, server,
                 progress=self._say, actor=f"hub:{self.user.name}",
                 address_timeout=self.address_timeout,
                 extra_config=dict(self.extra_container_config))
+            if wanted is not None:
+                self._say("giving your container " + (f"GPU {', '.join(wanted)}" if wanted
+                                                      else "every GPU of the server"))
+                await set_user_gpus(lxd, self.user.name, server, wanted,
+                                    prefix=settings.instance_prefix)
             if self._hub_connect_default is _UNSET:
                 self._hub_connect_default = self.hub_connect_url
             if gpu.remote:

@@ -27,6 +27,7 @@ import urllib.request
 import pytest
 from playwright.async_api import expect
 
+from lxcspawner import naming
 from lxcspawner.container import start_container
 from tests.fixtures.browser import log_in
 from tests.fixtures.hub import _ldap_settings, free_port, launch_hub
@@ -141,6 +142,17 @@ async def test_the_dashboard_shows_both_servers_a_busy_container_and_a_stale_one
             "node1 (no GPUs)")
         await expect(page.locator("#gpu_server option[value=node2]")).to_have_text(
             "node2 (no GPUs)")
+        # A GPU this server does not have: refused before anything is made.
+        bobs = naming.instance_name("bob", "node1", hub.run_tag)
+        had = await lxd.instance(bobs)
+        await page.select_option("#gpu_server", "node1")
+        await page.fill("#gpus", "0")
+        await page.click("form#spawn_form button[type=submit]")
+        await expect(page.locator("body")).to_contain_text(
+            "node1 has no GPU '0'; it has no GPUs", timeout=60_000)
+        now = await lxd.instance(bobs)
+        assert (had is None and now is None) or (had["config"] == now["config"]
+                                                  and had["devices"] == now["devices"])
         # From the hub's own pages: the navigation bar's link.
         await page.goto(f"{hub.url}/hub/home")
         await page.click("#monitor-link")
