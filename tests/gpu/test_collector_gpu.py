@@ -28,24 +28,6 @@ GiB = 1 << 30
 CALLS = 50
 
 
-@pytest.fixture(scope="module")
-def nvml():
-    try:
-        import pynvml
-    except ImportError as e:
-        pytest.skip(f"pynvml cannot be imported ({e}): install nvidia-ml-py")
-    try:
-        pynvml.nvmlInit()
-    except pynvml.NVMLError as e:
-        pytest.skip(f"no NVIDIA GPU here (nvmlInit: {e}); tests/gpu runs on a machine with GPUs")
-    try:
-        if pynvml.nvmlDeviceGetCount() == 0:
-            pytest.skip("the NVIDIA driver is loaded but sees no GPU here")
-        yield pynvml
-    finally:
-        pynvml.nvmlShutdown()
-
-
 def show(doc: dict) -> None:
     g = doc["gpus"]
     print(f"\n{doc['time']} status={g['status']} driver={g['driver']} "

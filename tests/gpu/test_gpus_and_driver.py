@@ -14,20 +14,6 @@ from lxcspawner.lxd import LXD, LXDError
 
 
 @pytest.fixture(scope="module")
-def nvml():
-    try:
-        import pynvml
-    except ImportError as e:
-        pytest.skip(f"pynvml cannot be imported ({e}): install nvidia-ml-py")
-    try:
-        pynvml.nvmlInit()
-    except pynvml.NVMLError as e:
-        pytest.skip(f"no NVIDIA GPU here (nvmlInit: {e}); tests/gpu runs on a machine with GPUs")
-    yield pynvml
-    pynvml.nvmlShutdown()
-
-
-@pytest.fixture(scope="module")
 def resources():
     client = LXD(timeout=60, retries=0)
     try:
