@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -138,9 +139,15 @@ def agent_child(n: int) -> None:
         for m in user_maps(n):
             agent.maps.setdefault(m.instance, []).append(m)
         await agent._apply()
+        # SIGTERM (the parent's terminate) ends the wait, so the chain goes
+        # (Python's default for SIGTERM would exit without the finally).
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM,
+                                                      asyncio.current_task().cancel)
         print("ready", flush=True)
         try:
             await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            pass
         finally:
             stream.close()
             table.teardown()
@@ -158,7 +165,10 @@ def bench_agent(n: int, idle: float) -> dict:
         rss1, cpu1 = proc_stat(child.pid)
     finally:
         child.terminate()
-        child.wait(10)
+        child.wait(30)
+        # Whatever became of the child, its chain does not stay behind.
+        DNATTable(chain=f"{PREFIX}-DNAT", post_chain=f"{PREFIX}-POST",
+                  input_chain=f"{PREFIX}-INPUT").teardown()
     return {"rss_mib": rss1 / 1024, "idle_cpu_pct": 100 * (cpu1 - cpu0) / idle}
 
 
