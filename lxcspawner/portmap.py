@@ -34,6 +34,8 @@ log = logging.getLogger("lxcspawner.portmap")
 SSH_PORTS = (22000, 29999)        # each user's SSH port, the same on every server
 FORWARD_PORTS = (11000, 11999)    # forwarded host ports, per server
 JUPYTER_PORTS = (20000, 21999)    # each user's pair of Jupyter ports, the same on every server
+#: Port forwards a user may hold (the site's [ports] forward_limit by default).
+FORWARD_LIMIT = 10
 SSH_PORT_KEY = KEY_PREFIX + "ssh-port"
 FORWARD_PREFIX = KEY_PREFIX + "forward."
 JUPYTER_PREFIX = KEY_PREFIX + "jupyter."

@@ -58,12 +58,16 @@ import socket
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 from urllib.parse import urlparse
 
-from . import naming, store
+from . import naming, portmap
 from .container import IDMAP_BLOCK, IDMAP_USER_FIRST, IDMAP_USER_LAST, ContainerSpec, Mount
 from .portmap import check_port_ranges
+from .sitedefaults import DEFAULT_STORE_URL
+
+if TYPE_CHECKING:
+    from .store import Store
 
 DEFAULT_PATH = "/etc/lxcgpu/lxcgpu.toml"
 #: How a container's NVIDIA userspace driver follows the host's (lxcspawner.driversync).
@@ -156,12 +160,12 @@ class GPUServer:
 class Settings:
     """The site's settings; see the module docstring for the file layout."""
 
-    store_url: str = store.DEFAULT_URL
+    store_url: str = DEFAULT_STORE_URL
     first_id_block: int = 0          # users' id blocks start at this block index
-    ssh_ports: tuple[int, int] = store.SSH_PORTS
-    forward_ports: tuple[int, int] = store.FORWARD_PORTS
-    forward_limit: int = store.FORWARD_LIMIT
-    jupyter_ports: tuple[int, int] = store.JUPYTER_PORTS
+    ssh_ports: tuple[int, int] = portmap.SSH_PORTS
+    forward_ports: tuple[int, int] = portmap.FORWARD_PORTS
+    forward_limit: int = portmap.FORWARD_LIMIT
+    jupyter_ports: tuple[int, int] = portmap.JUPYTER_PORTS
     # The GPU servers, in the order users see them; the first is the default.
     # Empty: one server, ``server`` (default: the short hostname) on ``lxd``.
     servers: tuple[GPUServer, ...] = ()
@@ -461,7 +465,7 @@ class Settings:
         return ContainerSpec(user=user, server=server or self.server, idmap_base=idmap_base,
                              **fields)
 
-    def open_store(self, **kwargs: Any) -> store.Store:
+    def open_store(self, **kwargs: Any) -> Store:
         """A Store built from these settings; ``kwargs`` go to Store (tests
         pass ``idmap_first``/``idmap_last``/``subuid_file`` there)."""
         kwargs.setdefault("idmap_first", IDMAP_USER_FIRST + self.first_id_block * IDMAP_BLOCK)
@@ -469,7 +473,11 @@ class Settings:
         kwargs.setdefault("forward_ports", self.forward_ports)
         kwargs.setdefault("forward_limit", self.forward_limit)
         kwargs.setdefault("jupyter_ports", self.jupyter_ports)
-        return store.Store(self.store_url, **kwargs)
+        # Imported here: the node agent reads these settings, never the store
+        # (SQLAlchemy and Alembic would double its memory).
+        from .store import Store
+
+        return Store(self.store_url, **kwargs)
 
     def open_lxd(self, server: str | None = None, **kwargs: Any):
         """An LXD client for GPU server ``server`` (default: the default server)."""
@@ -497,7 +505,7 @@ def _int(v) -> int:
 
 
 def _range(v) -> tuple[int, int]:
-    return store.parse_port_range(_typed(str, 'a range string such as "22000-29999"')(v))
+    return portmap.parse_port_range(_typed(str, 'a range string such as "22000-29999"')(v))
 
 
 def _str_list(v) -> tuple[str, ...]:

@@ -55,15 +55,16 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from . import idmap, naming, portmap
 from .idmap import subuid_range  # noqa: F401  (lxcspawner.store.subuid_range)
+from .sitedefaults import DEFAULT_STORE_URL
 from .sshkeys import KEY_TYPES, normalize_public_key
 
 log = logging.getLogger("lxcspawner.store")
 
-DEFAULT_URL = "sqlite:////var/lib/lxcgpu/lxcgpu.sqlite"
+DEFAULT_URL = DEFAULT_STORE_URL
 SSH_PORTS = portmap.SSH_PORTS
 FORWARD_PORTS = portmap.FORWARD_PORTS
 JUPYTER_PORTS = portmap.JUPYTER_PORTS
-FORWARD_LIMIT = 10
+FORWARD_LIMIT = portmap.FORWARD_LIMIT
 PROTOCOLS = ("tcp",)
 BUSY_TIMEOUT_S = 30
 KEY_MAX = 16384           # an RSA-16384 public key is about 2.8 KB
