@@ -188,6 +188,7 @@ async def test_the_dashboard_shows_both_servers_a_busy_container_and_a_stale_one
         await page.screenshot(path=artifacts / "monitor-dashboard.png", full_page=True)
         # node2's agent stops: its card goes stale within seconds.
         monitor_site["agents"]["node2"].proc.terminate()
+        await asyncio.to_thread(monitor_site["agents"]["node2"].proc.wait, 15)
         stopped = time.monotonic()
         await expect(node2.locator(".stale-badge")).to_contain_text("stale since",
                                                                     timeout=30_000)
@@ -207,7 +208,9 @@ async def test_the_dashboard_shows_both_servers_a_busy_container_and_a_stale_one
         raise
     finally:
         await context.close()
-        monitor_site["agents"]["node2"].start()
+        node2 = monitor_site["agents"]["node2"]
+        if node2.proc is None or node2.proc.poll() is not None:   # stopped above: back
+            node2.start()
 
 
 async def test_the_dashboard_json_needs_a_login_or_a_token(monitor_site):
