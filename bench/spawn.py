@@ -4,6 +4,7 @@
     .venv/bin/python bench/spawn.py [-n 10] [--concurrent 10] [--keep]
     .venv/bin/python bench/spawn.py --remote [-n 5]   # this machine vs a server elsewhere
     .venv/bin/python bench/spawn.py --driver-sync [-n 5]   # the NVIDIA driver check and sync
+    .venv/bin/python bench/spawn.py --boot [-n 5]          # a warm start, step by step
 
 Run as root with LXD up and the template image built (``setup/quickstart``
 or ``setup/test``).  Where setup/quickstart's node agent runs, pause it
@@ -611,6 +612,51 @@ async def run_remote(args, prefix: str, root: Path) -> None:
                 lxd.close()
 
 
+async def run_boot(args, lxd: LXD, prefix: str) -> None:
+    """Where a warm start's time goes, step by step, on a container of the
+    template (issue 14's "faster boot"): LXD's start, the first address
+    (DHCP), systemd's own account (``systemd-analyze``: the boot, the
+    critical chain, the slowest units) and Jupyter's Python imports."""
+    name = f"{prefix}-boot"
+    await lxd.create_instance(name, image_alias=Settings().image, profiles=["lxcgpu"],
+                              config={BENCH_KEY: prefix})
+    rows = []
+    try:
+        await lxd.start(name)                   # the first start shifts the files: not counted
+        await lxd.wait_for_address(name, timeout=120)
+        await lxd.execute(name, ["systemctl", "is-system-running", "--wait"], timeout=120)
+        await lxd.stop(name, timeout=60)
+        for _ in range(args.n):
+            t0 = time.perf_counter()
+            await lxd.start(name)
+            t1 = time.perf_counter()
+            await lxd.wait_for_address(name, timeout=120)
+            t2 = time.perf_counter()
+            await lxd.execute(name, ["systemctl", "is-system-running", "--wait"], timeout=120)
+            t3 = time.perf_counter()
+            rows.append({"lxd start": t1 - t0, "address (DHCP)": t2 - t1,
+                         "systemd settled": t3 - t2, "total": t3 - t0})
+            analyze = (await lxd.execute(name, ["systemd-analyze"])).stdout.strip()
+            await lxd.stop(name, timeout=60)
+        await lxd.start(name)
+        await lxd.wait_for_address(name, timeout=120)
+        await lxd.execute(name, ["systemctl", "is-system-running", "--wait"], timeout=120)
+        chain = (await lxd.execute(name, ["systemd-analyze", "critical-chain",
+                                          "--no-pager"])).stdout.strip().splitlines()
+        blame = (await lxd.execute(name, ["systemd-analyze", "blame", "--no-pager"])
+                 ).stdout.strip().splitlines()
+        imports = await python_imports(lxd, name)
+        print(f"\n## a warm start, step by step (p50 of {args.n})")
+        for key in rows[0]:
+            print(f"{key:<44} {med([r[key] for r in rows]):7.3f} s")
+        print(f"{'Jupyter server Python imports':<44} {imports:7.3f} s")
+        print(f"\nsystemd-analyze (the last start): {analyze}")
+        print("critical chain:\n  " + "\n  ".join(chain[:14]))
+        print("slowest units:\n  " + "\n  ".join(blame[:12]))
+    finally:
+        await lxd.delete_instance(name)
+
+
 async def run_driver_sync(args, lxd: LXD, prefix: str, root: Path) -> None:
     """driver_sync "installer" on a real container (no GPU here: the host's
     version is given, the installer is tests/fixtures/fake_nvidia.py's,
@@ -675,6 +721,9 @@ async def main() -> None:
                     help="instead: hot and warm spawns on this machine and on a second LXD "
                          "server over HTTPS (made for the run, as the tests make it), side "
                          "by side")
+    ap.add_argument("--boot", action="store_true",
+                    help="instead: where a warm start's time goes (LXD, DHCP, systemd's "
+                         "units, Python imports), on a container of the template")
     ap.add_argument("--driver-sync", action="store_true",
                     help="instead: the NVIDIA driver check at a start with matching versions "
                          "against a warm start, and a sync with a fake installer")
@@ -696,9 +745,10 @@ async def main() -> None:
           f"concurrent={args.concurrent}, containers {prefix}-*, "
           f"load average {os.getloadavg()[0]:.2f}")
     root = Path(tempfile.mkdtemp(prefix="lxcgpu-bench-spawn-"))
-    if args.driver_sync:
+    if args.boot or args.driver_sync:
         try:
-            await run_driver_sync(args, lxd, prefix, root)
+            await (run_boot(args, lxd, prefix) if args.boot
+                   else run_driver_sync(args, lxd, prefix, root))
         finally:
             print(f"load average at the end: {os.getloadavg()[0]:.2f}")
             shutil.rmtree(root, ignore_errors=True)
