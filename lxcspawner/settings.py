@@ -299,9 +299,9 @@ class Settings:
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
         except FileNotFoundError:
-            raise SettingsError(f"the monitor token file {path} does not exist (setup/quickstart "
-                                "and setup/gpu-server make it; docs/admin.md, the monitor)"
-                                ) from None
+            raise SettingsError(f"the monitor token file {path} does not exist: setup/hub "
+                                "makes it on the hub host; copy it to each GPU server "
+                                "(docs/admin.md section 2.7)") from None
         except OSError as e:
             raise SettingsError(f"the monitor token file {path}: {e.strerror or e}") from None
         with os.fdopen(fd) as f:

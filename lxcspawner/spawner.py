@@ -442,6 +442,9 @@ class LXCSpawner(Spawner):
                                                       else "every GPU of the server"))
                 await set_user_gpus(lxd, self.user.name, server, wanted,
                                     prefix=settings.instance_prefix)
+                await asyncio.to_thread((await shared.store()).audit, f"hub:{self.user.name}",
+                                        "container.gpus", self.user.name,
+                                        {"server": server, "gpus": wanted or "all"})
             if self._hub_connect_default is _UNSET:
                 self._hub_connect_default = self.hub_connect_url
             if gpu.remote:

@@ -13,6 +13,7 @@ from tornado.httpclient import HTTPRequest
 from tornado.websocket import websocket_connect
 
 from lxcspawner import naming
+from lxcspawner.settings import Settings
 
 pytestmark = pytest.mark.lxd
 
@@ -143,12 +144,20 @@ async def test_stop_keeps_the_container_and_restart_is_quick(hub, alice, lxd, lo
     assert st.running and st.pid == pid, "stopping the server must not stop the container"
     assert await unit_pid(lxd, name, "lxcgpu-jupyter") == 0
     t0 = time.monotonic()
-    start_server(hub, alice)
+    # An API client may say which GPUs ("all" here: this server has none),
+    # recorded in the audit log.
+    start_server(hub, alice, gpus="all")
     wait_ready(hub, alice)
     print(f"hot spawn: {time.monotonic() - t0:.2f} s")
     assert (await lxd.state(name)).pid == pid
     out = await run_code(hub, alice, "print(40 + 2)")
     assert out.strip() == "42"
+    store = Settings.load(hub.env["LXCGPU_CONFIG"]).open_store()
+    try:
+        gpus = [a for a in store.audit_log(user=alice, limit=20) if a.action == "container.gpus"]
+    finally:
+        store.close()
+    assert gpus and gpus[0].actor == f"hub:{alice}" and '"all"' in gpus[0].detail
 
 
 async def test_hub_restart_readopts_without_restarting(hub, alice, lxd, logs_on_failure):
