@@ -584,21 +584,17 @@ class Portal:
 
     async def set_gpus(self, user: str, server: str, wanted: Any, *, actor: str,
                        source: str | None = None) -> dict:
-        """``wanted``: "all", or a list of UUIDs / nvidia-smi indexes."""
-        if wanted == "all":
-            wanted = []
-        elif isinstance(wanted, str):
-            wanted = [w.strip() for w in wanted.split(",") if w.strip()]
-        if not isinstance(wanted, list) or not all(
-                isinstance(w, (str, int)) and not isinstance(w, bool) for w in wanted) \
-                or len(wanted) > 64:
-            raise PortalError('gpus: "all", or a list of GPU UUIDs or nvidia-smi indexes '
-                              '(GET .../gpus lists them)')
+        """``wanted``: "all", or a list of UUIDs / nvidia-smi indexes
+        (gpus.parse_choice)."""
+        try:
+            wanted = gpus_mod.parse_choice(wanted)
+        except ValueError as e:
+            raise PortalError(f"{e}; GET .../gpus lists them") from None
         server = self.server(server)
         self._idle(user, server)
         await self._owned(user, server)
         await self._step(actor, "container.gpus", user,
-                         {"server": server, "gpus": [str(w) for w in wanted] or "all"},
+                         {"server": server, "gpus": wanted or "all"},
                          lifecycle.set_user_gpus(self.fleet.lxd(server), user, server, wanted,
                                                  prefix=self.settings.instance_prefix),
                          source=source)

@@ -85,6 +85,22 @@ def host_driver_version(gpus: Sequence[GPU]) -> str | None:
     return None
 
 
+def parse_choice(value: Any) -> list[str]:
+    """A choice of GPUs as the API, the CLI and the spawn form send it: a
+    list of UUIDs / nvidia-smi indexes, or a text of them separated by
+    commas; "all" (or nothing) is every GPU: [].  ValueError with the
+    sentence for anything else."""
+    if isinstance(value, str):
+        value = [w.strip() for w in value.split(",") if w.strip()]
+    if not isinstance(value, list) or len(value) > 64 or not all(
+            isinstance(w, (str, int)) and not isinstance(w, bool) and len(str(w)) <= 80
+            for w in value):
+        raise ValueError('GPUs: "all", or GPU UUIDs or nvidia-smi indexes (a list, or '
+                         "separated by commas)")
+    items = [str(w) for w in value]
+    return [] if [w.lower() for w in items] == ["all"] else items
+
+
 def choose(gpus: Sequence[GPU], wanted: Iterable[str | int], server: str) -> tuple[GPU, ...]:
     """The GPUs named by UUID (``GPU-...``) or nvidia-smi index; GPUChoiceError
     naming the server's GPUs for anything else."""

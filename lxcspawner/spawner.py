@@ -273,14 +273,10 @@ class LXCSpawner(Spawner):
         wanted = self.user_options.get("gpus")
         if wanted is None:
             return None
-        if isinstance(wanted, str):
-            wanted = [w.strip() for w in wanted.split(",") if w.strip()]
-        if not isinstance(wanted, list) or len(wanted) > 64 or not all(
-                isinstance(w, (str, int)) and not isinstance(w, bool) and len(str(w)) <= 80
-                for w in wanted):
-            raise ContainerError('GPUs: "all", or nvidia-smi indexes or GPU UUIDs separated '
-                                 "by commas")
-        return [] if [str(w).lower() for w in wanted] == ["all"] else [str(w) for w in wanted]
+        try:
+            return gpus.parse_choice(wanted)
+        except ValueError as e:
+            raise ContainerError(str(e)) from None
 
     def _check_server(self, name: Any) -> str:
         names = self._settings.server_names

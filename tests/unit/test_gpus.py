@@ -121,3 +121,13 @@ def test_device_changes_between_all_and_a_choice():
                                       "pci": found[7].pci_address}}
     assert gpus.chosen_from_config("GPU-a,3") == ("GPU-a", "3")
     assert gpus.chosen_from_config(None) == ()
+
+
+def test_one_parser_of_a_choice_for_the_api_the_cli_and_the_form():
+    assert gpus.parse_choice("all") == [] and gpus.parse_choice("") == []
+    assert gpus.parse_choice(["All"]) == [] and gpus.parse_choice("ALL") == []
+    assert gpus.parse_choice("0, 2,GPU-a") == ["0", "2", "GPU-a"]
+    assert gpus.parse_choice([0, "GPU-a"]) == ["0", "GPU-a"]
+    for bad in (5, [True], ["x"] * 65, ["x" * 81], {"a": 1}, None):
+        with pytest.raises(ValueError, match='GPUs: "all", or GPU UUIDs'):
+            gpus.parse_choice(bad)
