@@ -42,6 +42,8 @@ from tornado import httpclient, httpserver, ioloop, web
 
 from lxcspawner.settings import Settings, SettingsError
 
+from .loadapi import quiet_access_log
+
 log = logging.getLogger("lxcgpu.monitor")
 
 SERVICE = "monitor"
@@ -91,7 +93,7 @@ class Poller:
         self.clock = clock
         self.http = httpclient.AsyncHTTPClient()
         self.generation = 0           # bumps with each poll (the page's cache key)
-        self._cache: tuple[int, bytes] | None = None
+        self._cache: tuple[tuple, bytes] | None = None
 
     async def _one(self, s: ServerState) -> None:
         now = self.clock()
@@ -147,11 +149,12 @@ class Poller:
         point = (host.get("cpu_percent") or 0, mem_pct, gpus)
         h = s.history
         if h and h[-1][0] == minute:
-            m, n, (cpu, memp, old) = h[-1][0], h[-1][1], h[-1][2]
+            # The minute's running mean: its n points so far, and this one.
+            _, n, (cpu, memp, old) = h[-1]
             merged = {u: tuple((a * n + b) / (n + 1) for a, b in zip(old.get(u, v), v))
                       for u, v in gpus.items()}
-            h[-1] = (m, n + 1, ((cpu * n + point[0]) / (n + 1),
-                                (memp * n + point[1]) / (n + 1), merged))
+            h[-1] = (minute, n + 1, ((cpu * n + point[0]) / (n + 1),
+                                     (memp * n + point[1]) / (n + 1), merged))
         else:
             h.append((minute, 1, point))
         while h and h[0][0] <= minute - self.history_minutes:
@@ -341,8 +344,10 @@ def make_app(poller: Poller, prefix: str, hub_auth: HubOAuth | None, *,
         (prefix + "api/v1/load", LoadHandler),
         (prefix + "oauth_callback", HubOAuthCallbackHandler),
     ]
+    # Each open page asks every few seconds: answers are not worth a log line.
     return web.Application(routes, poller=poller, prefix=prefix, hub_prefix=hub_prefix,
-                           hub_auth=hub_auth, public=public, cookie_secret=os.urandom(32))
+                           hub_auth=hub_auth, public=public, cookie_secret=os.urandom(32),
+                           log_function=quiet_access_log(log))
 
 
 def main(argv=None) -> int:

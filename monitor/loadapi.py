@@ -27,26 +27,22 @@ log = logging.getLogger("lxcgpu.node")
 
 
 class _Encoded:
-    """The latest document, encoded once per sample."""
+    """The latest document, encoded once per sample: as JSON and for
+    Prometheus."""
 
     def __init__(self, latest: Callable[[], dict | None], metrics: Callable[[dict], str]):
         self._latest, self._metrics = latest, metrics
         self._doc: dict | None = None
-        self._json = self._text = b""
+        self._bodies: dict[str, bytes] = {}
 
-    def _refresh(self) -> dict | None:
+    def body(self, kind: str) -> bytes | None:
+        """``kind`` "json" or "metrics"; None before the first sample."""
         doc = self._latest()
         if doc is not None and doc is not self._doc:
             self._doc = doc
-            self._json = json.dumps(doc, separators=(",", ":")).encode()
-            self._text = self._metrics(doc).encode()
-        return self._doc
-
-    def json(self) -> bytes | None:
-        return self._json if self._refresh() is not None else None
-
-    def metrics(self) -> bytes | None:
-        return self._text if self._refresh() is not None else None
+            self._bodies = {"json": json.dumps(doc, separators=(",", ":")).encode(),
+                            "metrics": self._metrics(doc).encode()}
+        return self._bodies.get(kind) if self._doc is not None else None
 
 
 class _Handler(web.RequestHandler):
@@ -77,26 +73,20 @@ class _Handler(web.RequestHandler):
         self.set_header("Content-Type", "application/json; charset=utf-8")
         self.finish(json.dumps({"status": status_code, "message": self._reason}))
 
-    def _no_sample(self) -> None:
-        self._refuse(503, "no sample yet: the agent has just started")
 
 
-class LoadHandler(_Handler):
+class SampleHandler(_Handler):
+    """The last sample, as ``kind`` ("json" or "metrics") says."""
+
+    def initialize(self, kind: str, content_type: str) -> None:
+        self.kind, self.content_type = kind, content_type
+
     def get(self):
-        body = self.settings["encoded"].json()
+        body = self.settings["encoded"].body(self.kind)
         if body is None:
-            self._no_sample()
-        self.set_header("Content-Type", "application/json; charset=utf-8")
+            self._refuse(503, "no sample yet: the agent has just started")
+        self.set_header("Content-Type", self.content_type)
         self.set_header("Cache-Control", "no-store")
-        self.finish(body)
-
-
-class MetricsHandler(_Handler):
-    def get(self):
-        body = self.settings["encoded"].metrics()
-        if body is None:
-            self._no_sample()
-        self.set_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
         self.finish(body)
 
 
@@ -108,14 +98,17 @@ class HealthHandler(_Handler):
         self.finish(json.dumps({"node": self.settings["node"], "ok": True}))
 
 
-def _access_log(handler: web.RequestHandler) -> None:
-    """Answers at debug level (the dashboard asks every few seconds);
-    refusals and errors at info and above."""
-    status = handler.get_status()
-    level = logging.DEBUG if status < 400 else logging.INFO if status < 500 else logging.ERROR
-    log.log(level, "%d %s %s (%s) %.1f ms", status, handler.request.method,
-            handler.request.path, handler.request.remote_ip,
-            1000 * handler.request.request_time())
+def quiet_access_log(logger: logging.Logger) -> Callable[[web.RequestHandler], None]:
+    """A tornado ``log_function``: answers at debug level (pollers ask every
+    few seconds), refusals at info, errors at error."""
+    def log_request(handler: web.RequestHandler) -> None:
+        status = handler.get_status()
+        level = logging.DEBUG if status < 400 else logging.INFO if status < 500 \
+            else logging.ERROR
+        logger.log(level, "%d %s %s (%s) %.1f ms", status, handler.request.method,
+                   handler.request.path, handler.request.remote_ip,
+                   1000 * handler.request.request_time())
+    return log_request
 
 
 def make_app(node: str, token: str, latest: Callable[[], dict | None],
@@ -123,10 +116,13 @@ def make_app(node: str, token: str, latest: Callable[[], dict | None],
     if len(token) < 32:
         raise ValueError("the monitor token must have at least 32 characters")
     return web.Application([
-        (r"/api/v1/load", LoadHandler),
-        (r"/metrics", MetricsHandler),
+        (r"/api/v1/load", SampleHandler,
+         {"kind": "json", "content_type": "application/json; charset=utf-8"}),
+        (r"/metrics", SampleHandler,
+         {"kind": "metrics", "content_type": "text/plain; version=0.0.4; charset=utf-8"}),
         (r"/api/v1/health", HealthHandler),
-    ], node=node, token=token, encoded=_Encoded(latest, metrics), log_function=_access_log)
+    ], node=node, token=token, encoded=_Encoded(latest, metrics),
+        log_function=quiet_access_log(log))
 
 
 def serve(app: web.Application, host: str, port: int) -> tuple[httpserver.HTTPServer, int]:
