@@ -48,6 +48,7 @@ from hub_config import monitor as _monitor_service  # noqa: E402
 from hub_config import portal as _portal_service  # noqa: E402
 from hub_config.origins import DEFAULT_DOMAIN, subdomain_hook  # noqa: E402
 from hub_config.proxy import DEFAULT_DIR as PROXY_DIR  # noqa: E402
+from monitor.usage import GPUUsage  # noqa: E402
 from hub_config.proxy import DEFAULT_USER as PROXY_USER  # noqa: E402
 from hub_config.proxy import proxy_user, unprivileged_command  # noqa: E402
 from hub_config.statedir import hub_dir, secret_file  # noqa: E402
@@ -310,9 +311,10 @@ if _portal.enabled:
 
 if _monitor.enabled:
     c.JupyterHub.services.append(_monitor.service(_service_env()))
-    # The spawn form shows each server's free GPUs (unless the site set its own notes).
+    # The spawn form shows each server's GPUs, free or in use and by whom
+    # (unless the site set its own notes).
     if "server_notes" not in c.LXCSpawner:
-        c.LXCSpawner.server_notes = _monitor_service.FreeGPUs()
+        c.LXCSpawner.server_notes = GPUUsage()
     if _user_role is None and not _portal.enabled:  # keyportal off: a user role for the monitor
         _roles = copy.deepcopy(c.JupyterHub.load_roles)
         _roles = _roles.get_value([]) if hasattr(_roles, "get_value") else list(_roles)

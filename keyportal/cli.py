@@ -297,9 +297,10 @@ def cmd_gpus(args, p: Portal) -> Any:
         return r, f"{r['server']} has no GPUs"
     which = "all of them" if r["choice"] == "all" else ", ".join(map(str, r["choice"]))
     return r, (f"{r['server']}: your container gets {which}\n\n"
-               + table([[g["index"], "yes" if g["yours"] else "", g["model"], g["uuid"],
+               + table([[g["index"], "yes" if g["yours"] else "", g["model"],
+                         g.get("memory") or "", g.get("now") or "", g["uuid"],
                          g["pci_address"]] for g in r["gpus"]],
-                       ["gpu", "yours", "model", "uuid", "pci"]))
+                       ["gpu", "yours", "model", "memory", "now", "uuid", "pci"]))
 
 
 def cmd_forward(args, p: Portal) -> Any:

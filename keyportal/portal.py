@@ -29,6 +29,8 @@ from lxcspawner.lxd import LXDError, LXDNotFound, LXDUnavailable, is_outage
 from lxcspawner.settings import Settings, SettingsError
 from lxcspawner.store import Exhausted, InvalidInput, NotFound, Store, StoreError
 
+from monitor.usage import GPUUsage
+
 from .operations import Operation, Operations, Progress
 
 log = logging.getLogger("keyportal")
@@ -90,6 +92,17 @@ class Container:
     home_volume: bool = False   # the home is a volume of its own (kept by a rebuild)
 
 
+def _usage_of(gpu, now: list[dict]) -> dict:
+    """What the node agent says of ``gpu`` (matched by UUID, else by
+    nvidia-smi index): memory, free or in use and by whom."""
+    row = next((u for u in now if gpu.uuid and u.get("uuid") == gpu.uuid), None) or \
+        next((u for u in now if not gpu.uuid and u.get("index") == gpu.index), None)
+    if row is None:
+        return {"memory": None, "state": None, "users": [], "now": None}
+    return {"memory": row["memory"], "state": row["state"], "users": row["users"],
+            "now": row["text"]}
+
+
 class Portal:
     """One per service process: the site, its store and its fleet."""
 
@@ -101,6 +114,7 @@ class Portal:
         self.store = store or settings.open_store()
         self.fleet = Fleet(settings, self.store, actor="keyportal")
         self.operations = Operations(_sentence)
+        self.usage = GPUUsage()
 
     def close(self) -> None:
         self.fleet.close()
@@ -578,9 +592,20 @@ class Portal:
         for g in found:
             if (g.uuid and g.uuid in wanted) or str(g.index) in wanted:
                 chosen.add(g.index)
+        now = await self._gpus_now(server) if found else []
         return {"server": server, "choice": "all" if not wanted else sorted(chosen),
-                "gpus": [{**g.json(), "yours": not wanted or g.index in chosen}
-                         for g in found]}
+                "gpus": [{**g.json(), "yours": not wanted or g.index in chosen,
+                          **_usage_of(g, now)} for g in found]}
+
+    async def _gpus_now(self, server: str) -> list[dict]:
+        """The server's GPUs now, from its node agent (monitor.usage); [] when
+        it does not answer in 3 s (the card then shows no usage)."""
+        try:
+            usage = await asyncio.wait_for(self.usage(self.settings), 3)
+        except Exception as e:  # noqa: BLE001 - the card goes on without it
+            log.warning("the GPUs' usage from the node agents: %s", e)
+            return []
+        return (usage.get(server) or {}).get("gpus") or []
 
     async def set_gpus(self, user: str, server: str, wanted: Any, *, actor: str,
                        source: str | None = None) -> dict:

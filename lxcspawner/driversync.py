@@ -18,17 +18,26 @@ kernel module.  Two ways to keep them equal, chosen per GPU server
 - ``none``: lxcgpu leaves the driver to the image and the users.
 
 A host driver upgrade is picked up at each container's next start: the
-host's version is read from LXD at every start.
+host's version is read at every start, from the server's node agent (NVML's
+driver version, the kernel module libcuda must match) where it answers, else
+from LXD's resources (the ``nvidia`` module's version).
+
+While the installer runs, its log's last line is the spawn page's progress.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
+from . import gpus
 from .lxd import LXD, LXDError
+
+if TYPE_CHECKING:
+    from .settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +47,16 @@ LIB_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib
 LIBS = ("libcuda.so.1", "libnvidia-ml.so.1")
 #: The installer's place inside the container while it runs (root's alone).
 IN_CONTAINER = "/root/.lxcgpu-nvidia-installer.run"
-INSTALLER_ARGS = ("--no-kernel-module", "--silent", "--no-x-check", "--no-nouveau-check")
+#: Its log (nvidia-installer's own default place), read while it runs.
+INSTALLER_LOG = "/var/log/nvidia-installer.log"
+INSTALLER_ARGS = ("--no-kernel-module", "--silent", "--no-x-check", "--no-nouveau-check",
+                  f"--log-file-name={INSTALLER_LOG}")
+#: Seconds between two reads of the installer's log while it runs.
+LOG_POLL = 2.0
+#: Seconds the node agent has to say the host's driver version.
+AGENT_TIMEOUT = 2.0
 _VERSIONED = re.compile(r"\.so\.(\d+\.\d+(?:\.\d+)?)$")
+_HOST_VERSION = re.compile(r"^\d+\.\d+(\.\d+)?$")
 
 
 class DriverSyncError(Exception):
@@ -70,9 +87,60 @@ async def container_version(lxd: LXD, name: str) -> str | None:
     return None
 
 
+async def agent_version(settings: "Settings", server: str) -> str | None:
+    """The NVIDIA driver version ``server``'s node agent reads through NVML;
+    None where the site has no monitor token or the agent does not answer
+    (logged)."""
+    from tornado.httpclient import AsyncHTTPClient
+
+    from monitor.loadapi import fetch_load
+    from .settings import SettingsError
+
+    try:
+        token = settings.monitor_token()
+    except SettingsError as e:
+        log.debug("%s: no node agent to ask for the driver version: %s", server, e)
+        return None
+    url = settings.agent_url(server)
+    try:
+        doc = await fetch_load(AsyncHTTPClient(), url, token, server, timeout=AGENT_TIMEOUT)
+    except (OSError, RuntimeError, ValueError) as e:
+        log.warning("%s: the driver version from LXD instead: %s", server, e)
+        return None
+    found = ((doc.get("gpus") or {}).get("driver") or "").strip()
+    return found if _HOST_VERSION.match(found) else None
+
+
+async def host_version(lxd: LXD, settings: "Settings", server: str) -> str | None:
+    """The host's NVIDIA kernel driver version: its node agent's, else LXD's;
+    None on a server without one."""
+    return (await agent_version(settings, server)
+            or gpus.host_driver_version((await lxd.gpus())[1]))
+
+
+async def _follow_log(lxd: LXD, name: str, version: str, say: Callable[[str], None],
+                      poll: float) -> None:
+    """Say the installer log's newest line whenever it changes (until cancelled)."""
+    last = None
+    while True:
+        await asyncio.sleep(poll)
+        try:
+            entry = await lxd.file_entry(name, INSTALLER_LOG)
+        except LXDError as e:           # too large, or LXD busy: the next read
+            log.debug("%s: reading %s: %s", name, INSTALLER_LOG, e)
+            continue
+        if entry is None or entry.type != "file":
+            continue
+        lines = [ln.strip() for ln in entry.data.decode("utf-8", "replace").splitlines()]
+        line = next((ln for ln in reversed(lines) if ln), None)
+        if line and line != last:
+            last = line
+            say(f"installing the NVIDIA driver {version}: {line[:160]}")
+
+
 async def sync(lxd: LXD, name: str, host_version: str, installer_dir: str | None, *,
                arch: str | None = None, progress: Callable[[str], None] | None = None,
-               timeout: float = 1800) -> str:
+               timeout: float = 1800, poll: float = LOG_POLL) -> str:
     """Put the container's driver at ``host_version`` (installer mode); what
     was done: "matched" or "installed".  DriverSyncError with the user's
     sentence when it cannot."""
@@ -94,13 +162,19 @@ async def sync(lxd: LXD, name: str, host_version: str, installer_dir: str | None
     say(f"installing the NVIDIA driver {host_version} (was {inside or 'none'}; a few minutes)")
     log.info("%s: driver %s inside, %s on the host: running %s", name, inside, host_version,
              installer)
+    follow = None
     try:
         await lxd.push_file(name, IN_CONTAINER, installer, mode=0o700)
+        # A log from an earlier install is not this one's progress.
+        await lxd.execute(name, ["rm", "-f", "--", INSTALLER_LOG], timeout=60)
+        follow = asyncio.create_task(_follow_log(lxd, name, host_version, say, poll))
         res = await lxd.execute(name, [IN_CONTAINER, *INSTALLER_ARGS], timeout=timeout)
     except LXDError as e:
         raise DriverSyncError(f"installing the NVIDIA driver {host_version} in {name} failed: "
                               f"{e}") from e
     finally:
+        if follow is not None:
+            follow.cancel()
         try:
             await lxd.execute(name, ["rm", "-f", "--", IN_CONTAINER], timeout=60)
         except LXDError as e:

@@ -263,7 +263,7 @@ async def _sync_driver(lxd: LXD, settings: Settings, name: str, server: str,
     NVIDIA driver, or when the versions match."""
     if settings.driver_sync_for(server) != "installer":
         return
-    host = gpus.host_driver_version((await lxd.gpus())[1])
+    host = await driversync.host_version(lxd, settings, server)
     if host is None:
         return
     try:

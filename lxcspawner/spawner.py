@@ -180,9 +180,11 @@ class LXCSpawner(Spawner):
 
     server_notes = AnyTrait(
         None, allow_none=True, config=True,
-        help="An async callable, settings -> {GPU server name: a short note}, whose notes "
-             "the spawn form shows beside each server, such as its free GPUs (the shipped "
-             "config sets the monitor's); a note that fails or takes over 3 s is left out.",
+        help="An async callable, settings -> {GPU server name: a short note, or a dict with "
+             "the note (\"note\") and the server's GPUs (\"gpus\": rows with index, name, "
+             "memory and text, such as \"in use by alice\")}, which the spawn form shows "
+             "beside each server (the shipped config sets the monitor's "
+             "monitor.usage.GPUUsage); notes that fail or take over 3 s are left out.",
     )
 
     @default("start_timeout")
@@ -235,21 +237,38 @@ class LXCSpawner(Spawner):
         if self.name or len(names) == 1:
             return ""
         notes = await self._server_notes()
+        esc = web.escape.xhtml_escape
+
+        def note(n: str) -> str:
+            said = notes.get(n)
+            text = said.get("note") if isinstance(said, dict) else said
+            return f" ({esc(str(text))})" if text else ""
+
         options = "\n".join(
-            f'<option value="{web.escape.xhtml_escape(n)}"'
-            f'{" selected" if n == self._settings.server else ""}>'
-            f"{web.escape.xhtml_escape(n)}"
-            f"{' (' + web.escape.xhtml_escape(notes[n]) + ')' if notes.get(n) else ''}"
-            "</option>" for n in names)
+            f'<option value="{esc(n)}"{" selected" if n == self._settings.server else ""}>'
+            f"{esc(n)}{note(n)}</option>" for n in names)
+        rows = []
+        for n in names:
+            said = notes.get(n)
+            for g in (said.get("gpus") or []) if isinstance(said, dict) else []:
+                if not isinstance(g, dict):
+                    continue
+                rows.append(f"<tr><td>{esc(n)}</td><td>{esc(str(g.get('index', '')))}</td>"
+                            f"<td>{esc(str(g.get('name') or ''))}</td>"
+                            f"<td>{esc(str(g.get('memory') or ''))}</td>"
+                            f"<td>{esc(str(g.get('text') or ''))}</td></tr>")
+        table = ('<table class="table table-sm small mt-2 lxcgpu-gpus">\n<thead><tr><th>Server'
+                 "</th><th>GPU</th><th>Model</th><th>Memory</th><th>Now</th></tr></thead>\n"
+                 f"<tbody>\n{chr(10).join(rows)}\n</tbody></table>\n") if rows else ""
         return (f'<label for="gpu_server">GPU server</label>\n'
                 f'<select class="form-control" name="gpu_server" id="gpu_server">\n'
-                f"{options}\n</select>\n"
+                f"{options}\n</select>\n{table}"
                 '<label for="gpus" class="mt-2">GPUs</label>\n'
                 '<input class="form-control" name="gpus" id="gpus" value="" '
                 'placeholder="as before (all, unless you chose some); or all, or 0,2 '
                 '(nvidia-smi indexes), or GPU UUIDs">')
 
-    async def _server_notes(self) -> dict[str, str]:
+    async def _server_notes(self) -> dict[str, Any]:
         if self.server_notes is None:
             return {}
         try:
@@ -257,7 +276,8 @@ class LXCSpawner(Spawner):
         except Exception as e:  # noqa: BLE001 - the form goes on without its notes
             self.log.warning("the spawn form's server notes failed: %s", e)
             return {}
-        return {k: str(v) for k, v in (notes or {}).items() if isinstance(k, str)}
+        return {k: v if isinstance(v, dict) else str(v)
+                for k, v in (notes or {}).items() if isinstance(k, str)}
 
     def options_from_form(self, formdata: dict) -> dict:
         choice = (formdata.get("gpu_server") or [self._settings.server])[0]
@@ -325,7 +345,8 @@ class LXCSpawner(Spawner):
         return jupyter.unit_name(self.name)
 
     def _say(self, message: str) -> None:
-        progress = _STEPS.get(message, 2 if message.startswith("queued") else 90)
+        progress = _STEPS.get(message) or (2 if message.startswith("queued") else
+                                           60 if "NVIDIA driver" in message else 90)
         self._events.append({"progress": progress, "message": message})
         self._new_event.set()
 

@@ -42,7 +42,7 @@ from tornado import httpclient, httpserver, ioloop, web
 
 from lxcspawner.settings import Settings, SettingsError
 
-from .loadapi import quiet_access_log
+from .loadapi import fetch_load, quiet_access_log, unreachable
 
 log = logging.getLogger("lxcgpu.monitor")
 
@@ -51,13 +51,6 @@ STATES = ("free", "busy", "idle", "stale")
 TEMPLATES = jinja2.Environment(
     loader=jinja2.FileSystemLoader(str(Path(__file__).with_name("templates"))),
     autoescape=True)
-
-
-def _unreachable(url: str, e: BaseException | None) -> str:
-    why = (getattr(e, "strerror", None) or str(e or "no answer")).lower()
-    if isinstance(e, (TimeoutError, httpclient.HTTPClientError)) and "timeout" in why:
-        why = "it did not answer in time"
-    return f"its agent at {url} does not answer ({why})"
 
 
 def _iso(t: float | None) -> str | None:
@@ -106,7 +99,7 @@ class Poller:
             doc = await self._fetch(s)
         except (OSError, RuntimeError, ValueError) as e:
             if isinstance(e, OSError):
-                e = RuntimeError(_unreachable(s.url, e))
+                e = RuntimeError(unreachable(s.url, e))
             if s.error != str(e):
                 log.warning("%s: %s", s.name, e)
             s.error = str(e)
@@ -118,23 +111,7 @@ class Poller:
 
     async def _fetch(self, s: ServerState) -> dict:
         """The agent's document; RuntimeError (a sentence) or OSError if none."""
-        r = await self.http.fetch(f"{s.url}/api/v1/load", request_timeout=self.timeout,
-                                  connect_timeout=min(self.timeout, 3),
-                                  headers={"Authorization": f"Bearer {self.token}"},
-                                  follow_redirects=False, raise_error=False)
-        if r.code == 599:           # no HTTP answer: refused, timed out, unreachable
-            raise RuntimeError(_unreachable(s.url, r.error))
-        if r.code != 200:
-            try:
-                said = json.loads(r.body)["message"]
-            except (ValueError, KeyError, TypeError):
-                said = r.reason
-            raise RuntimeError(f"its agent answered {r.code}: {said}")
-        doc = json.loads(r.body)
-        if not isinstance(doc, dict) or doc.get("node") != s.name:
-            raise RuntimeError(f"the agent at {s.url} is not {s.name}'s "
-                               f"(it says {doc.get('node') if isinstance(doc, dict) else '?'})")
-        return doc
+        return await fetch_load(self.http, s.url, self.token, s.name, timeout=self.timeout)
 
     def _remember(self, s: ServerState, doc: dict, now: float) -> None:
         minute = int(now // 60)

@@ -21,7 +21,7 @@ import json
 import logging
 from typing import Callable
 
-from tornado import httpserver, netutil, web
+from tornado import httpclient, httpserver, netutil, web
 
 log = logging.getLogger("lxcgpu.node")
 
@@ -134,3 +134,37 @@ def serve(app: web.Application, host: str, port: int) -> tuple[httpserver.HTTPSe
     port = sockets[0].getsockname()[1]
     log.info("load API on http://%s:%d (/api/v1/load, /metrics)", host, port)
     return server, port
+
+
+# ---------------------------------------------------------------- the client
+
+def unreachable(url: str, e: BaseException | None) -> str:
+    """Why an agent gave no HTTP answer, as a sentence."""
+    why = (getattr(e, "strerror", None) or str(e or "no answer")).lower()
+    if isinstance(e, (TimeoutError, httpclient.HTTPClientError)) and "timeout" in why:
+        why = "it did not answer in time"
+    return f"its agent at {url} does not answer ({why})"
+
+
+async def fetch_load(http: httpclient.AsyncHTTPClient, url: str, token: str, node: str, *,
+                     timeout: float) -> dict:
+    """The load document of ``node``'s agent at ``url`` (the dashboard's
+    poller, the driver sync); RuntimeError (a sentence) when the agent
+    refuses or is not ``node``'s, OSError or RuntimeError when none answers."""
+    r = await http.fetch(f"{url}/api/v1/load", request_timeout=timeout,
+                         connect_timeout=min(timeout, 3),
+                         headers={"Authorization": f"Bearer {token}"},
+                         follow_redirects=False, raise_error=False)
+    if r.code == 599:           # no HTTP answer: refused, timed out, unreachable
+        raise RuntimeError(unreachable(url, r.error))
+    if r.code != 200:
+        try:
+            said = json.loads(r.body)["message"]
+        except (ValueError, KeyError, TypeError):
+            said = r.reason
+        raise RuntimeError(f"its agent answered {r.code}: {said}")
+    doc = json.loads(r.body)
+    if not isinstance(doc, dict) or doc.get("node") != node:
+        raise RuntimeError(f"the agent at {url} is not {node}'s "
+                           f"(it says {doc.get('node') if isinstance(doc, dict) else '?'})")
+    return doc

@@ -19,7 +19,7 @@ import pytest
 from playwright.async_api import expect
 
 from lxcspawner import naming
-from tests.fixtures.browser import log_in
+from tests.fixtures.browser import RECORD_PROGRESS, log_in
 
 pytestmark = [pytest.mark.lxd, pytest.mark.ldap]
 
@@ -27,22 +27,6 @@ SERVER = "node1"  # the hub fixture's only GPU server
 SPAWN_TIMEOUT = 180_000  # ms: a first spawn creates and boots the container
 LAB_TIMEOUT = 90_000  # ms: JupyterLab's first load, a kernel's first start
 CODE = "import getpass, socket; print(socket.gethostname(), getpass.getuser())"
-
-# The spawn page appends each progress event to #progress-log and redirects
-# when the server is ready: record every event as it is appended (message
-# and the progress bar's value), so none is missed however fast the spawn.
-RECORD_PROGRESS = """
-document.addEventListener("DOMContentLoaded", () => {
-  const log = document.getElementById("progress-log");
-  const bar = document.getElementById("progress-bar");
-  if (!log || !bar) return;
-  new MutationObserver(records => {
-    for (const r of records) for (const node of r.addedNodes) {
-      window.lxcgpuProgress(node.textContent, Number(bar.getAttribute("aria-valuenow")));
-    }
-  }).observe(log, {childList: true});
-});
-"""
 
 
 async def wait_stopped(hub, user: str, timeout: float = 60) -> None:

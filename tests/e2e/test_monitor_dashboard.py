@@ -5,10 +5,19 @@ node1 is this machine's LXD with its agent on loopback; node2 is the second
 real LXD daemon in its own network namespace (tests/fixtures/lxd2.py) with
 its agent there, on node2's address.  Both agents serve their load with the
 site's monitor token (and refuse requests without it); the hub's dashboard
-polls both.  A researcher logs in and sees both cards, this machine's "no
-GPUs" (it has none) and a test container with its user; a CPU-heavy process
-started in that container shows within seconds; node2's agent is stopped and
-its card goes stale within seconds.
+polls both.  This machine has no GPU: node1's agent sees two through a fake
+NVML at the library boundary (tests/fixtures/nvml_module: pynvml over
+tests/fixtures/fake_nvml.py), one of them used by a process of alice's
+container; node2 has none.  A researcher logs in: the spawn form shows each
+server's GPUs, free or in use and by whom; the dashboard both cards and
+alice's container; a CPU-heavy process started in that container shows
+within seconds; node2's agent is stopped and its card goes stale within
+seconds.
+
+The site keeps containers' NVIDIA driver in step with the installer
+(driver_sync "installer", a fake installer in its folder): a spawn on node1
+finds the host's version through node1's agent, runs the installer, and the
+spawn page shows it, line by line; the next start does nothing.
 """
 
 from __future__ import annotations
@@ -29,7 +38,9 @@ from playwright.async_api import expect
 
 from lxcspawner import naming
 from lxcspawner.container import start_container
-from tests.fixtures.browser import log_in
+from lxcspawner import driversync
+from tests.fixtures.browser import RECORD_PROGRESS, log_in
+from tests.fixtures.fake_nvidia import write_installer
 from tests.fixtures.hub import _ldap_settings, free_port, launch_hub
 from tests.fixtures.lxd import TEST_KEY
 from tests.fixtures.lxd2 import NamespacedAgent
@@ -40,6 +51,8 @@ pytestmark = [pytest.mark.lxd, pytest.mark.ldap]
 FIRST_ID_BLOCK = 14600
 PORTS = 'ssh = "28500-28599"\nforward = "12400-12499"\njupyter = "20600-20699"\n'
 OWNER = "alice"
+DRIVER = "550.54.15"        # node1's, as its (fake) NVML says
+GPU_MODEL = "NVIDIA A100-SXM4-80GB"
 
 
 def get(url: str, token: str | None = None, *, timeout: float = 10) -> tuple[int, bytes, dict]:
@@ -62,10 +75,16 @@ def monitor_site(second_lxd, ldap_directory, run_tag, tmp_path_factory):
     token_file.touch(mode=0o600)
     token_file.write_text(token + "\n")
     agent_port = free_port("127.0.0.1")
+    nvml = root / "node1-nvml.json"
+    nvml.write_text(json.dumps({"driver": DRIVER, "gpus": 2, "processes": {}}))
+    installers = root / "installers"
+    installers.mkdir()
+    write_installer(installers, DRIVER, pause=2.5)
     toml = (f'[store]\nurl = "sqlite:///{root / "lxcgpu.sqlite"}"\n'
             f"first_id_block = {FIRST_ID_BLOCK}\n[ports]\n{PORTS}"
             f'[monitor]\ntoken_file = "{token_file}"\nagent_port = {agent_port}\n'
             f"poll_seconds = 1\n"
+            f'[gpus]\ndriver_sync = "installer"\ninstaller_dir = "{installers}"\n'
             f"[servers.node1]\n{second_lxd.site_table('node2')}"
             f'[containers]\nprefix = "{run_tag}"\n')
     hub = launch_hub(root, toml, ldap_settings=_ldap_settings(ldap_directory),
@@ -73,13 +92,14 @@ def monitor_site(second_lxd, ldap_directory, run_tag, tmp_path_factory):
                      tag=run_tag, service="lxcgpu-tests")
     config = root / "lxcgpu.toml"
     node1 = Agent("LXCM" + run_tag[1:].upper(), root / "node1-agent.log", config=config,
-                  extra=("--server", "node1"))
+                  extra=("--server", "node1"), nvml=nvml)
     node2 = NamespacedAgent(second_lxd, config, root / "node2-agent.log")
     node1.start()
     node2.start()
     try:
         hub.start()
         yield {"hub": hub, "token": token, "agents": {"node1": node1, "node2": node2},
+               "nvml": nvml,
                "urls": {"node1": f"http://127.0.0.1:{agent_port}",
                         "node2": f"http://{second_lxd.address}:{agent_port}"}}
     finally:
@@ -112,7 +132,11 @@ def test_the_agents_serve_their_load_with_the_token_only(monitor_site):
             return json.loads(body) if code == 200 else None
         doc = wait_for(loaded, 30, f"{name}'s first sample")
         assert doc["node"] == name
-        assert doc["gpus"]["status"] == "no GPUs" and doc["gpus"]["devices"] == []
+        if name == "node1":
+            assert doc["gpus"]["status"] == "ok" and doc["gpus"]["driver"] == DRIVER
+            assert [g["name"] for g in doc["gpus"]["devices"]] == [GPU_MODEL] * 2
+        else:
+            assert doc["gpus"]["status"] == "no GPUs" and doc["gpus"]["devices"] == []
         assert doc["host"]["cpus"] >= 1 and doc["host"]["memory"]["total"] > 0
         # Without the token, with a wrong one, or with it in the URL: refused.
         assert get(f"{url}/api/v1/load")[0] == 401
@@ -122,7 +146,7 @@ def test_the_agents_serve_their_load_with_the_token_only(monitor_site):
         assert code == 400 and b"URL" in body
         code, body, headers = get(f"{url}/metrics", token)
         assert code == 200 and headers["Content-Type"].startswith("text/plain")
-        assert f'lxcgpu_gpus{{node="{name}"}} 0' in body.decode()
+        assert f'lxcgpu_gpus{{node="{name}"}} {2 if name == "node1" else 0}' in body.decode()
         assert get(f"{url}/api/v1/health")[0] == 200
 
 
@@ -131,17 +155,35 @@ async def test_the_dashboard_shows_both_servers_a_busy_container_and_a_stale_one
     hub = monitor_site["hub"]
     spec = await user_containers(OWNER)
     await start_container(lxd, spec.name)
+    # A process of alice's container uses node1's GPU 1 (10 GiB).
+    pid = (await lxd.state(spec.name)).pid
+    monitor_site["nvml"].write_text(json.dumps(
+        {"driver": DRIVER, "gpus": 2, "processes": {"1": [[pid, 10 << 30]]}}))
     context = await browser.new_context(viewport={"width": 1400, "height": 1100},
                                         ignore_https_errors=True)
     page = await context.new_page()
     try:
         await log_in(page, hub, "bob", ldap_directory.passwords["bob"])
         # The spawn form says what each server has free.
-        await page.goto(f"{hub.url}/hub/spawn")
+        # The spawn form says what each server has, free or in use and by whom.
+        async def form_shows_alice():
+            await page.goto(f"{hub.url}/hub/spawn")
+            return "in use by alice" in await page.locator("table.lxcgpu-gpus").inner_text()
+        deadline = time.monotonic() + 30
+        while not await form_shows_alice():
+            assert time.monotonic() < deadline, await page.content()
+            await asyncio.sleep(1)
         await expect(page.locator("#gpu_server option[value=node1]")).to_have_text(
-            "node1 (no GPUs)")
+            f"node1 (1 of 2 GPUs free: {GPU_MODEL})")
         await expect(page.locator("#gpu_server option[value=node2]")).to_have_text(
             "node2 (no GPUs)")
+        rows = page.locator("table.lxcgpu-gpus tbody tr")
+        await expect(rows).to_have_count(2)
+        await expect(rows.nth(0)).to_have_text(re.compile(
+            rf"^\s*node1\s*0\s*{GPU_MODEL}\s*80 GB\s*free\s*$"))
+        await expect(rows.nth(1)).to_have_text(re.compile(
+            rf"^\s*node1\s*1\s*{GPU_MODEL}\s*80 GB\s*in use by alice\s*$"))
+        await page.screenshot(path=artifacts / "monitor-spawn-form.png", full_page=True)
         # A GPU this server does not have: refused before anything is made.
         bobs = naming.instance_name("bob", "node1", hub.run_tag)
         had = await lxd.instance(bobs)
@@ -158,7 +200,8 @@ async def test_the_dashboard_shows_both_servers_a_busy_container_and_a_stale_one
         await page.click("#monitor-link")
         await page.wait_for_url("**/services/monitor/", timeout=30_000)
         node1, node2 = page.locator("#server-node1"), page.locator("#server-node2")
-        await expect(node1).to_contain_text("no GPUs", timeout=30_000)
+        await expect(node1).to_contain_text(GPU_MODEL, timeout=30_000)
+        await expect(node1).to_contain_text(OWNER)
         await expect(node2).to_contain_text("no GPUs")
         await expect(node1.locator(".badge").first).to_have_text("up")
         await expect(page.locator("#summary")).to_contain_text("2 of 2 servers up")
@@ -233,3 +276,65 @@ async def test_the_dashboard_json_needs_a_login_or_a_token(monitor_site):
         r = await asyncio.to_thread(s.get, url + "?server=nowhere", timeout=30,
                                     headers={"Authorization": f"token {token}"})
         assert r.status_code == 404
+
+
+async def test_a_spawn_puts_the_hosts_driver_in_the_container_and_says_so(
+        monitor_site, lxd, browser, artifacts, ldap_directory):
+    """The acceptance of driver_sync "installer": bob's container, made from
+    the template (no NVIDIA driver inside), gets node1's driver version (read
+    through node1's agent) from the installer in the site's folder, and the
+    spawn page shows it as it happens; the next start does nothing."""
+    hub = monitor_site["hub"]
+    user = "bob"
+    name = naming.instance_name(user, "node1", hub.run_tag)
+    context = await browser.new_context(viewport={"width": 1280, "height": 900},
+                                        ignore_https_errors=True)
+    page = await context.new_page()
+    progress: list[tuple[str, int]] = []
+    await page.expose_function("lxcgpuProgress", lambda msg, pct: progress.append((msg, pct)))
+    await page.add_init_script(RECORD_PROGRESS)
+    try:
+        await log_in(page, hub, user, ldap_directory.passwords[user])
+        await page.goto(f"{hub.url}/hub/spawn")
+        await page.select_option("#gpu_server", "node1")
+        await page.click("form#spawn_form button[type=submit]")
+        await page.wait_for_url(f"**/hub/spawn-pending/{user}**", timeout=30_000)
+        await expect(page.locator("#progress-log .progress-log-event").filter(
+            has_text=f"installing the NVIDIA driver {DRIVER}: Installing NVIDIA driver "
+                     f"version {DRIVER}.")).to_be_attached(timeout=180_000)
+        await page.screenshot(path=artifacts / "driver-sync-progress.png")
+        await page.wait_for_url(f"{hub.user_url(user)}**", timeout=180_000)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            await page.screenshot(path=artifacts / "driver-sync-failure.png", full_page=True)
+        raise
+    finally:
+        await context.close()
+    messages = [m for m, _ in progress]
+    said = [m for m in messages if "NVIDIA driver" in m]
+    assert said[0] == f"installing the NVIDIA driver {DRIVER} (was none; a few minutes)", \
+        messages
+    assert said[-1] == f"NVIDIA driver {DRIVER} installed", messages
+    # Between the container's network and the user's account, on the bar's way up.
+    at = messages.index(said[0])
+    assert messages.index("waiting for network") < at < messages.index("preparing user")
+    bar = [pct for _, pct in progress]
+    assert bar == sorted(bar), progress
+    assert await driversync.container_version(lxd, name) == DRIVER
+    assert await lxd.file_entry(name, driversync.IN_CONTAINER) is None
+
+    # The next start: the versions match; nothing is installed or said.
+    r = hub.api("delete", f"/users/{user}/server")
+    assert r.status_code in (202, 204), r.text
+    deadline = time.monotonic() + 60
+    while "" in hub.api("get", f"/users/{user}").json().get("servers", {}):
+        assert time.monotonic() < deadline, hub.log_tail()
+        await asyncio.sleep(0.3)
+    r = hub.api("post", f"/users/{user}/server", json={"gpu_server": "node1"})
+    assert r.status_code in (201, 202), r.text
+    events = [json.loads(line[len("data:"):]) for line in hub.api(
+        "get", f"/users/{user}/server/progress", stream=True, timeout=300).iter_lines(
+        decode_unicode=True) if line.startswith("data:")]
+    assert events[-1].get("ready"), events
+    assert not [e for e in events if "NVIDIA driver" in e.get("message", "")], events
+    hub.api("delete", f"/users/{user}/server")

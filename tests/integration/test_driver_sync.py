@@ -7,7 +7,8 @@ installer and a failing one give a sentence naming what to do; a link the
 user planted where the installer goes is replaced, never followed.
 
 No GPU here, so the host's version is given to the sync (on a GPU server it
-comes from LXD's /1.0/resources: tests/unit/test_gpus.py).
+comes from the node agent's NVML, else LXD's /1.0/resources: through the hub
+in tests/e2e/test_monitor_dashboard.py, LXD's in tests/unit/test_gpus.py).
 """
 
 from __future__ import annotations
@@ -41,13 +42,23 @@ async def test_an_older_driver_is_replaced_by_the_hosts(lxd, drv, tmp_path):
         (await lxd.execute(drv, ["ln", "-sf", f"{lib}.so.{OLD}", f"{LIBDIR}/{lib}.so.1"])
          ).check(["ln"])
     assert await driversync.container_version(lxd, drv) == OLD
-    write_installer(tmp_path, HOST)
+    # An earlier install's log is not this one's progress.
+    (await lxd.execute(drv, ["sh", "-c", f"echo stale line > {driversync.INSTALLER_LOG}"])
+     ).check(["sh"])
+    write_installer(tmp_path, HOST, pause=1.5)
     said: list[str] = []
-    assert await driversync.sync(lxd, drv, HOST, str(tmp_path), progress=said.append) == \
-        "installed"
+    assert await driversync.sync(lxd, drv, HOST, str(tmp_path), progress=said.append,
+                                 poll=0.4) == "installed"
     assert await driversync.container_version(lxd, drv) == HOST
-    assert said == [f"installing the NVIDIA driver {HOST} (was {OLD}; a few minutes)",
-                    f"NVIDIA driver {HOST} installed"]
+    # The installer's log, line by line as it runs, is the progress.
+    assert said[0] == f"installing the NVIDIA driver {HOST} (was {OLD}; a few minutes)"
+    assert said[-1] == f"NVIDIA driver {HOST} installed"
+    assert f"installing the NVIDIA driver {HOST}: Installing NVIDIA driver version {HOST}." \
+        in said
+    assert f"installing the NVIDIA driver {HOST}: -> Installing 'NVIDIA Accelerated " \
+        f"Graphics Driver for Linux-x86_64' ({HOST}):" in said
+    assert not any("stale line" in m for m in said)
+    count = len(said)
     # The installer does not stay in the container.
     assert await lxd.file_entry(drv, driversync.IN_CONTAINER) is None
     # The next start: the versions match, nothing is pushed or run.
@@ -56,7 +67,7 @@ async def test_an_older_driver_is_replaced_by_the_hosts(lxd, drv, tmp_path):
     assert await driversync.sync(lxd, drv, HOST, str(tmp_path), progress=said.append) == \
         "matched"
     print(f"driver check with matching versions: {(time.perf_counter() - t) * 1000:.1f} ms")
-    assert len(said) == 2
+    assert len(said) == count
 
 
 async def test_a_missing_or_failing_installer_is_a_sentence(lxd, drv, tmp_path):

@@ -131,3 +131,31 @@ def test_one_parser_of_a_choice_for_the_api_the_cli_and_the_form():
     for bad in (5, [True], ["x"] * 65, ["x" * 81], {"a": 1}, None):
         with pytest.raises(ValueError, match='GPUs: "all", or GPU UUIDs'):
             gpus.parse_choice(bad)
+
+
+def test_the_portal_card_shows_each_gpus_usage_from_the_node_agent():
+    """keyportal's GPU rows (LXD's GPUs) with what the node agent says of
+    each (monitor.usage rows): matched by UUID, by nvidia-smi index where
+    LXD has no UUIDs (no container toolkit), nothing when the agent is silent."""
+    from keyportal.portal import _usage_of
+    from monitor.usage import gpu_row
+
+    eight = gpus.parse_resources(resources("8-gpus"))
+    now = [gpu_row({"index": g.index, "uuid": g.uuid, "name": g.model, "state": "free",
+                    "memory_total": 80 << 30, "users": []}) for g in eight]
+    now[3] = gpu_row({"index": 3, "uuid": eight[3].uuid, "name": eight[3].model,
+                      "state": "busy", "memory_total": 80 << 30,
+                      "users": [{"user": "bob", "memory": 1}, {"user": "alice", "memory": 2}]})
+    # The agent lists them in its own order: matching is by UUID.
+    now.reverse()
+    assert _usage_of(eight[3], now) == {"memory": "80 GB", "state": "busy",
+                                        "users": ["alice", "bob"],
+                                        "now": "in use by alice, bob"}
+    assert _usage_of(eight[0], now)["now"] == "free"
+    assert _usage_of(eight[0], []) == {"memory": None, "state": None, "users": [],
+                                       "now": None}
+    (no_toolkit,) = gpus.parse_resources(resources("1-gpu-no-toolkit"))
+    assert no_toolkit.uuid is None
+    assert _usage_of(no_toolkit, [gpu_row({"index": 0, "uuid": "GPU-x", "state": "idle",
+                                           "users": [{"user": "carol"}]})])["now"] == \
+        "in use by carol (idle)"

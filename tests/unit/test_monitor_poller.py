@@ -163,11 +163,12 @@ async def test_the_public_mode_serves_page_and_json_without_login(site):
         server.stop()
 
 
-async def test_the_spawn_forms_notes(site, tmp_path):
-    """hub_config.monitor.FreeGPUs: each server's free GPUs and models, from
-    its agent, for LXCSpawner.server_notes."""
-    from hub_config.monitor import FreeGPUs
+async def test_each_servers_gpus_for_the_spawn_form_and_the_portal(site, tmp_path):
+    """monitor.usage.GPUUsage (LXCSpawner.server_notes, the portal's cards):
+    each server's GPUs with model, memory, free or in use and by whom, from
+    its agent, and a one-line note."""
     from lxcspawner.settings import Settings
+    from monitor.usage import GPUUsage
 
     token = tmp_path / "monitor.token"
     token.touch(mode=0o600)
@@ -175,10 +176,17 @@ async def test_the_spawn_forms_notes(site, tmp_path):
     settings = Settings.from_dict({"monitor": {"token_file": str(token), "poll_seconds": 1},
                                    "servers": {name: {"agent": url} for name, url in site}},
                                   source=str(tmp_path / "site.toml"))
-    notes = await FreeGPUs()(settings)
-    assert notes == {"gpu1": "1 of 3 GPUs free: NVIDIA A100",
-                     "gpu2": "1 of 1 GPUs free: NVIDIA A100", "gpu3": "not answering"}
+    usage = await GPUUsage()(settings)
+    assert {k: v["note"] for k, v in usage.items()} == {
+        "gpu1": "1 of 3 GPUs free: NVIDIA A100", "gpu2": "1 of 1 GPUs free: NVIDIA A100",
+        "gpu3": "not answering"}
+    assert [(g["index"], g["memory"], g["state"], g["users"], g["text"])
+            for g in usage["gpu1"]["gpus"]] == [
+        (0, "80 GB", "free", [], "free"),
+        (1, "80 GB", "busy", ["alice"], "in use by alice"),
+        (2, "80 GB", "idle", ["bob"], "in use by bob (idle)")]
+    assert usage["gpu3"]["status"] == "stale" and usage["gpu3"]["gpus"] == []
     no_token = Settings.from_dict({"monitor": {"token_file": str(tmp_path / "none")},
                                    "servers": {name: {"agent": url} for name, url in site}},
                                   source=str(tmp_path / "other.toml"))
-    assert await FreeGPUs()(no_token) == {}
+    assert await GPUUsage()(no_token) == {}
