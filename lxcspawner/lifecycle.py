@@ -204,6 +204,22 @@ async def _runtime_setting(lxd: LXD, spec: ContainerSpec, inst: Mapping[str, Any
         await lxd.update_config(spec.name, {"nvidia.runtime": "true"})
 
 
+def _no_toolkit(server: str, e: LXDError) -> ContainerError | None:
+    """LXD's refusal of a container with ``nvidia.runtime`` on a server
+    without NVIDIA's container toolkit (at any config change: "Initialize
+    LXC: The NVIDIA container tools couldn't be found"; at a start: "Load
+    go-lxc struct: ..."), as the sentence of what is missing; None for any
+    other error."""
+    said = str(e).lower()
+    if "nvidia container tools" not in said and "nvidia-container-cli" not in said:
+        return None
+    return ContainerError(
+        f"{server} cannot give containers its NVIDIA driver: NVIDIA's container "
+        "toolkit (nvidia-container-cli) is missing or failing there; an administrator "
+        "installs it, or sets driver_sync = \"installer\" for that server (and unsets "
+        "nvidia.runtime on its containers)")
+
+
 #: The GPUs a user chose for their container on a server (UUIDs, or nvidia-smi
 #: indexes where the host's LXD has no UUIDs); absent: every GPU.
 GPUS_KEY = f"{naming.KEY_PREFIX}gpus"
@@ -284,12 +300,7 @@ async def _start(lxd: LXD, spec: ContainerSpec, *, created: bool,
     try:
         await lxd.start(spec.name)
     except LXDError as e:
-        if spec.nvidia_runtime and "nvidia" in str(e).lower():
-            raise ContainerError(
-                f"{spec.server} cannot give containers its NVIDIA driver: NVIDIA's container "
-                "toolkit (nvidia-container-cli) is missing or failing there; an administrator "
-                "installs it, or sets driver_sync = \"installer\" for that server") from e
-        if not created or is_outage(e):
+        if not created or is_outage(e) or _no_toolkit(spec.server, e):
             raise
         log.warning("%s: its first start failed (%s): deleting it and creating it again",
                     spec.name, e)
@@ -343,9 +354,22 @@ async def ensure_user_container(lxd: LXD, store: Store, settings: Settings, user
     bad = set(overrides) - SPEC_OVERRIDES
     if bad:
         raise TypeError(f"unknown container setting(s): {', '.join(sorted(bad))}")
-    say = progress or (lambda msg: None)
     server = server or settings.server
+    try:
+        return await _ensure_user_container(lxd, store, settings, user, server, start=start,
+                                            say=progress or (lambda msg: None), actor=actor,
+                                            address_timeout=address_timeout, **overrides)
+    except LXDError as e:
+        toolkit = _no_toolkit(server, e)
+        if toolkit is None:
+            raise
+        log.error("%s on %s: LXD cannot use NVIDIA's container toolkit: %s", user, server, e)
+        raise toolkit from e
 
+
+async def _ensure_user_container(lxd: LXD, store: Store, settings: Settings, user: str,
+                                 server: str, *, start: bool, say: Progress, actor: str,
+                                 address_timeout: float, **overrides: Any) -> UserContainer:
     say("allocating SSH port and ids")
     rec = await asyncio.to_thread(store.ensure_user, user, actor=actor)
     if rec.suspended is not None:

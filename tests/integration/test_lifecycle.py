@@ -13,8 +13,8 @@ import time
 
 import pytest
 
-from lxcspawner import lifecycle
-from lxcspawner.container import IDMAP_BLOCK, IDMAP_USER_FIRST
+from lxcspawner import lifecycle, naming
+from lxcspawner.container import IDMAP_BLOCK, IDMAP_USER_FIRST, ContainerError
 from lxcspawner.lxd import LXDError
 from lxcspawner.portmap import FORWARD_PREFIX, SSH_PORT_KEY
 from lxcspawner.settings import Settings
@@ -343,3 +343,33 @@ async def test_rebuild_keeps_home_and_settings_and_delete_may_keep_the_home(
         await lifecycle.delete_user_container(lxd, store, user, SERVER, prefix=run_tag,
                                               actor="test")
         await lxd.delete_volume(pool, volume)
+
+
+async def test_runtime_mode_without_nvidias_toolkit_is_a_sentence(
+        lxd, store, site, run_tag, tmp_path, logs_on_failure):
+    """driver_sync "runtime" on a server without NVIDIA's container toolkit
+    (this machine): LXD refuses to start a container with nvidia.runtime
+    ("The NVIDIA container tools couldn't be found"), and the start says
+    what is missing and what an administrator does.  (No GPU here, so the
+    key comes with the container's extra config, as on one made while its
+    server had GPUs.)"""
+    user = "rt"
+    runtime = tmp_path / "runtime.toml"
+    runtime.write_text(site[0].read_text() + '[gpus]\ndriver_sync = "runtime"\n')
+    settings = Settings.load(runtime)
+    logs_on_failure.append(f"{run_tag}-{user}--{SERVER}")
+    try:
+        with pytest.raises(ContainerError) as e:
+            await lifecycle.ensure_user_container(
+                lxd, store, settings, user, actor="test",
+                extra_config={TEST_KEY: run_tag, "nvidia.runtime": "true"})
+        assert str(e.value) == (
+            f"{SERVER} cannot give containers its NVIDIA driver: NVIDIA's container toolkit "
+            "(nvidia-container-cli) is missing or failing there; an administrator installs "
+            "it, or sets driver_sync = \"installer\" for that server (and unsets "
+            "nvidia.runtime on its containers)")
+        inst = await lxd.instance(naming.instance_name(user, SERVER, run_tag))
+        assert inst["status"] == "Stopped"
+    finally:
+        await lifecycle.delete_user_container(lxd, store, user, SERVER, prefix=run_tag,
+                                              actor="test")
