@@ -108,14 +108,27 @@ def mark(ok: bool) -> str:
 
 # ------------------------------------------------------------------ the hub
 
-def start_hub(root: Path, prefix: str) -> Hub:
+def prepare_hub(root: Path, prefix: str, *, site_extra: str = "",
+                env: dict[str, str] | None = None) -> Hub:
     """The shipped hub config with a bench site file: one GPU server (this
-    machine), containers tagged with ``prefix``, an admin service token."""
+    machine), containers tagged with ``prefix``, an admin service token; not
+    started yet.  ``site_extra`` is appended to the site file and ``env`` to
+    the hub's environment (bench/versus_docker.py swaps the spawner so)."""
     hub = launch_hub(
         root, LXCGPU_TOML.format(store=root / "lxcgpu.sqlite", prefix=prefix),
         ldap_settings="# No LDAP: the bench makes users through the API and never logs in.",
         admin_group="cn=gpu-admins,ou=groups,dc=bench,dc=invalid",
         tag_key=BENCH_KEY, tag=prefix, service=SERVICE)
+    if site_extra:
+        with open(root / "jupyterhub_site.py", "a") as site:
+            site.write("\n" + site_extra)
+    hub.env.update(env or {})
+    return hub
+
+
+def start_hub(root: Path, prefix: str) -> Hub:
+    """:func:`prepare_hub`, started."""
+    hub = prepare_hub(root, prefix)
     hub.start()
     return hub
 

@@ -33,6 +33,7 @@ from jupyterhub.services.auth import HubOAuth, HubOAuthCallbackHandler, HubOAuth
 from tornado import httpserver, ioloop, web
 
 from lxcspawner.lxd import LXDError
+from lxcspawner.pool import PoolKeeper
 from lxcspawner.settings import Settings
 from lxcspawner.store import StoreError
 
@@ -507,10 +508,15 @@ def main(argv=None) -> int:
     server.listen(parts.port or 80, parts.hostname or "127.0.0.1")
     log.info("keyportal on %s (prefix %s), GPU servers %s, store %s", url, prefix,
              ", ".join(settings.server_names), settings.store_url.split("@")[-1])
+    # Each GPU server's prebuilt containers for new users (lxcspawner.pool).
+    keeper = PoolKeeper(settings, portal.store)
+    loop = ioloop.IOLoop.current()
+    loop.add_callback(keeper.run)
     try:
-        ioloop.IOLoop.current().start()
+        loop.start()
     except KeyboardInterrupt:
         log.info("keyportal stopped")
     finally:
+        keeper.close()
         portal.close()
     return 0

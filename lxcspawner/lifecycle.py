@@ -17,7 +17,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
-from . import driversync, gpus, naming, network
+from . import driversync, gpus, naming, network, pool
 from .container import (HOME_DEVICE, ContainerError, ContainerSpec, check_extra_key, check_owner,
                         ensure_container, half_made, home_volume, root_pool)
 from .lxd import LXD, LXDError, LXDNotFound, is_outage
@@ -380,6 +380,17 @@ async def _ensure_user_container(lxd: LXD, store: Store, settings: Settings, use
         check_owner(inst, user)
         if await half_made(lxd, inst):
             inst = None     # ensure_container makes it anew
+    prebuilt = False
+    if inst is None and not rec.idmap_used and settings.pool_size > 0:
+        # A new user: a prebuilt container of this server becomes theirs.
+        taken = await pool.claim(lxd, store, settings, user, server, actor=actor,
+                                 overrides=overrides)
+        if taken is not None:
+            rec, inst = taken
+            spec = settings.container_spec(user, rec.idmap_base, server=server, **overrides)
+            prebuilt = inst is not None
+            if prebuilt:
+                say("using a prepared container")
     profiles = list(inst.get("profiles") or ()) if inst is not None else list(spec.profiles)
     # From choosing a free address to LXD holding it on the new instance,
     # no other container of this process takes one on the same LXD (two
@@ -388,6 +399,10 @@ async def _ensure_user_container(lxd: LXD, store: Store, settings: Settings, use
         nic = await _fixed_nic(lxd, store, settings, user, server, spec.name, profiles,
                                inst.get("devices") if inst is not None else None, actor)
         if inst is None:
+            if not rec.idmap_used:
+                if settings.pool_size > 0:
+                    say("no prepared container was free")
+                await asyncio.to_thread(store.mark_idmap_used, user)
             say("creating container")
             if "gpus" not in overrides:
                 overrides = {**overrides, "gpus": await lxd.gpu_count()}

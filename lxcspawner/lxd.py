@@ -31,7 +31,7 @@ import requests
 import urllib3
 from pylxd import exceptions as pylxd_exc
 
-from . import network
+from . import naming, network
 from .gpus import GPU, parse_resources
 
 log = logging.getLogger("lxcspawner.lxd")
@@ -568,14 +568,32 @@ class LXD:
         await self.run(update, what=what)
 
     async def delete_instance(self, name: str, timeout: float = 120) -> None:
-        """Stop (forcefully) and delete; already gone is success."""
+        """Stop (forcefully) and delete; already gone is success.  An
+        instance busy with another operation (a start under way) is deleted
+        once that one ends."""
         def delete():
-            try:
-                self._set_state(name, "stop", force=True, timeout=timeout)
-                self._async_request("delete", f"/1.0/instances/{name}", timeout=timeout)
-            except LXDNotFound:
-                pass
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    self._set_state(name, "stop", force=True, timeout=timeout)
+                    self._async_request("delete", f"/1.0/instances/{name}", timeout=timeout)
+                    return
+                except LXDNotFound:
+                    return
+                except LXDError as e:
+                    if "is busy running" not in str(e) or time.monotonic() > deadline:
+                        raise
+                    log.info("delete %s: %s; trying again", name, e)
+                    time.sleep(0.5)
         await self.run(delete, what=f"delete {name}", timeout=timeout + 30)
+
+    async def rename_instance(self, name: str, new_name: str, timeout: float = 120) -> None:
+        """Rename a stopped instance (its snapshots and volatile keys go with it)."""
+        if not naming.is_valid_lxd_name(new_name):
+            raise ValueError(f"{new_name!r} is not an instance name")
+        await self.run(lambda: self._async_request(
+            "post", f"/1.0/instances/{name}", json={"name": new_name}, timeout=timeout),
+            what=f"rename {name} to {new_name}", timeout=timeout + 30, retry=False)
 
     # Snapshots (names checked by the caller: naming.check_snapshot_name) of
     # an instance, or with ``pool`` of a custom volume in that storage pool.

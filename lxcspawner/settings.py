@@ -28,6 +28,7 @@ errors that name them, so a typo never silently falls back to a default::
     memory = "64GiB"
     processes = 4096
     mounts = ["/data:/data:ro"]
+    pool = 2                             # prebuilt containers per GPU server for new users (0: off)
     [network]
     port_isolation = true
     [gpus]
@@ -186,6 +187,9 @@ class Settings:
     # GPU servers see it (only it reaches users' Jupyter ports there).
     hub_url: str | None = None
     hub_address: str | None = None
+    # Prebuilt containers kept ready on each GPU server for new users' first
+    # spawns (lxcspawner.pool); 0 turns the pool off.
+    pool_size: int = 2
     # keyportal: snapshots a user may keep of each container.
     snapshot_limit: int = 10
     # keyportal: where users' exports (LXD backups) are written, e.g. the
@@ -221,6 +225,9 @@ class Settings:
         self._check_hub()
         if not _is_int(self.forward_limit) or self.forward_limit < 0:
             raise ValueError("forward_limit must be a whole number >= 0")
+        if not _is_int(self.pool_size) or not 0 <= self.pool_size <= 50:
+            raise ValueError(f"[containers] pool {self.pool_size!r}: a whole number 0..50 "
+                             "(prebuilt containers per GPU server; 0 turns them off)")
         if not _is_int(self.snapshot_limit) or self.snapshot_limit < 0:
             raise ValueError("[portal] snapshot_limit must be a whole number >= 0")
         if self.export_dir is not None and not (isinstance(self.export_dir, str)
@@ -569,7 +576,7 @@ _SCHEMA: dict[str, dict[str, tuple[str, Any]]] = {
     "containers": {"prefix": ("instance_prefix", _str), "image": ("image", _str),
                    "profiles": ("profiles", _str_list), "cpu": ("cpu", _cpu),
                    "memory": ("memory", _str), "processes": ("processes", _int),
-                   "mounts": ("mounts", _mounts)},
+                   "mounts": ("mounts", _mounts), "pool": ("pool_size", _int)},
     "network": {"port_isolation": ("port_isolation", _bool)},
     "hub": {"url": ("hub_url", _str), "address": ("hub_address", _str)},
     "portal": {"snapshot_limit": ("snapshot_limit", _int), "export_dir": ("export_dir", _str)},

@@ -40,6 +40,8 @@ from .store import Store
 _STEPS = {
     "allocating SSH port and ids": 5,
     "creating container": 15,
+    "using a prepared container": 15,
+    "no prepared container was free": 10,
     "restarting container to pin its address": 30,
     "starting container": 35,
     "waiting for network": 55,

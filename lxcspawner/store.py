@@ -4,7 +4,8 @@ Each user's SSH port (the same on every GPU server), their Jupyter port pair
 (the same on every server: how the hub's proxy reaches their Jupyter on a
 GPU server elsewhere) and id map base (a block of 65536 host ids), forwarded host ports (unique per GPU server), each
 container's address on its GPU server's bridge (unique per server), users'
-SSH public keys, and the audit log.  Allocation picks the lowest free value and
+SSH public keys, the prebuilt containers of each server with the id block
+each holds (lxcspawner.pool), and the audit log.  Allocation picks the lowest free value and
 never hands out one that is taken; nothing is ever deleted except a key, a
 forward or an address released on request (and those of a user whose row is
 deleted).
@@ -47,7 +48,7 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import (
     BigInteger, DateTime, ForeignKey, Integer, MetaData, String, Text, TypeDecorator,
-    UniqueConstraint, create_engine, event, func, select, text,
+    UniqueConstraint, create_engine, event, false, func, select, text, true,
 )
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import IntegrityError
@@ -119,6 +120,20 @@ class UserRecord:
     # The first of the user's two Jupyter host ports (allocated when first
     # needed; see Store.jupyter_port).
     jupyter_port: int | None = None
+    # A container with the id block was made (Store.mark_idmap_used).
+    idmap_used: bool = True
+
+
+@dataclass(frozen=True)
+class PoolRecord:
+    instance: str
+    server: str
+    idmap_base: int
+    created: datetime
+    ready: bool                 # made, started once (its files shifted) and stopped
+    image: str | None           # the template's fingerprint it was made from
+    claimed_by: str | None      # a user taking it over right now
+    claimed_at: datetime | None
 
 
 @dataclass(frozen=True)
@@ -193,6 +208,24 @@ class User(Base):
     created: Mapped[datetime] = mapped_column(_UTCDateTime, default=_now)
     suspended: Mapped[datetime | None] = mapped_column(_UTCDateTime, nullable=True)
     jupyter_port: Mapped[int | None] = mapped_column(Integer, unique=True, nullable=True)
+    # A container with this id block was made (its files are the block's):
+    # only a block not yet used may be swapped for a prebuilt container's.
+    idmap_used: Mapped[bool] = mapped_column(default=False, server_default=true())
+
+
+class PoolMember(Base):
+    """A prebuilt container (lxcspawner.pool) and the id block its files carry."""
+
+    __tablename__ = "pool_members"
+
+    instance: Mapped[str] = mapped_column(String(63), primary_key=True)
+    server: Mapped[str] = mapped_column(String(63))
+    idmap_base: Mapped[int] = mapped_column(BigInteger, unique=True)
+    created: Mapped[datetime] = mapped_column(_UTCDateTime, default=_now)
+    ready: Mapped[bool] = mapped_column(default=False, server_default=false())
+    image: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    claimed_by: Mapped[str | None] = mapped_column(String(NAME_MAX), nullable=True)
+    claimed_at: Mapped[datetime | None] = mapped_column(_UTCDateTime, nullable=True)
 
 
 class SSHKey(Base):
@@ -247,7 +280,13 @@ class Audit(Base):
 
 
 def _user_record(r: User) -> UserRecord:
-    return UserRecord(r.name, r.ssh_port, r.idmap_base, r.created, r.suspended, r.jupyter_port)
+    return UserRecord(r.name, r.ssh_port, r.idmap_base, r.created, r.suspended, r.jupyter_port,
+                      r.idmap_used)
+
+
+def _pool_record(r: PoolMember) -> PoolRecord:
+    return PoolRecord(r.instance, r.server, r.idmap_base, r.created, r.ready, r.image,
+                      r.claimed_by, r.claimed_at)
 
 
 def _key_record(r: SSHKey) -> KeyRecord:
@@ -541,20 +580,26 @@ class Store:
         if port is None:
             raise Exhausted(f"All {hi - lo + 1} SSH ports ({lo}-{hi}) are taken, so no new "
                             "user can be added; ask an administrator to widen the range.")
-        bases, block = self.idmap_bases, idmap.IDMAP_BLOCK
-        base = _lowest_free(bases, set(s.scalars(select(User.idmap_base))))
-        if base is None:
-            why = (f"all {len(bases)} blocks of {block} host ids ({bases[0]}-"
-                   f"{bases[-1] + block - 1}) are taken" if bases else
-                   "root's /etc/subuid grant leaves no room for a block of host ids")
-            raise Exhausted(f"No new user can be added: {why}; ask an administrator to "
-                            "grant root more ids.")
-        row = User(name=name, ssh_port=port, idmap_base=base, created=_now())
+        base = self._free_block(s, "No new user can be added")
+        row = User(name=name, ssh_port=port, idmap_base=base, created=_now(), idmap_used=False)
         s.add(row)
         s.flush()
         self._audit(s, actor, "user.create", name, {"ssh_port": port, "idmap_base": base})
         log.info("user %s: SSH port %d, id block %d", name, port, base)
         return row
+
+    def _free_block(self, s: Session, refusal: str) -> int:
+        """The lowest id block neither a user nor a prebuilt container holds."""
+        bases, block = self.idmap_bases, idmap.IDMAP_BLOCK
+        used = set(s.scalars(select(User.idmap_base)))
+        used |= set(s.scalars(select(PoolMember.idmap_base)))
+        base = _lowest_free(bases, used)
+        if base is None:
+            why = (f"all {len(bases)} blocks of {block} host ids ({bases[0]}-"
+                   f"{bases[-1] + block - 1}) are taken" if bases else
+                   "root's /etc/subuid grant leaves no room for a block of host ids")
+            raise Exhausted(f"{refusal}: {why}; ask an administrator to grant root more ids.")
+        return base
 
     def ensure_user(self, name: str, *, actor: str = "system") -> UserRecord:
         """The user's record, allocating their SSH port and id block the first
@@ -583,6 +628,106 @@ class Store:
     def list_users(self) -> list[UserRecord]:
         return self._read(lambda s: [_user_record(r) for r in
                                      s.scalars(select(User).order_by(User.name))])
+
+    def mark_idmap_used(self, name: str) -> None:
+        """A container with the user's id block is about to be made: from now
+        on the block stays theirs (no prebuilt container's may replace it)."""
+        name = _check_name(name)
+
+        def txn(s: Session) -> None:
+            row = s.get(User, name)
+            if row is None:
+                raise NotFound(f"There is no lxcgpu user {name!r}.")
+            row.idmap_used = True
+        if not self.user(name).idmap_used:
+            self._write(txn)
+
+    # -- prebuilt containers (lxcspawner.pool)
+
+    def reserve_pool_block(self, server: str, instance: str, *, actor: str,
+                           image: str | None = None) -> int:
+        """A free id block for a prebuilt container about to be made on ``server``."""
+        server, actor = _check_server(server), _check_name(actor, "actor")
+        if not naming.is_valid_lxd_name(instance):
+            raise InvalidInput(f"{instance!r} is not an instance name.")
+
+        def txn(s: Session) -> int:
+            base = self._free_block(s, "No prebuilt container can be made")
+            s.add(PoolMember(instance=instance, server=server, idmap_base=base, created=_now(),
+                             ready=False, image=image))
+            s.flush()
+            self._audit(s, actor, "pool.reserve", instance, {"server": server,
+                                                             "idmap_base": base})
+            return base
+        return self._write(txn)
+
+    def pool_ready(self, instance: str) -> bool:
+        """The prebuilt container is made and shifted; False if its row is gone."""
+        def txn(s: Session) -> bool:
+            row = s.get(PoolMember, instance)
+            if row is None:
+                return False
+            row.ready = True
+            return True
+        return self._write(txn)
+
+    def pool_members(self, server: str | None = None) -> list[PoolRecord]:
+        q = select(PoolMember).order_by(PoolMember.created, PoolMember.instance)
+        if server is not None:
+            q = q.where(PoolMember.server == _check_server(server))
+        return self._read(lambda s: [_pool_record(r) for r in s.scalars(q)])
+
+    def release_pool_member(self, instance: str, *, actor: str,
+                            claimed: bool = False) -> bool:
+        """Forget a prebuilt container (retired, failed, or taken over by its
+        user: ``claimed``); its block is free again unless a user took it.
+        False if it was not there, or (not ``claimed``) a user is taking it
+        over right now: then it is theirs, not to be deleted."""
+        actor = _check_name(actor, "actor")
+
+        def txn(s: Session) -> bool:
+            row = s.get(PoolMember, instance)
+            if row is None or (row.claimed_by is not None and not claimed):
+                return False
+            s.delete(row)
+            self._audit(s, actor, "pool.release", instance,
+                        {"server": row.server, "claimed_by": row.claimed_by})
+            return True
+        return self._write(txn)
+
+    def claim_pool_member(self, user: str, server: str, *,
+                          actor: str) -> tuple[str, UserRecord] | None:
+        """Give ``user`` the oldest ready prebuilt container of ``server``:
+        its id block becomes the user's (their own, never used, is freed);
+        (the instance, the user's record now).  None when the user's block
+        is on disk already (they had a container before) or none is ready.
+        Two users never get the same one (writers serialize)."""
+        user, server, actor = (_check_name(user), _check_server(server),
+                               _check_name(actor, "actor"))
+
+        def txn(s: Session) -> tuple[str, UserRecord] | None:
+            row = self._ensure_user(s, user, actor)
+            if row.idmap_used:
+                return None
+            member = s.scalars(select(PoolMember).where(
+                PoolMember.server == server, PoolMember.ready.is_(True),
+                PoolMember.claimed_by.is_(None)).order_by(
+                PoolMember.created, PoolMember.instance).limit(1)).first()
+            if member is None:
+                return None
+            was = row.idmap_base
+            row.idmap_base = member.idmap_base
+            row.idmap_used = True
+            member.claimed_by, member.claimed_at = user, _now()
+            s.flush()
+            self._audit(s, actor, "pool.claim", user, {"server": server,
+                                                       "instance": member.instance,
+                                                       "idmap_base": member.idmap_base,
+                                                       "was": was})
+            log.info("%s takes over the prebuilt %s on %s (id block %d)", user,
+                     member.instance, server, member.idmap_base)
+            return member.instance, _user_record(row)
+        return self._write(txn)
 
     def jupyter_port(self, name: str, *, actor: str = "system") -> int:
         """The first of the user's two Jupyter host ports, allocated the first

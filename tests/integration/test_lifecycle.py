@@ -47,6 +47,7 @@ forward = "{FORWARD_PORTS}"
 name = "{SERVER}"
 [containers]
 prefix = "{run_tag}"
+pool = 0
 cpu = 1
 memory = "1GiB"
 """)

@@ -219,6 +219,80 @@ def test_an_older_store_keeps_its_users_and_gains_jupyter_ports(tmp_path):
         assert new.jupyter_port("alice") == 20000
 
 
+# ---------------------------------------------------------------- prebuilt containers
+
+def test_prebuilt_containers_and_users_never_share_an_id_block(store):
+    alice = store.ensure_user("alice")
+    base = store.reserve_pool_block("gpu1", "pool--gpu1--00000001", actor="pool", image="f1")
+    bob = store.ensure_user("bob")
+    assert (alice.idmap_base, base, bob.idmap_base) == (
+        FIRST, FIRST + IDMAP_BLOCK, FIRST + 2 * IDMAP_BLOCK)
+    (m,) = store.pool_members("gpu1")
+    assert (m.instance, m.idmap_base, m.ready, m.image, m.claimed_by) == (
+        "pool--gpu1--00000001", base, False, "f1", None)
+    assert store.pool_members("gpu2") == []
+    with pytest.raises(InvalidInput):
+        store.reserve_pool_block("gpu1", "not a name", actor="pool")
+
+
+def test_a_new_user_takes_over_the_oldest_ready_one_and_its_block(store):
+    store.reserve_pool_block("gpu1", "pool--gpu1--00000001", actor="pool")
+    store.reserve_pool_block("gpu1", "pool--gpu1--00000002", actor="pool")
+    # Not ready yet: nothing to take.
+    assert store.claim_pool_member("alice", "gpu1", actor="hub:alice") is None
+    own = store.user("alice")
+    assert not own.idmap_used
+    assert store.pool_ready("pool--gpu1--00000002")
+    instance, rec = store.claim_pool_member("alice", "gpu1", actor="hub:alice")
+    assert instance == "pool--gpu1--00000002"
+    assert own.idmap_base == FIRST + 2 * IDMAP_BLOCK
+    assert rec.idmap_base == FIRST + IDMAP_BLOCK and rec.idmap_used
+    assert store.user("alice") == rec
+    # Her own block, never on disk, is free again.
+    assert store.ensure_user("bob").idmap_base == own.idmap_base
+    # Being taken over: the keeper may not retire it; its user's step ends it.
+    assert not store.release_pool_member(instance, actor="pool")
+    assert store.release_pool_member(instance, actor="hub:alice", claimed=True)
+    assert [m.instance for m in store.pool_members()] == ["pool--gpu1--00000001"]
+    assert store.audit_log(user="alice")[0].action == "pool.claim"
+
+
+def test_a_user_whose_block_is_on_disk_keeps_it(store):
+    store.reserve_pool_block("gpu1", "pool--gpu1--00000001", actor="pool")
+    store.pool_ready("pool--gpu1--00000001")
+    rec = store.ensure_user("alice")
+    store.mark_idmap_used("alice")
+    assert store.claim_pool_member("alice", "gpu1", actor="hub:alice") is None
+    assert store.user("alice").idmap_base == rec.idmap_base
+    # Another server's prebuilt containers are not this one's.
+    assert store.claim_pool_member("bob", "gpu2", actor="hub:bob") is None
+    assert store.pool_members("gpu1")[0].claimed_by is None
+    with pytest.raises(NotFound):
+        store.mark_idmap_used("nobody")
+
+
+def test_an_older_store_keeps_its_users_blocks(tmp_path):
+    """Users from before prebuilt containers count as having their block on
+    disk: none of them is ever given another."""
+    from alembic import command
+    from alembic.config import Config
+    from lxcspawner.store import MIGRATIONS
+    store = Store(url(tmp_path), upgrade=False, subuid_file=str(tmp_path / "none"))
+    with store._writer.begin() as conn:
+        cfg = Config()
+        cfg.set_main_option("script_location", str(MIGRATIONS))
+        cfg.set_main_option("path_separator", "os")
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0004_jupyter_port")
+        conn.execute(sqlalchemy.text(
+            "INSERT INTO users (name, ssh_port, idmap_base, created) "
+            "VALUES ('alice', 22007, 1065536, '2026-12-01 10:00:00')"))
+    store.close()
+    with Store(url(tmp_path), subuid_file=str(tmp_path / "none")) as new:
+        assert new.user("alice").idmap_used
+        assert not new.ensure_user("bob").idmap_used
+
+
 # ---------------------------------------------------------------- keys
 
 def test_keys_are_normalized_and_deduplicated(store):
@@ -449,10 +523,11 @@ def test_migrations_match_the_models_and_upgrade_is_idempotent(tmp_path):
         assert c.execute("SELECT type, name, sql FROM sqlite_master ORDER BY name"
                          ).fetchall() == schema
         assert c.execute("SELECT version_num FROM alembic_version").fetchall() == [
-            ("0004_jupyter_port",)]
+            ("0005_pool",)]
         assert c.execute("PRAGMA journal_mode").fetchone() == ("wal",)
     assert {n for t, n, _ in schema if t == "table"} == {
-        "alembic_version", "users", "ssh_keys", "forwards", "addresses", "audit"}
+        "alembic_version", "users", "ssh_keys", "forwards", "addresses", "audit",
+        "pool_members"}
 
 
 def test_migrations_on_postgresql_match_the_models(postgres, tmp_path):
@@ -468,9 +543,9 @@ def test_migrations_on_postgresql_match_the_models(postgres, tmp_path):
         with again._engine.connect() as conn:
             assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
             assert conn.execute(sqlalchemy.text("SELECT version_num FROM alembic_version")
-                                ).scalars().all() == ["0004_jupyter_port"]
+                                ).scalars().all() == ["0005_pool"]
     assert table_names(db) == {"alembic_version", "users", "ssh_keys", "forwards",
-                               "addresses", "audit"}
+                               "addresses", "audit", "pool_members"}
 
 
 def table_names(db_url) -> set[str]:
@@ -521,6 +596,9 @@ def _in_process(db_url, subuid_file, job, i):
             return [store.ensure_user(f"p{i}-u{j}", actor=f"p{i}") for j in range(25)]
         if job == "same-forward":
             return [store.add_forward("alice", "gpu1", 8888, actor=f"p{i}")]
+        if job == "claims":
+            got = store.claim_pool_member(f"new{i}", "gpu1", actor=f"p{i}")
+            return [None if got is None else (got[0], got[1].name, got[1].idmap_base)]
         return [store.add_forward(f"user{i}", "gpu1", 8888, actor=f"p{i}")]
 
 
@@ -544,6 +622,25 @@ def test_parallel_users_never_collide(processes, db_url, tmp_path):
         FIRST + k * IDMAP_BLOCK for k in range(len(users))]
     assert table_rows(db_url, "users") == len(users)
     assert table_rows(db_url, "audit") == len(users)
+
+
+def test_parallel_claims_never_share_a_prebuilt_container(processes, db_url, tmp_path):
+    """Eight new users take over prebuilt containers at once, from eight
+    processes, with five ready: five get one each, each a different one with
+    its block; three get none."""
+    with Store(db_url, subuid_file=str(tmp_path / "none")) as store:
+        for k in range(5):
+            store.reserve_pool_block("gpu1", f"pool--gpu1--{k:08x}", actor="pool")
+            store.pool_ready(f"pool--gpu1--{k:08x}")
+        bases = {m.instance: m.idmap_base for m in store.pool_members("gpu1")}
+    got = [g for g in processes(db_url, tmp_path, "claims") if g is not None]
+    assert len(got) == 5
+    assert sorted(g[0] for g in got) == sorted(bases)
+    assert all(bases[instance] == base for instance, _, base in got)
+    with Store(db_url, subuid_file=str(tmp_path / "none")) as store:
+        assert {u.name: u.idmap_base for u in store.list_users() if u.idmap_used} == \
+            {user: base for _, user, base in got}
+        assert all(m.claimed_by for m in store.pool_members())
 
 
 def test_parallel_identical_forwards_make_one(processes, db_url, tmp_path):

@@ -1,0 +1,632 @@
+#!/usr/bin/env python3
+"""lxcgpu's spawns side by side with JupyterHub's DockerSpawner, on this machine.
+
+    .venv/bin/python bench/versus_docker.py [-n 5]
+    .venv/bin/python bench/spawn.py --versus-docker [-n 5]
+
+Issue 14's comparison as code.  Run as root with LXD up and the template
+image built, as for bench/spawn.py, whose hub, users and measurement it
+uses.  What it brings up lives for the run only and is gone at the end, also
+on a failure, SIGINT or SIGTERM:
+
+- Debian's ``docker.io`` (dockerd, containerd, runc, the docker CLI) and
+  ``zstd``, installed with apt-get where missing.  The package's own service
+  is never started (while apt-get runs, a policy-rc.d refuses every start,
+  unless the machine has one already): Docker's defaults would switch on IP
+  forwarding and write iptables rules.
+- DockerSpawner 14 and its two dependencies (docker, escapism), installed by
+  pip into a folder of the run that only the DockerSpawner hub has on its
+  PYTHONPATH: nothing goes into the project's virtualenv.
+- containerd and dockerd started by the bench, every state, socket and pid
+  file in a temporary folder, with no change to the host's network (no
+  bridge, no iptables rules, no IP forwarding, no masquerading): checked at
+  the end against the forwarding sysctls, iptables' legacy and nft rules
+  (IPv4 and IPv6) and the interfaces from before the run.
+- lxcgpu's template (``lxc image export``), its rootfs imported with ``docker
+  import``: nothing is pulled from any registry.
+- A second hub: the same shipped config, JupyterHub, proxy and TLS as the
+  lxcgpu hub's (bench/spawn.py's), with DockerSpawner instead, containers on
+  the host's network, each user's server at a fixed port on 127.0.0.1,
+  Jupyter as root in its container (the rootfs has no user of the hub's).
+
+Measured as bench/spawn.py measures, from ``POST /hub/api/users/U/server``
+until ``GET /user/U/lab`` answers 200 through the proxy; p50 of N, rounds
+alternating between the two systems (which one goes first alternates too):
+
+- a new user's first server: lxcgpu creates the container (its first start
+  shifts the rootfs into the user's id map); DockerSpawner creates and
+  starts one;
+- the same user again, container stopped: lxcgpu starts it; DockerSpawner
+  restarts the container it kept when the server stopped;
+- lxcgpu only: the container running, Jupyter stopped, against its floor
+  (bench/spawn.py's: the spawner's own unit started without hub or proxy).
+
+Targets (issue 14): first <= 1.0x DockerSpawner's, stopped <= 1.1x its
+restart, hot <= 1.1x the floor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO), str(REPO / "bench")]
+
+from spawn import (  # noqa: E402
+    BLOCK_FIRST, BLOCK_LAST, SERVER, delete_containers, floor, med, mark, parts, prepare_hub,
+    report, reserve_users, spawn_until_lab, spawner_unit, stop_server,
+)
+from lxcspawner import jupyter, naming  # noqa: E402
+from lxcspawner.lxd import LXD, LXDError, local_socket  # noqa: E402
+from lxcspawner.settings import Settings  # noqa: E402
+from tests.fixtures.hub import VENV_BIN  # noqa: E402
+
+TARGETS = {"first": 1.0, "stopped": 1.1, "hot": 1.1}
+# Debian packages of the commands the bench runs.
+TOOLS = {"dockerd": "docker.io", "docker": "docker.io", "containerd": "containerd",
+         "runc": "runc", "zstd": "zstd"}
+DOCKERSPAWNER = ["dockerspawner==14.*", "docker==7.*", "escapism==1.*"]
+# Loopback ports for the DockerSpawner users' servers, apart from the ranges
+# of the tests and the other benches (the Jupyter range is 20000-21999).
+DOCKER_PORTS = range(20900, 21000)
+SINGLEUSER = "/opt/jupyter/bin/jupyterhub-singleuser"
+POLICY_RC = Path("/usr/sbin/policy-rc.d")
+DAEMON_TIMEOUT = 60  # seconds for containerd's socket and dockerd's API
+STOP_TIMEOUT = 30  # seconds after SIGTERM before SIGKILL
+# Where the daemons write outside their folders: dockerd < 23 its trust key
+# (redirected where it can be), dockerd its plugin folder, the runc shims
+# their sockets (containerd hardcodes /run/containerd/s).  What the run
+# made here is removed at the end, if empty.
+OUTSIDE = [Path("/etc/docker/key.json"), Path("/run/docker/plugins"), Path("/run/docker"),
+           Path("/run/containerd/s"), Path("/run/containerd")]
+FORWARDING = ["net/ipv4/ip_forward", "net/ipv4/conf/all/forwarding",
+              "net/ipv6/conf/all/forwarding", "net/ipv6/conf/default/forwarding",
+              "net/ipv4/conf/all/route_localnet", "net/bridge/bridge-nf-call-iptables",
+              "net/bridge/bridge-nf-call-ip6tables"]
+IPTABLES_SAVE = ["iptables-legacy-save", "iptables-nft-save", "ip6tables-legacy-save",
+                 "ip6tables-nft-save"]
+
+CONTAINERD_TOML = """\
+# bench/versus_docker.py: a containerd of the bench's own, all under {root}.
+version = 2
+root = "{root}/containerd/root"
+state = "{root}/containerd/state"
+disabled_plugins = ["io.containerd.grpc.v1.cri"]
+[grpc]
+  address = "{sock}"
+[plugins."io.containerd.internal.v1.opt"]
+  path = "{root}/containerd/opt"
+"""
+
+SITE_DOCKER = '''\
+# bench/versus_docker.py: the same hub with JupyterHub's DockerSpawner
+# (installed for the run, on this hub's PYTHONPATH only) instead of lxcgpu's.
+from dockerspawner import DockerSpawner
+from traitlets import default
+
+_PORTS = {ports!r}
+
+
+class HostNetworkDockerSpawner(DockerSpawner):
+    """DockerSpawner on the host's network, as its documentation says to do
+    it: each user's server at a fixed port on loopback."""
+
+    @default("port")
+    def _bench_port(self):
+        return _PORTS[self.user.name]
+
+    async def get_ip_and_port(self):
+        return self.host_ip, self.port
+
+
+c.JupyterHub.spawner_class = HostNetworkDockerSpawner
+c.DockerSpawner.client_kwargs = {{"base_url": "unix://{sock}"}}
+c.DockerSpawner.image = {image!r}
+c.DockerSpawner.pull_policy = "never"  # the imported image only: nothing from a registry
+c.DockerSpawner.network_name = "host"
+c.DockerSpawner.host_ip = "127.0.0.1"
+c.DockerSpawner.ip = "127.0.0.1"  # Jupyter listens on loopback only
+c.DockerSpawner.cmd = [{singleuser!r}]
+c.DockerSpawner.args = ["--allow-root"]  # root in the container: the rootfs has no hub users
+c.DockerSpawner.extra_create_kwargs = {{"working_dir": "/root"}}
+c.DockerSpawner.remove = False  # a stopped server keeps its container; a spawn restarts it
+'''
+
+
+# ------------------------------------------------------------------ installs
+
+def ensure_packages() -> None:
+    """docker.io and zstd from Debian, where a command is missing.  The
+    package's dockerd must not start (Docker's defaults switch on IP
+    forwarding and add iptables rules): a policy-rc.d refuses every service
+    start while apt-get runs, unless the machine has its own."""
+    missing = sorted({pkg for tool, pkg in TOOLS.items() if shutil.which(tool) is None})
+    if not missing:
+        return
+    print(f"installing {' '.join(missing)} (apt-get)", flush=True)
+    ours = not POLICY_RC.exists()
+    if ours:
+        POLICY_RC.write_text("#!/bin/sh\n# bench/versus_docker.py, while it installs docker.io: "
+                             "no service starts.\nexit 101\n")
+        POLICY_RC.chmod(0o755)
+    try:
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        install = ["apt-get", "install", "-y", "--no-install-recommends", *missing]
+        res = subprocess.run(install, env=env, capture_output=True, text=True, timeout=900)
+        if res.returncode:  # stale package lists: once more after an update
+            subprocess.run(["apt-get", "update"], env=env, capture_output=True, timeout=600)
+            res = subprocess.run(install, env=env, capture_output=True, text=True, timeout=900)
+        if res.returncode:
+            raise RuntimeError(f"{' '.join(install)} failed:\n{res.stdout[-2000:]}"
+                               f"{res.stderr[-2000:]}")
+    finally:
+        if ours:
+            POLICY_RC.unlink(missing_ok=True)
+    still = [tool for tool in TOOLS if shutil.which(tool) is None]
+    if still:
+        raise RuntimeError(f"still missing after installing {' '.join(missing)}: "
+                           f"{' '.join(still)}")
+
+
+def install_dockerspawner(dest: Path) -> None:
+    """DockerSpawner and its own dependencies into ``dest`` (pip --target):
+    JupyterHub, requests and urllib3 come from the project's virtualenv,
+    which stays as it is."""
+    cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+           "--no-deps", "--target", str(dest), *DOCKERSPAWNER]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    if res.returncode:
+        raise RuntimeError(f"pip install of {' '.join(DOCKERSPAWNER)} failed:\n"
+                           f"{res.stdout[-2000:]}{res.stderr[-2000:]}")
+
+
+# ------------------------------------------------------------------ the daemons
+
+def _alive(proc: subprocess.Popen | None) -> bool:
+    return proc is not None and proc.poll() is None
+
+
+def _end(proc: subprocess.Popen | None) -> None:
+    """SIGTERM, then SIGKILL after STOP_TIMEOUT seconds."""
+    if not _alive(proc):
+        return
+    proc.terminate()
+    try:
+        proc.wait(STOP_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(STOP_TIMEOUT)
+
+
+class DockerDaemon:
+    """containerd and dockerd of the bench's own: every state, socket and pid
+    file under ``root``, containers in cgroups under ``root``'s name; no
+    bridge, no iptables rules, no IP forwarding or masquerading."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.sock = root / "docker.sock"
+        self.containerd_sock = root / "containerd.sock"
+        self.cgroup_parent = root.name
+        self.cli = shutil.which("docker", path="/usr/bin:/bin") or shutil.which("docker")
+        self.version = ""
+        self.containerd: subprocess.Popen | None = None
+        self.dockerd: subprocess.Popen | None = None
+        self._existed = {path: path.exists() for path in OUTSIDE}
+
+    def _spawn(self, argv: list[str], log: str) -> subprocess.Popen:
+        with open(self.root / log, "ab") as out:
+            # A session of its own: a Ctrl-C reaches the bench, which stops
+            # the daemons in order, not the daemons themselves.
+            return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+
+    def _wait(self, proc: subprocess.Popen, ready, what: str) -> None:
+        deadline = time.monotonic() + DAEMON_TIMEOUT
+        while not ready():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{what} did not come up:\n{self.log_tail()}")
+            time.sleep(0.1)
+
+    def start(self) -> None:
+        toml = self.root / "containerd.toml"
+        toml.write_text(CONTAINERD_TOML.format(root=self.root, sock=self.containerd_sock))
+        self.containerd = self._spawn(["containerd", "--config", str(toml)], "containerd.log")
+        self._wait(self.containerd, self.containerd_sock.exists, "containerd")
+        version = subprocess.run(["dockerd", "--version"], capture_output=True, text=True,
+                                 timeout=30).stdout
+        self.version = version.split()[2].rstrip(",") if len(version.split()) > 2 else "?"
+        config = {}
+        if self.version.split(".")[0].isdigit() and int(self.version.split(".")[0]) < 23:
+            # dockerd < 23 writes a trust key, by default to /etc/docker.
+            config["deprecated-key-path"] = str(self.root / "key.json")
+        (self.root / "daemon.json").write_text(json.dumps(config))
+        self.dockerd = self._spawn([
+            "dockerd", "--config-file", str(self.root / "daemon.json"),
+            "--host", f"unix://{self.sock}", "--data-root", str(self.root / "data"),
+            "--exec-root", str(self.root / "exec"), "--pidfile", str(self.root / "dockerd.pid"),
+            "--containerd", str(self.containerd_sock), "--cgroup-parent", self.cgroup_parent,
+            "--iptables=false", "--ip6tables=false", "--ip-forward=false", "--ip-masq=false",
+            "--bridge=none"], "dockerd.log")
+        self._wait(self.dockerd, lambda: self.run("version", check=False).returncode == 0,
+                   "dockerd")
+
+    def run(self, *args: str, check: bool = True, timeout: float = 120,
+            stdin=None) -> subprocess.CompletedProcess:
+        """The docker CLI against this daemon."""
+        env = {**os.environ, "DOCKER_CONFIG": str(self.root / "cli")}
+        env.pop("DOCKER_HOST", None)
+        res = subprocess.run([self.cli, "--host", f"unix://{self.sock}", *args], env=env,
+                             stdin=stdin, capture_output=True, text=True, timeout=timeout)
+        if check and res.returncode:
+            raise RuntimeError(f"docker {' '.join(args)}: {res.stderr.strip()}")
+        return res
+
+    def log_tail(self, limit: int = 3000) -> str:
+        return "\n".join(f"--- {log} ---\n{(self.root / log).read_text(errors='replace')[-limit:]}"
+                         for log in ("containerd.log", "dockerd.log")
+                         if (self.root / log).exists())
+
+    def stop(self) -> list[str]:
+        """Remove the containers, stop both daemons, remove everything they
+        made; what could not be removed."""
+        if _alive(self.dockerd):
+            ids = self.run("ps", "--all", "--quiet", check=False).stdout.split()
+            if ids:
+                self.run("rm", "--force", *ids, check=False)
+        _end(self.dockerd)
+        _end(self.containerd)
+        self._kill_shims()
+        left = self._unmount()
+        shutil.rmtree(self.root, ignore_errors=True)
+        if self.root.exists():
+            left.append(str(self.root))
+        left += self._remove_cgroups()
+        for path in OUTSIDE:  # in order: files and inner folders first
+            if not self._existed[path] and path.exists():
+                try:
+                    path.rmdir() if path.is_dir() else path.unlink()
+                except OSError:
+                    left.append(str(path))
+        return left
+
+    def _kill_shims(self) -> None:
+        """Shims of this containerd that outlived it (a container that was
+        not removed): they name its socket on their command line."""
+        mine = str(self.containerd_sock).encode()
+        for pid in (p for p in os.listdir("/proc") if p.isdigit()):
+            try:
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if argv and b"containerd-shim" in argv[0] and mine in argv:
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+    def _unmount(self) -> list[str]:
+        """Unmount what is still mounted under root (dockerd leaves its bind
+        mount of the host's network namespace, exec/netns/default), deepest
+        first."""
+        prefix = f"{self.root}/"
+        points = []
+        for line in Path("/proc/self/mountinfo").read_text().splitlines():
+            point = line.split()[4].encode().decode("unicode_escape")
+            if point.startswith(prefix):
+                points.append(point)
+        left = []
+        for point in sorted(points, key=len, reverse=True):
+            if subprocess.run(["umount", point], capture_output=True).returncode:
+                if subprocess.run(["umount", "--lazy", point], capture_output=True).returncode:
+                    left.append(point)
+        return left
+
+    def _remove_cgroups(self) -> list[str]:
+        """The containers' parent cgroup in each hierarchy (empty by now)."""
+        left = []
+        for parent in Path("/sys/fs/cgroup").glob(f"**/{self.cgroup_parent}"):
+            for sub in sorted((p for p in parent.rglob("*") if p.is_dir()),
+                              key=lambda p: len(p.parts), reverse=True) + [parent]:
+                try:
+                    sub.rmdir()
+                except OSError:
+                    left.append(str(sub))
+        return left
+
+
+def import_template(daemon: DockerDaemon, workdir: Path, alias: str) -> str:
+    """lxcgpu's template image as a docker image: ``lxc image export``, then
+    the rootfs/ folder's contents streamed into ``docker import``; its tag."""
+    export = workdir / "export"
+    export.mkdir()
+    env = {**os.environ, "LXD_DIR": os.path.dirname(local_socket())}
+    res = subprocess.run(["lxc", "image", "export", alias, f"{export}/"], env=env,
+                         capture_output=True, text=True, timeout=600)
+    files = list(export.iterdir())
+    if res.returncode or len(files) != 1:
+        raise RuntimeError(f"lxc image export {alias}: {res.stderr.strip() or res.stdout[-500:]}"
+                           + ("" if len(files) < 2 else " (a split image: needs a unified one)"))
+    tarball = files[0]
+    tag = f"lxcgpu-bench/{alias.replace('/', '-')}:{tarball.name[:12]}"
+    with open(tarball, "rb") as f:
+        zstd = f.read(4) == b"\x28\xb5\x2f\xfd"
+    unpack = subprocess.Popen(["zstd", "-dc", "--", str(tarball)], stdout=subprocess.PIPE) \
+        if zstd else None
+    env = {**os.environ, "DOCKER_CONFIG": str(daemon.root / "cli")}
+    load = subprocess.Popen([daemon.cli, "--host", f"unix://{daemon.sock}", "import", "-", tag],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env)
+    try:
+        source = unpack.stdout if unpack else open(tarball, "rb")
+        with source, tarfile.open(fileobj=source, mode="r|*") as tin, \
+                tarfile.open(fileobj=load.stdin, mode="w|", format=tarfile.PAX_FORMAT) as tout:
+            for member in tin:
+                if not member.name.startswith("rootfs/"):
+                    continue  # metadata.yaml, templates/, the rootfs folder itself
+                # A long name lives in the pax header, which would win over
+                # the shortened name.
+                member.pax_headers = {k: v for k, v in member.pax_headers.items()
+                                      if k not in ("path", "linkpath")}
+                member.name = member.name.removeprefix("rootfs/")
+                if member.islnk():
+                    member.linkname = member.linkname.removeprefix("rootfs/")
+                tout.addfile(member, tin.extractfile(member) if member.isreg() else None)
+        load.stdin.close()
+    except BrokenPipeError:
+        pass  # docker import ended early: its error follows
+    out, err = load.communicate(timeout=600)
+    if unpack is not None:
+        unpack.wait(60)
+    if load.returncode:
+        raise RuntimeError(f"docker import: {err.decode(errors='replace').strip()}")
+    tarball.unlink()
+    return tag
+
+
+# ------------------------------------------------------------------ host network
+
+def host_network() -> dict:
+    """What a dockerd could change in the host's network: the forwarding
+    sysctls, iptables' chains and rules that name docker (legacy and nft,
+    IPv4 and IPv6), docker's interfaces."""
+    state: dict = {}
+    for key in FORWARDING:
+        path = Path("/proc/sys") / key
+        state[key.replace("/", ".")] = path.read_text().strip() if path.exists() else "-"
+    for tool in IPTABLES_SAVE:
+        if shutil.which(tool):
+            out = subprocess.run([tool], capture_output=True, text=True, timeout=60).stdout
+            state[tool] = [line for line in out.splitlines() if "docker" in line.lower()]
+    state["interfaces"] = sorted(n for n in os.listdir("/sys/class/net")
+                                 if n.startswith(("docker", "br-")))
+    return state
+
+
+def compare_network(before: dict, after: dict) -> str:
+    changed = [f"{key}: {before.get(key)!r} -> {after.get(key)!r}"
+               for key in sorted(set(before) | set(after)) if before.get(key) != after.get(key)]
+    if changed:
+        return "host network CHANGED:\n    " + "\n    ".join(changed)
+    sysctls = ", ".join(f"{k}={v}" for k, v in before.items() if isinstance(v, str) and v != "-")
+    tools = [t for t in IPTABLES_SAVE if t in before]
+    return (f"host network unchanged: {sysctls}; no docker chains or rules "
+            f"({', '.join(tools)}), no docker interfaces")
+
+
+# ------------------------------------------------------------------ the bench
+
+def free_ports(count: int) -> list[int]:
+    """``count`` ports of DOCKER_PORTS that nothing listens on at 127.0.0.1."""
+    found = []
+    for port in DOCKER_PORTS:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        found.append(port)
+        if len(found) == count:
+            return found
+    raise RuntimeError(f"fewer than {count} free ports in {DOCKER_PORTS}")
+
+
+def make_users(hub, users: list[str]) -> None:
+    r = hub.api("POST", "/users", json={"usernames": users})
+    if r.status_code != 201:
+        raise RuntimeError(f"creating users: {r.status_code} {r.text}")
+
+
+def ratio_line(what: str, ours: list[dict], theirs: list[dict], target: float,
+               their_label: str = "") -> float:
+    a, b = med([r["total"] for r in ours]), med([r["total"] for r in theirs])
+    print(f"{what:<44} {a:7.2f} {b:8.2f}{their_label:<7} {a / b:6.2f}x   "
+          f"target <= {target:g}x: {mark(a / b <= target)}")
+    return a / b
+
+
+async def run_versus_docker(args, lxd: LXD, prefix: str, root: Path) -> None:
+    """Issue 14's side-by-side comparison (see the module's docstring):
+    ``args.n`` rounds of each kind; lxcgpu's containers are tagged with
+    ``prefix`` and deleted at the end (unless ``args.keep``); the hubs' state
+    goes in ``root``."""
+    n = args.n
+    if not 1 <= n <= BLOCK_LAST - BLOCK_FIRST + 1:
+        raise ValueError(f"need 1 <= n <= {BLOCK_LAST - BLOCK_FIRST + 1} (the benches' id blocks)")
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, asyncio.current_task().cancel)
+    users = [f"first{i}" for i in range(n)]
+    before = await asyncio.to_thread(host_network)
+    hubs, daemon, workdir = [], None, None
+    try:
+        await asyncio.to_thread(ensure_packages)
+        workdir = Path(tempfile.mkdtemp(prefix="lxcgpu-bench-docker-"))
+        t = time.perf_counter()
+        await asyncio.to_thread(install_dockerspawner, workdir / "site")
+        t_pip = time.perf_counter() - t
+        daemon = DockerDaemon(workdir)
+        t = time.perf_counter()
+        await asyncio.to_thread(daemon.start)
+        t_daemons = time.perf_counter() - t
+        t = time.perf_counter()
+        image = await asyncio.to_thread(import_template, daemon, workdir, Settings().image)
+        t_import = time.perf_counter() - t
+        size = daemon.run("image", "inspect", "--format", "{{.Size}}", image).stdout.strip()
+        print(f"\ndocker {daemon.version} (containerd and dockerd of the bench's own under "
+              f"{workdir}), DockerSpawner from PyPI in {t_pip:.1f} s, daemons up in "
+              f"{t_daemons:.1f} s, template imported as {image} "
+              f"({int(size or 0) / 2**20:.0f} MiB) in {t_import:.1f} s", flush=True)
+
+        ours = prepare_hub(root / "lxcgpu", prefix)
+        hubs.append(ours)
+        site = str(workdir / "site")
+        theirs = prepare_hub(
+            root / "docker", prefix,
+            site_extra=SITE_DOCKER.format(ports=dict(zip(users, free_ports(n))),
+                                          sock=daemon.sock, image=image,
+                                          singleuser=SINGLEUSER),
+            env={"PYTHONPATH": os.pathsep.join(filter(None, [site,
+                                                             os.environ.get("PYTHONPATH")]))})
+        hubs.append(theirs)
+        for d in (root / "lxcgpu", root / "docker"):
+            d.mkdir(exist_ok=True)
+        await asyncio.to_thread(ours.start)
+        await asyncio.to_thread(theirs.start)
+        reserve_users(root / "lxcgpu" / "lxcgpu.toml", users)
+        make_users(ours, users)
+        make_users(theirs, users)
+        systems = {"lxcgpu": ours, "docker": theirs}
+
+        def order(i: int) -> tuple[str, str]:
+            return ("lxcgpu", "docker") if i % 2 == 0 else ("docker", "lxcgpu")
+
+        async def spawn(system: str, user: str, stop_container: bool) -> dict:
+            """One measured spawn, then the server stopped; lxcgpu's container
+            stopped too where asked (DockerSpawner's stop stops its own)."""
+            row = await asyncio.to_thread(spawn_until_lab, systems[system], user)
+            await asyncio.to_thread(stop_server, systems[system], user)
+            if system == "lxcgpu" and stop_container:
+                await lxd.stop(naming.instance_name(user, SERVER, prefix))
+            return row
+
+        first: dict[str, list] = {s: [] for s in systems}
+        for i, user in enumerate(users):
+            for system in order(i):
+                first[system].append(await spawn(system, user, stop_container=True))
+        stopped: dict[str, list] = {s: [] for s in systems}
+        for i in range(n):
+            for system in order(i):
+                stopped[system].append(await spawn(system, users[0], stop_container=True))
+
+        # Hot: a warm spawn first (not counted) starts the container, and
+        # gives the floor the spawner's own command and environment.
+        name = naming.instance_name(users[0], SERVER, prefix)
+        await asyncio.to_thread(spawn_until_lab, ours, users[0])
+        argv, env = await spawner_unit(lxd, name, jupyter.UNIT)
+        await asyncio.to_thread(stop_server, ours, users[0])
+        token = ours.api("POST", f"/users/{users[0]}/tokens",
+                         json={"note": "bench floor", "expires_in": 3600}).json()["token"]
+        env.update(JUPYTERHUB_API_TOKEN=token, JPY_API_TOKEN=token)
+        hot, floor_hot = [], []
+        for i in range(n):
+            for kind in order(i):
+                if kind == "lxcgpu":
+                    hot.append(await spawn("lxcgpu", users[0], stop_container=False))
+                else:
+                    floor_hot.append(await floor(lxd, name, users[0],
+                                                 naming.posix_name(users[0]), argv, env,
+                                                 warm=False))
+
+        print(f"\n## lxcgpu and DockerSpawner side by side: seconds from POST .../server to "
+              f"/user/U/lab = 200,\n## p50 of {n}, rounds alternating between the two")
+        print(f"{'':<44} {'lxcgpu':>7} {'docker':>8}{'':<7} {'ratio':>7}")
+        ratio_line("a new user's first server", first["lxcgpu"], first["docker"],
+                   TARGETS["first"])
+        ratio_line("container stopped (docker: kept, restarted)", stopped["lxcgpu"],
+                   stopped["docker"], TARGETS["stopped"])
+        ratio_line("container running, Jupyter stopped", hot, floor_hot, TARGETS["hot"],
+                   " floor")
+        print("\neach, p50 / p95 / max:")
+        for kind, rows in (("first", first), ("stopped", stopped)):
+            for system in systems:
+                report(f"{kind} {system}", rows[system])
+                if system == "lxcgpu":
+                    parts(rows[system], [("start", "spawner.start()"),
+                                         ("up", "then until the hub saw Jupyter answer"),
+                                         ("proxy", "then until /lab answered through the proxy")])
+        report("hot lxcgpu", hot)
+        report("floor hot (no hub, no proxy)", floor_hot)
+    except BaseException:
+        for hub in hubs:
+            print(f"--- {hub.log_file} (tail) ---\n{hub.log_tail()}", file=sys.stderr)
+        if daemon is not None:
+            print(daemon.log_tail(), file=sys.stderr)
+        raise
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)  # a second SIGTERM ends the cleanup
+        for hub in hubs:
+            await asyncio.to_thread(hub.stop)
+            shutil.rmtree(hub.proxy_dir, ignore_errors=True)
+        left = await asyncio.to_thread(daemon.stop) if daemon is not None else []
+        if workdir is not None:
+            shutil.rmtree(workdir, ignore_errors=True)
+        if not getattr(args, "keep", False):
+            try:
+                print(f"\ndeleted {await delete_containers(lxd, prefix)} lxcgpu containers; "
+                      "docker's went with its daemon")
+            except LXDError as e:
+                print(f"(could not delete the lxcgpu containers of {prefix}: {e})")
+        if left:
+            print(f"NOT removed: {', '.join(left)}")
+        print(compare_network(before, await asyncio.to_thread(host_network)))
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("-n", type=int, default=5, help="rounds of each kind (default 5)")
+    args = ap.parse_args()
+    if not 1 <= args.n <= BLOCK_LAST - BLOCK_FIRST + 1:
+        ap.error(f"need 1 <= -n <= {BLOCK_LAST - BLOCK_FIRST + 1}")
+    if shutil.which("configurable-http-proxy", path=f"{VENV_BIN}:{os.environ['PATH']}") is None:
+        sys.exit("configurable-http-proxy is missing: run setup/install-deps")
+    prefix = "b" + secrets.token_hex(3)
+    lxd = LXD(timeout=300, retries=1)
+    info = await lxd.server_info()
+    print(f"# {time.strftime('%Y-%m-%d %H:%M %Z')} on {platform.node()}: {platform.machine()}, "
+          f"{os.cpu_count()} cores, kernel {platform.release()}, "
+          f"LXD {info['environment']['server_version']}, N={args.n}, containers {prefix}-*, "
+          f"load average {os.getloadavg()[0]:.2f}", flush=True)
+    root = Path(tempfile.mkdtemp(prefix="lxcgpu-bench-spawn-"))
+    t = time.perf_counter()
+    try:
+        await run_versus_docker(args, lxd, prefix, root)
+    except asyncio.CancelledError:
+        # Cleaned up.  A spawn's poll may still run in a thread until its
+        # timeout: do not wait for it.
+        shutil.rmtree(root, ignore_errors=True)
+        print("interrupted; cleaned up", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(130)
+    finally:
+        print(f"load average at the end: {os.getloadavg()[0]:.2f}; the run took "
+              f"{time.perf_counter() - t:.0f} s")
+        shutil.rmtree(root, ignore_errors=True)
+        lxd.close()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

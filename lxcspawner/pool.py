@@ -1,0 +1,279 @@
+"""Prebuilt containers: a new user's first server as fast as a restart.
+
+A new container's first start is slow: LXD shifts every file of its root
+file system (~35,000) into the user's own id block, then systemd boots it for
+the first time (machine id, SSH host keys).  Each GPU server therefore keeps
+a few containers (``[containers] pool``, default 2; 0 turns it off) made from
+the current template, each with an id block reserved for it in the store,
+started once (so its files are shifted and its first boot is done) and
+stopped.  They belong to no one: no owner keys, no keys, no port maps, no
+network device at all (their ``eth0`` is removed), and they stay stopped.
+
+A user whose id block is not on disk yet (they never had a container) takes
+one over at their first spawn on that server (:func:`claim`): in one store
+transaction the prebuilt container's block becomes theirs (theirs, unused, is
+freed) and the container is marked as being taken; then it is renamed to the
+user's container name and given the user's configuration (owner keys, GPUs,
+mounts, limits), and the spawn goes on as for a stopped container of theirs:
+address, port maps, start, account and keys.  Two users never take the same
+one (the store's writers serialize); with none ready the container is made
+as before, and the spawn page says which happened.
+
+:class:`PoolKeeper` (run by keyportal, a hub service: never on a spawn's
+path or in the hub's process) tends each server's pool every few seconds,
+one container at a time per server: it makes missing ones, retires those
+made from an older template (a template rebuild) or beyond the size, and
+forgets what a crash left half-done.  Names: ``[<prefix>-]pool--<server>--
+<8 hex>``, two ``--`` where users' containers have one, so no user's
+container name can ever be a prebuilt one's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from datetime import datetime, timedelta, timezone
+from typing import TYPE_CHECKING, Any, Callable, Mapping
+
+from . import naming, network
+from .container import KEY_PREFIX
+from .lxd import LXD, ImageNotFound, LXDError, is_outage
+
+if TYPE_CHECKING:
+    from .settings import Settings
+    from .store import PoolRecord, Store, UserRecord
+
+log = logging.getLogger("lxcspawner.pool")
+
+#: ``user.lxcgpu.pool = <server>`` marks a prebuilt container (no one's).
+POOL_KEY = f"{KEY_PREFIX}pool"
+#: The user a prebuilt container's configuration is rendered for, before the
+#: owner keys are taken out.
+PLACEHOLDER_USER = "prebuilt"
+#: The keys of a user's container that a prebuilt one does not carry.
+OWNER_KEYS = tuple(f"{KEY_PREFIX}{k}" for k in ("owner", "server", "posix-user"))
+ACTOR = "pool"
+#: A prebuilt container still being made after this long was left by a crash.
+STALE_MAKING = timedelta(minutes=30)
+#: A takeover still marked after this long was interrupted (its row is forgotten).
+STALE_CLAIM = timedelta(minutes=10)
+
+
+def member_name(server: str, prefix: str = "") -> str:
+    """A new prebuilt container's name on ``server``."""
+    head = f"{prefix}-" if prefix else ""
+    name = (f"{head}pool--{naming.safe_slug(server, naming.SERVER_SLUG_MAX)}--"
+            f"{secrets.token_hex(4)}")
+    assert naming.is_valid_lxd_name(name), name
+    return name
+
+
+def is_member(instance: Mapping[str, Any]) -> bool:
+    return bool((instance.get("config") or {}).get(POOL_KEY))
+
+
+def member_config(settings: "Settings", server: str, idmap_base: int,
+                  gpus: int) -> tuple[dict[str, str], dict[str, dict[str, str]]]:
+    """The configuration and devices of a prebuilt container: a user's
+    container's (the site's limits, mounts, GPUs, id map) without an owner
+    and without a network device."""
+    spec = settings.container_spec(PLACEHOLDER_USER, idmap_base, server=server, gpus=gpus)
+    config = {k: v for k, v in spec.config().items() if k not in OWNER_KEYS}
+    config[f"{KEY_PREFIX}purpose"] = "prebuilt"
+    config[POOL_KEY] = server
+    devices = spec.devices()
+    devices[network.NIC] = {"type": "none"}
+    return config, devices
+
+
+async def make_member(lxd: LXD, store: "Store", settings: "Settings", server: str) -> str:
+    """Make one prebuilt container on ``server``: reserve a block, create it
+    from the template, start it once (shifting its files, booting it for the
+    first time), stop it, mark it ready.  Its name; on failure nothing of it
+    is left."""
+    image = await lxd.image_by_alias(settings.image)
+    name = member_name(server, settings.instance_prefix)
+    base = await asyncio.to_thread(store.reserve_pool_block, server, name, actor=ACTOR,
+                                   image=image.get("fingerprint"))
+    config, devices = member_config(settings, server, base, await lxd.gpu_count())
+    try:
+        await lxd.create_instance(name, image_alias=settings.image, config=config,
+                                  devices=devices, profiles=settings.profiles)
+        await lxd.start(name)
+        # The first boot's own work (machine id, SSH host keys) done here too.
+        res = await lxd.execute(name, ["systemctl", "is-system-running", "--wait"],
+                                timeout=120)
+        log.debug("%s: first boot %s", name, res.stdout.strip())
+        await lxd.stop(name, timeout=60)
+        if not await asyncio.to_thread(store.pool_ready, name):
+            raise LXDError(f"{name} was retired while it was made")
+    except BaseException:
+        await _forget(lxd, store, name)
+        raise
+    log.info("%s: prebuilt on %s (id block %d)", name, server, base)
+    return name
+
+
+async def _forget(lxd: LXD, store: "Store", name: str, *, claimed: bool = False) -> None:
+    """Delete a prebuilt container and its row (each as far as it exists)."""
+    try:
+        inst = await lxd.instance(name)
+        if inst is not None and is_member(inst):
+            await lxd.delete_instance(name)
+    except LXDError as e:
+        log.warning("%s: could not delete it: %s", name, e)
+    await asyncio.to_thread(store.release_pool_member, name, actor=ACTOR, claimed=claimed)
+
+
+async def claim(lxd: LXD, store: "Store", settings: "Settings", user: str, server: str, *,
+                actor: str, overrides: Mapping[str, Any]
+                ) -> tuple["UserRecord", dict | None] | None:
+    """Give ``user`` a prebuilt container of ``server`` as their container
+    there: (their record with its id block now, the instance renamed and
+    configured as theirs); None when none is ready or their block is in use
+    already.  If the takeover fails half-way the prebuilt container is
+    deleted and the instance is None: the block is the user's all the same,
+    and their container is made as before."""
+    got = await asyncio.to_thread(store.claim_pool_member, user, server, actor=actor)
+    if got is None:
+        return None
+    member, rec = got
+    if "gpus" not in overrides:
+        overrides = {**overrides, "gpus": await lxd.gpu_count()}
+    spec = settings.container_spec(user, rec.idmap_base, server=server, **overrides)
+    try:
+        inst = await lxd.instance(member)
+        if inst is None or not is_member(inst) or \
+                str(inst.get("status", "")).lower() != "stopped":
+            raise LXDError(f"{member} is gone or not stopped")
+        await lxd.rename_instance(member, spec.name)
+        # The user's configuration, as a container made for them has it.
+        changes: dict[str, str | None] = {POOL_KEY: None}
+        changes.update(spec.config())
+        await lxd.update_config(spec.name, changes)
+        await lxd.update_devices(spec.name, spec.devices())
+    except LXDError as e:
+        log.warning("%s: taking over %s failed (%s): making a container instead", user,
+                    member, e)
+        await _forget(lxd, store, member, claimed=True)
+        return rec, None
+    await asyncio.to_thread(store.release_pool_member, member, actor=actor, claimed=True)
+    log.info("%s: %s took over the prebuilt %s", spec.name, user, member)
+    return rec, await lxd.instance(spec.name)
+
+
+# ---------------------------------------------------------------- the keeper
+
+def _age(t: datetime | None, now: datetime) -> timedelta:
+    if t is None:
+        return timedelta(0)
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=timezone.utc)
+    return now - t
+
+
+async def tend(lxd: LXD, store: "Store", settings: "Settings", server: str, *,
+               now: Callable[[], datetime] = lambda: datetime.now(timezone.utc)) -> dict:
+    """One round on one server: forget the half-done, retire the outdated
+    and the surplus, make what is missing (one at a time).  What it did."""
+    done = {"made": 0, "retired": 0, "forgotten": 0, "failed": 0}
+    size, fingerprint = settings.pool_size, None
+    if size > 0:
+        try:
+            fingerprint = (await lxd.image_by_alias(settings.image)).get("fingerprint")
+        except ImageNotFound as e:
+            log.warning("%s: no prebuilt containers: %s", server, e)
+            size = 0
+    rows: list[PoolRecord] = await asyncio.to_thread(store.pool_members, server)
+    instances = {i["name"]: i for i in await lxd.list_instances(config_key=POOL_KEY)
+                 if (i.get("config") or {}).get(POOL_KEY) == server}
+    t = now()
+    keep: list[PoolRecord] = []
+    for r in rows:
+        inst = instances.pop(r.instance, None)
+        if r.claimed_by is not None:
+            # Being taken over: the user's now; a takeover a crash cut off is forgotten.
+            if _age(r.claimed_at, t) > STALE_CLAIM:
+                await asyncio.to_thread(store.release_pool_member, r.instance, actor=ACTOR,
+                                        claimed=True)
+                done["forgotten"] += 1
+            continue
+        if inst is None and (r.ready or _age(r.created, t) > STALE_MAKING):
+            # Deleted by hand, or its making was cut off.
+            await asyncio.to_thread(store.release_pool_member, r.instance, actor=ACTOR)
+            done["forgotten"] += 1
+            continue
+        if not r.ready:
+            if _age(r.created, t) > STALE_MAKING:
+                await _forget(lxd, store, r.instance)
+                done["forgotten"] += 1
+            else:
+                keep.append(r)          # another keeper is making it
+            continue
+        if r.image != fingerprint or len(keep) >= size:
+            log.info("%s: retiring %s (%s)", server, r.instance,
+                     "made from an older template" if r.image != fingerprint else
+                     "beyond the pool's size")
+            await _forget(lxd, store, r.instance)
+            done["retired"] += 1
+            continue
+        keep.append(r)
+    for name in instances:              # prebuilt containers the store does not know
+        log.info("%s: deleting %s, which the store does not know", server, name)
+        try:
+            await lxd.delete_instance(name)
+            done["forgotten"] += 1
+        except LXDError as e:
+            log.warning("%s: could not delete %s: %s", server, name, e)
+    for _ in range(size - len(keep)):
+        try:
+            await make_member(lxd, store, settings, server)
+            done["made"] += 1
+        except LXDError as e:
+            done["failed"] += 1
+            log.warning("%s: making a prebuilt container failed: %s", server, e)
+            if is_outage(e):
+                break
+    return done
+
+
+class PoolKeeper:
+    """Keeps every GPU server's prebuilt containers (:func:`tend`), each
+    server on its own, every ``interval`` seconds, with LXD clients of its
+    own (its long operations never wait for or hold up a user's)."""
+
+    def __init__(self, settings: "Settings", store: "Store", *, interval: float = 20):
+        self.settings, self.store = settings, store
+        self.interval = interval
+        self._lxd: dict[str, LXD] = {}
+        self._failing: dict[str, str] = {}
+
+    def lxd_for(self, server: str) -> LXD:
+        if server not in self._lxd:
+            self._lxd[server] = self.settings.gpu_server(server).open_lxd(retries=0)
+        return self._lxd[server]
+
+    def close(self) -> None:
+        for lxd in self._lxd.values():
+            lxd.close()
+
+    async def _server(self, server: str) -> None:
+        while True:
+            try:
+                done = await tend(self.lxd_for(server), self.store, self.settings, server)
+                if any(done.values()):
+                    log.info("%s: prebuilt containers: %s", server, done)
+                if self._failing.pop(server, None):
+                    log.info("%s: prebuilt containers kept again", server)
+            except Exception as e:  # noqa: BLE001 - the keeper lives on
+                if self._failing.get(server) != str(e):
+                    log.warning("%s: keeping prebuilt containers failed: %s", server, e,
+                                exc_info=not isinstance(e, LXDError))
+                self._failing[server] = str(e)
+            await asyncio.sleep(self.interval)
+
+    async def run(self) -> None:
+        if self.settings.pool_size <= 0 and not await asyncio.to_thread(self.store.pool_members):
+            log.info("prebuilt containers are off ([containers] pool = 0)")
+        await asyncio.gather(*(self._server(s) for s in self.settings.server_names))
