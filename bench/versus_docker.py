@@ -138,6 +138,9 @@ c.DockerSpawner.client_kwargs = {{"base_url": "unix://{sock}"}}
 c.DockerSpawner.image = {image!r}
 c.DockerSpawner.pull_policy = "never"  # the imported image only: nothing from a registry
 c.DockerSpawner.network_name = "host"
+# No port bindings (docker refuses them on the host's network): the server's
+# address is get_ip_and_port's above.
+c.DockerSpawner.use_internal_ip = True
 c.DockerSpawner.host_ip = "127.0.0.1"
 c.DockerSpawner.ip = "127.0.0.1"  # Jupyter listens on loopback only
 c.DockerSpawner.cmd = [{singleuser!r}]
@@ -245,7 +248,8 @@ class DockerDaemon:
     def start(self) -> None:
         toml = self.root / "containerd.toml"
         toml.write_text(CONTAINERD_TOML.format(root=self.root, sock=self.containerd_sock))
-        self.containerd = self._spawn(["containerd", "--config", str(toml)], "containerd.log")
+        self.containerd = self._spawn(["containerd", "--config", str(toml), "--log-level",
+                                        "warn"], "containerd.log")
         self._wait(self.containerd, self.containerd_sock.exists, "containerd")
         version = subprocess.run(["dockerd", "--version"], capture_output=True, text=True,
                                  timeout=30).stdout
@@ -256,10 +260,12 @@ class DockerDaemon:
             config["deprecated-key-path"] = str(self.root / "key.json")
         (self.root / "daemon.json").write_text(json.dumps(config))
         self.dockerd = self._spawn([
-            "dockerd", "--config-file", str(self.root / "daemon.json"),
+            "dockerd", "--config-file", str(self.root / "daemon.json"), "--log-level", "warn",
             "--host", f"unix://{self.sock}", "--data-root", str(self.root / "data"),
             "--exec-root", str(self.root / "exec"), "--pidfile", str(self.root / "dockerd.pid"),
             "--containerd", str(self.containerd_sock), "--cgroup-parent", self.cgroup_parent,
+            # cgroupfs: a plain folder as the parent, also where systemd runs.
+            "--exec-opt", "native.cgroupdriver=cgroupfs",
             "--iptables=false", "--ip6tables=false", "--ip-forward=false", "--ip-masq=false",
             "--bridge=none"], "dockerd.log")
         self._wait(self.dockerd, lambda: self.run("version", check=False).returncode == 0,
@@ -339,7 +345,10 @@ class DockerDaemon:
     def _remove_cgroups(self) -> list[str]:
         """The containers' parent cgroup in each hierarchy (empty by now)."""
         left = []
-        for parent in Path("/sys/fs/cgroup").glob(f"**/{self.cgroup_parent}"):
+        base = Path("/sys/fs/cgroup")
+        for parent in [base / self.cgroup_parent, *base.glob(f"*/{self.cgroup_parent}")]:
+            if not parent.is_dir():
+                continue
             for sub in sorted((p for p in parent.rglob("*") if p.is_dir()),
                               key=lambda p: len(p.parts), reverse=True) + [parent]:
                 try:
@@ -386,10 +395,14 @@ def import_template(daemon: DockerDaemon, workdir: Path, alias: str) -> str:
                 if member.islnk():
                     member.linkname = member.linkname.removeprefix("rootfs/")
                 tout.addfile(member, tin.extractfile(member) if member.isreg() else None)
-        load.stdin.close()
     except BrokenPipeError:
         pass  # docker import ended early: its error follows
-    out, err = load.communicate(timeout=600)
+    except BaseException:
+        for proc in (unpack, load):
+            if proc is not None:
+                proc.kill()
+        raise
+    err = load.communicate(timeout=600)[1]  # closes its stdin: the end of the tar
     if unpack is not None:
         unpack.wait(60)
     if load.returncode:
@@ -463,60 +476,61 @@ async def run_versus_docker(args, lxd: LXD, prefix: str, root: Path) -> None:
     """Issue 14's side-by-side comparison (see the module's docstring):
     ``args.n`` rounds of each kind; lxcgpu's containers are tagged with
     ``prefix`` and deleted at the end (unless ``args.keep``); the hubs' state
-    goes in ``root``."""
+    goes in ``root``.
+
+    What starts processes (the daemons, the hubs) runs on the event loop's
+    thread, not in a worker: a SIGTERM (or SIGINT) cancels this task at its
+    next await, so the cleanup never races a start that is still going on."""
     n = args.n
     if not 1 <= n <= BLOCK_LAST - BLOCK_FIRST + 1:
         raise ValueError(f"need 1 <= n <= {BLOCK_LAST - BLOCK_FIRST + 1} (the benches' id blocks)")
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, asyncio.current_task().cancel)
     users = [f"first{i}" for i in range(n)]
-    before = await asyncio.to_thread(host_network)
-    hubs, daemon, workdir = [], None, None
+    hubs, daemon, workdir, before = [], None, None, None
     try:
-        await asyncio.to_thread(ensure_packages)
+        ensure_packages()
+        before = host_network()
         workdir = Path(tempfile.mkdtemp(prefix="lxcgpu-bench-docker-"))
         t = time.perf_counter()
-        await asyncio.to_thread(install_dockerspawner, workdir / "site")
+        install_dockerspawner(workdir / "site")
         t_pip = time.perf_counter() - t
         daemon = DockerDaemon(workdir)
         t = time.perf_counter()
-        await asyncio.to_thread(daemon.start)
+        daemon.start()
         t_daemons = time.perf_counter() - t
         t = time.perf_counter()
-        image = await asyncio.to_thread(import_template, daemon, workdir, Settings().image)
+        image = import_template(daemon, workdir, Settings().image)
         t_import = time.perf_counter() - t
         size = daemon.run("image", "inspect", "--format", "{{.Size}}", image).stdout.strip()
-        print(f"\ndocker {daemon.version} (containerd and dockerd of the bench's own under "
-              f"{workdir}), DockerSpawner from PyPI in {t_pip:.1f} s, daemons up in "
-              f"{t_daemons:.1f} s, template imported as {image} "
-              f"({int(size or 0) / 2**20:.0f} MiB) in {t_import:.1f} s", flush=True)
+        print(f"\ndocker {daemon.version} (containerd and dockerd of the bench's own in "
+              f"{workdir}): DockerSpawner from PyPI {t_pip:.1f} s, daemons up {t_daemons:.1f} s, "
+              f"the template imported as {image} ({int(size or 0) / 2**20:.0f} MiB) "
+              f"{t_import:.1f} s", flush=True)
 
+        for system in ("lxcgpu", "docker"):
+            (root / system).mkdir()
         ours = prepare_hub(root / "lxcgpu", prefix)
         hubs.append(ours)
-        site = str(workdir / "site")
-        theirs = prepare_hub(
-            root / "docker", prefix,
-            site_extra=SITE_DOCKER.format(ports=dict(zip(users, free_ports(n))),
-                                          sock=daemon.sock, image=image,
-                                          singleuser=SINGLEUSER),
-            env={"PYTHONPATH": os.pathsep.join(filter(None, [site,
-                                                             os.environ.get("PYTHONPATH")]))})
+        site = SITE_DOCKER.format(ports=dict(zip(users, free_ports(n))), sock=daemon.sock,
+                                  image=image, singleuser=SINGLEUSER)
+        path = os.pathsep.join(filter(None, [str(workdir / "site"), os.environ.get("PYTHONPATH")]))
+        theirs = prepare_hub(root / "docker", prefix, site_extra=site, env={"PYTHONPATH": path})
         hubs.append(theirs)
-        for d in (root / "lxcgpu", root / "docker"):
-            d.mkdir(exist_ok=True)
-        await asyncio.to_thread(ours.start)
-        await asyncio.to_thread(theirs.start)
+        ours.start()
+        theirs.start()
         reserve_users(root / "lxcgpu" / "lxcgpu.toml", users)
         make_users(ours, users)
         make_users(theirs, users)
         systems = {"lxcgpu": ours, "docker": theirs}
+        name = naming.instance_name(users[0], SERVER, prefix)
 
         def order(i: int) -> tuple[str, str]:
             return ("lxcgpu", "docker") if i % 2 == 0 else ("docker", "lxcgpu")
 
-        async def spawn(system: str, user: str, stop_container: bool) -> dict:
-            """One measured spawn, then the server stopped; lxcgpu's container
-            stopped too where asked (DockerSpawner's stop stops its own)."""
+        async def spawn(system: str, user: str, stop_container: bool = True) -> dict:
+            """One measured spawn, then the server stopped, and lxcgpu's
+            container too unless told (DockerSpawner's stop stops its own)."""
             row = await asyncio.to_thread(spawn_until_lab, systems[system], user)
             await asyncio.to_thread(stop_server, systems[system], user)
             if system == "lxcgpu" and stop_container:
@@ -526,15 +540,14 @@ async def run_versus_docker(args, lxd: LXD, prefix: str, root: Path) -> None:
         first: dict[str, list] = {s: [] for s in systems}
         for i, user in enumerate(users):
             for system in order(i):
-                first[system].append(await spawn(system, user, stop_container=True))
+                first[system].append(await spawn(system, user))
         stopped: dict[str, list] = {s: [] for s in systems}
         for i in range(n):
             for system in order(i):
-                stopped[system].append(await spawn(system, users[0], stop_container=True))
+                stopped[system].append(await spawn(system, users[0]))
 
-        # Hot: a warm spawn first (not counted) starts the container, and
-        # gives the floor the spawner's own command and environment.
-        name = naming.instance_name(users[0], SERVER, prefix)
+        # Hot: a spawn first (not counted) starts the container and gives the
+        # floor the spawner's own command and environment.
         await asyncio.to_thread(spawn_until_lab, ours, users[0])
         argv, env = await spawner_unit(lxd, name, jupyter.UNIT)
         await asyncio.to_thread(stop_server, ours, users[0])
@@ -543,17 +556,16 @@ async def run_versus_docker(args, lxd: LXD, prefix: str, root: Path) -> None:
         env.update(JUPYTERHUB_API_TOKEN=token, JPY_API_TOKEN=token)
         hot, floor_hot = [], []
         for i in range(n):
-            for kind in order(i):
-                if kind == "lxcgpu":
+            for system in order(i):
+                if system == "lxcgpu":
                     hot.append(await spawn("lxcgpu", users[0], stop_container=False))
                 else:
-                    floor_hot.append(await floor(lxd, name, users[0],
-                                                 naming.posix_name(users[0]), argv, env,
-                                                 warm=False))
+                    floor_hot.append(await floor(lxd, name, users[0], naming.posix_name(users[0]),
+                                                 argv, env, warm=False))
 
         print(f"\n## lxcgpu and DockerSpawner side by side: seconds from POST .../server to "
               f"/user/U/lab = 200,\n## p50 of {n}, rounds alternating between the two")
-        print(f"{'':<44} {'lxcgpu':>7} {'docker':>8}{'':<7} {'ratio':>7}")
+        print(f"{'':<44} {'lxcgpu':>7} {'docker':>8}{'':<7} {'ratio':>6}")
         ratio_line("a new user's first server", first["lxcgpu"], first["docker"],
                    TARGETS["first"])
         ratio_line("container stopped (docker: kept, restarted)", stopped["lxcgpu"],
@@ -570,7 +582,7 @@ async def run_versus_docker(args, lxd: LXD, prefix: str, root: Path) -> None:
                                          ("proxy", "then until /lab answered through the proxy")])
         report("hot lxcgpu", hot)
         report("floor hot (no hub, no proxy)", floor_hot)
-    except BaseException:
+    except Exception:
         for hub in hubs:
             print(f"--- {hub.log_file} (tail) ---\n{hub.log_tail()}", file=sys.stderr)
         if daemon is not None:
@@ -579,9 +591,9 @@ async def run_versus_docker(args, lxd: LXD, prefix: str, root: Path) -> None:
     finally:
         loop.remove_signal_handler(signal.SIGTERM)  # a second SIGTERM ends the cleanup
         for hub in hubs:
-            await asyncio.to_thread(hub.stop)
+            hub.stop()
             shutil.rmtree(hub.proxy_dir, ignore_errors=True)
-        left = await asyncio.to_thread(daemon.stop) if daemon is not None else []
+        left = daemon.stop() if daemon is not None else []
         if workdir is not None:
             shutil.rmtree(workdir, ignore_errors=True)
         if not getattr(args, "keep", False):
@@ -592,7 +604,8 @@ async def run_versus_docker(args, lxd: LXD, prefix: str, root: Path) -> None:
                 print(f"(could not delete the lxcgpu containers of {prefix}: {e})")
         if left:
             print(f"NOT removed: {', '.join(left)}")
-        print(compare_network(before, await asyncio.to_thread(host_network)))
+        if before is not None:
+            print(compare_network(before, host_network()))
 
 
 async def main() -> None:
@@ -612,20 +625,21 @@ async def main() -> None:
           f"load average {os.getloadavg()[0]:.2f}", flush=True)
     root = Path(tempfile.mkdtemp(prefix="lxcgpu-bench-spawn-"))
     t = time.perf_counter()
+    cancelled = False
     try:
         await run_versus_docker(args, lxd, prefix, root)
-    except asyncio.CancelledError:
-        # Cleaned up.  A spawn's poll may still run in a thread until its
-        # timeout: do not wait for it.
-        shutil.rmtree(root, ignore_errors=True)
-        print("interrupted; cleaned up", file=sys.stderr, flush=True)
-        sys.stdout.flush()
-        os._exit(130)
+    except asyncio.CancelledError:  # SIGINT or SIGTERM, after run_versus_docker's cleanup
+        cancelled = True
     finally:
         print(f"load average at the end: {os.getloadavg()[0]:.2f}; the run took "
-              f"{time.perf_counter() - t:.0f} s")
+              f"{time.perf_counter() - t:.0f} s", flush=True)
         shutil.rmtree(root, ignore_errors=True)
         lxd.close()
+    if cancelled:
+        # A spawn's poll may still run in a worker thread until its
+        # timeout: do not wait for it.
+        print("interrupted; cleaned up", file=sys.stderr, flush=True)
+        os._exit(130)
 
 
 if __name__ == "__main__":
