@@ -25,7 +25,8 @@ one container at a time per server: it makes missing ones, retires those
 made from an older template (a template rebuild) or beyond the size, and
 forgets what a crash left half-done.  Names: ``[<prefix>-]pool--<server>--
 <8 hex>``, two ``--`` where users' containers have one, so no user's
-container name can ever be a prebuilt one's.
+container name can ever be a prebuilt one's; the keeper touches only its own
+site's (its prefix), never another lxcgpu's on the same LXD.
 """
 
 from __future__ import annotations
@@ -54,17 +55,27 @@ PLACEHOLDER_USER = "prebuilt"
 #: The keys of a user's container that a prebuilt one does not carry.
 OWNER_KEYS = tuple(f"{KEY_PREFIX}{k}" for k in ("owner", "server", "posix-user"))
 ACTOR = "pool"
+#: Run once in a prebuilt container: Jupyter's imports and JupyterLab's
+#: static files, read into the page cache (its files are its own).
+WARM_UP = ["sh", "-c", "/opt/jupyter/bin/python3 -c 'import jupyter_server.serverapp, "
+           "jupyterlab.labapp, jupyterhub.singleuser' && "
+           "find /opt/jupyter/share/jupyter/lab -type f -exec cat {} + >/dev/null"]
 #: A prebuilt container still being made after this long was left by a crash.
 STALE_MAKING = timedelta(minutes=30)
 #: A takeover still marked after this long was interrupted (its row is forgotten).
 STALE_CLAIM = timedelta(minutes=10)
 
 
+def member_prefix(server: str, prefix: str = "") -> str:
+    """How the names of this site's prebuilt containers on ``server`` start
+    (another site on the same LXD has another ``[containers] prefix``)."""
+    head = f"{prefix}-" if prefix else ""
+    return f"{head}pool--{naming.safe_slug(server, naming.SERVER_SLUG_MAX)}--"
+
+
 def member_name(server: str, prefix: str = "") -> str:
     """A new prebuilt container's name on ``server``."""
-    head = f"{prefix}-" if prefix else ""
-    name = (f"{head}pool--{naming.safe_slug(server, naming.SERVER_SLUG_MAX)}--"
-            f"{secrets.token_hex(4)}")
+    name = member_prefix(server, prefix) + secrets.token_hex(4)
     assert naming.is_valid_lxd_name(name), name
     return name
 
@@ -105,6 +116,12 @@ async def make_member(lxd: LXD, store: "Store", settings: "Settings", server: st
         res = await lxd.execute(name, ["systemctl", "is-system-running", "--wait"],
                                 timeout=120)
         log.debug("%s: first boot %s", name, res.stdout.strip())
+        # Jupyter's files read once: a fresh container's files are new to
+        # the page cache, and its first Jupyter start would read them cold.
+        res = await lxd.execute(name, WARM_UP, timeout=120)
+        if res.returncode != 0:
+            log.info("%s: warming Jupyter's files up failed (%s): it starts cold", name,
+                     (res.stderr or res.stdout).strip()[-200:])
         await lxd.stop(name, timeout=60)
         if not await asyncio.to_thread(store.pool_ready, name):
             raise LXDError(f"{name} was retired while it was made")
@@ -144,9 +161,10 @@ async def claim(lxd: LXD, store: "Store", settings: "Settings", user: str, serve
     spec = settings.container_spec(user, rec.idmap_base, server=server, **overrides)
     try:
         inst = await lxd.instance(member)
-        if inst is None or not is_member(inst) or \
-                str(inst.get("status", "")).lower() != "stopped":
-            raise LXDError(f"{member} is gone or not stopped")
+        if inst is None or not is_member(inst):
+            raise LXDError(f"{member} is gone")
+        if str(inst.get("status", "")).lower() != "stopped":
+            raise LXDError(f"{member} is {inst.get('status')}, not stopped")
         await lxd.rename_instance(member, spec.name)
         # The user's configuration, as a container made for them has it.
         changes: dict[str, str | None] = {POOL_KEY: None}
@@ -186,8 +204,10 @@ async def tend(lxd: LXD, store: "Store", settings: "Settings", server: str, *,
             log.warning("%s: no prebuilt containers: %s", server, e)
             size = 0
     rows: list[PoolRecord] = await asyncio.to_thread(store.pool_members, server)
+    mine = member_prefix(server, settings.instance_prefix)
     instances = {i["name"]: i for i in await lxd.list_instances(config_key=POOL_KEY)
-                 if (i.get("config") or {}).get(POOL_KEY) == server}
+                 if (i.get("config") or {}).get(POOL_KEY) == server
+                 and i["name"].startswith(mine)}
     t = now()
     keep: list[PoolRecord] = []
     for r in rows:

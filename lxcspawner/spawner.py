@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
+import time
 from typing import Any
 
 from jupyterhub.spawner import Spawner
@@ -218,6 +220,13 @@ class LXCSpawner(Spawner):
     def _shared_parts(self) -> _Shared:
         key = self.lxcgpu_config
         if key not in self._shared:
+            # lxcspawner's own modules (lifecycle, pool, ...) log into the hub's log.
+            package = logging.getLogger("lxcspawner")
+            if not package.handlers and self.log.handlers:
+                for handler in self.log.handlers:
+                    package.addHandler(handler)
+                package.setLevel(self.log.getEffectiveLevel())
+                package.propagate = False
             self._shared[key] = _Shared(Settings.load(key or None))
         return self._shared[key]
 
@@ -350,7 +359,13 @@ class LXCSpawner(Spawner):
         progress = _STEPS.get(message) or (2 if message.startswith("queued") else
                                            60 if "NVIDIA driver" in message else 90)
         self._events.append({"progress": progress, "message": message})
+        self._marks.append((time.monotonic(), message))
         self._new_event.set()
+
+    def _steps_taken(self) -> str:
+        """Each step of this spawn with its seconds, for the log."""
+        marks = [*self._marks, (time.monotonic(), "")]
+        return ", ".join(f"{m} {b[0] - a:.2f}" for (a, m), b in zip(marks, marks[1:]))
 
     async def progress(self):
         """The spawn's real steps, as they happen."""
@@ -368,6 +383,7 @@ class LXCSpawner(Spawner):
 
     async def start(self):
         self._events: list[dict] = []
+        self._marks: list[tuple[float, str]] = [(time.monotonic(), "checks")]
         self._new_event = asyncio.Event()
         self._spawn_done = False
         # JupyterHub gives up on a start after start_timeout without cancelling
@@ -493,8 +509,8 @@ class LXCSpawner(Spawner):
         await jupyter.wait_listening(address, port, timeout=self.http_timeout,
                                      unit=self._unit(),
                                      alive=lambda: jupyter.active(lxd, uc.name, self._unit()))
-        self.log.info("%s: Jupyter in %s on %s at %s:%d", self._log_name, uc.name, server,
-                      address, port)
+        self.log.info("%s: Jupyter in %s on %s at %s:%d (seconds: %s)", self._log_name,
+                      uc.name, server, address, port, self._steps_taken())
         return url
 
     async def poll(self):

@@ -29,6 +29,7 @@ pytestmark = [pytest.mark.lxd, pytest.mark.ldap]
 
 SERVER = "node1"
 FIRST_ID_BLOCK = 14550     # apart from the other tests' (tests/fixtures/hub.py)
+USER = "ppl"               # after the run's tag: a researcher the lab never saw
 
 
 @pytest.fixture(scope="module")
@@ -50,10 +51,7 @@ async def pool_hub(ldap_directory, run_tag, tmp_path_factory, lxd):
         for inst in await lxd.list_instances(config_key=pool.POOL_KEY):
             if inst["name"].startswith(f"{run_tag}-pool--"):
                 await lxd.delete_instance(inst["name"])
-        for inst in await lxd.list_instances(config_key=TEST_KEY):
-            if inst["config"][TEST_KEY] == run_tag and SERVER in inst["name"] and \
-                    inst["name"].startswith(f"{run_tag}-ppl"):
-                await lxd.delete_instance(inst["name"])
+        await lxd.delete_instance(naming.instance_name(f"{run_tag}{USER}", SERVER, run_tag))
         store.close()
 
 
@@ -79,7 +77,7 @@ async def test_a_new_researchers_first_server_is_a_prebuilt_container(
         pool_hub, lxd, browser, artifacts, ldap_directory, logs_on_failure):
     hub, store = pool_hub
     (member,) = await ready_members(store, 180)
-    name = f"{hub.run_tag}ppl"
+    name = f"{hub.run_tag}{USER}"
     password = secrets.token_urlsafe(12)
     ldap_directory.add_user(name, password, groups=["gpu-users"])
     instance = naming.instance_name(name, SERVER, hub.run_tag)

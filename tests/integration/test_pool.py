@@ -190,8 +190,15 @@ async def test_a_template_change_retires_the_old_ones_and_strays_are_deleted(
                                          + BLOCK_LAST * IDMAP_BLOCK, 0)
     await lxd.create_instance(stray, image_alias=None, config=config, devices=devices,
                               profiles=site.profiles)
-    done = await pool.tend(lxd, store, site, SERVER)
-    assert done == {"made": 2, "retired": 2, "forgotten": 1, "failed": 0}
-    now = set(await members(lxd))
-    assert now == {r.instance for r in store.pool_members(SERVER)}
-    assert not now & old and stray not in now
+    # Another lxcgpu site's on the same LXD (another prefix): not this keeper's.
+    theirs = pool.member_name(SERVER, f"{run_tag}x")
+    await lxd.create_instance(theirs, image_alias=None, config=config, devices=devices,
+                              profiles=site.profiles)
+    try:
+        done = await pool.tend(lxd, store, site, SERVER)
+        assert done == {"made": 2, "retired": 2, "forgotten": 1, "failed": 0}
+        now = set(await members(lxd))
+        assert now - {theirs} == {r.instance for r in store.pool_members(SERVER)}
+        assert not now & old and stray not in now and theirs in now
+    finally:
+        await lxd.delete_instance(theirs)
