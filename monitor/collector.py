@@ -57,6 +57,8 @@ from lxcspawner.naming import KEY_PREFIX
 log = logging.getLogger("lxcgpu.collector")
 
 OWNER_KEY = f"{KEY_PREFIX}owner"
+#: A prebuilt container, no one's yet (lxcspawner.pool).
+PREBUILT_KEY = f"{KEY_PREFIX}pool"
 
 # NVML's error codes (nvml.h); read from the module where it has them.
 _NVML_CODES = {
@@ -574,6 +576,7 @@ class Collector:
             rows.append({
                 "name": name,
                 "user": (inst.get("config") or {}).get(OWNER_KEY) or None,
+                "prebuilt": bool((inst.get("config") or {}).get(PREBUILT_KEY)),
                 "state": str(state.get("status") or inst.get("status") or "unknown").lower(),
                 "cpu_seconds": None if cpu_seconds is None else round(cpu_seconds, 3),
                 "cpu_percent": cpu_percent,

@@ -226,7 +226,7 @@ class Poller:
             })
         for c in doc.get("containers") or []:
             if public:
-                c = {"user": c.get("user"), "state": c.get("state"),
+                c = {"user": c.get("user"), "state": c.get("state"), "prebuilt": c.get("prebuilt"),
                      "cpu_percent": c.get("cpu_percent"), "memory": c.get("memory")}
             card["containers"].append(c)
         return card

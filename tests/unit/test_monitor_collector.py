@@ -132,6 +132,8 @@ def node(proc):
                  processes=9),
         instance("ci-runner", None, cpu_ns=5 * 10**9, memory=2 * GiB, processes=30),
         instance("dave--gpu1", "dave", status="Stopped"),
+        {**instance("pool--gpu1--0a1b2c3d", None, status="Stopped"),
+         "config": {"user.lxcgpu.pool": "gpu1"}},
     ])
     return FakeNVML(devs, bytes_strings=True), lxd
 
@@ -173,17 +175,20 @@ async def test_sample_attributes_gpu_processes_to_containers_and_users(node, pro
                                 "user": None, "host": False}]
     assert d2["users"] == [{"user": None, "memory": 0}]
     assert doc["containers_error"] is None
+    # A prebuilt container (no one's yet) is marked so.
     assert doc["containers"] == [
         {"name": "alice--gpu1", "user": "alice", "state": "running", "cpu_seconds": 10.0,
-         "cpu_percent": None, "memory": 3 * GiB, "processes": 40},
+         "cpu_percent": None, "memory": 3 * GiB, "processes": 40, "prebuilt": False},
         {"name": "bob--gpu1", "user": "bob", "state": "running", "cpu_seconds": 2.0,
-         "cpu_percent": None, "memory": GiB, "processes": 12},
+         "cpu_percent": None, "memory": GiB, "processes": 12, "prebuilt": False},
         {"name": "carol--gpu1", "user": "carol", "state": "running", "cpu_seconds": 0.0,
-         "cpu_percent": None, "memory": GiB // 2, "processes": 9},
+         "cpu_percent": None, "memory": GiB // 2, "processes": 9, "prebuilt": False},
         {"name": "ci-runner", "user": None, "state": "running", "cpu_seconds": 5.0,
-         "cpu_percent": None, "memory": 2 * GiB, "processes": 30},
+         "cpu_percent": None, "memory": 2 * GiB, "processes": 30, "prebuilt": False},
         {"name": "dave--gpu1", "user": "dave", "state": "stopped", "cpu_seconds": 0.0,
-         "cpu_percent": None, "memory": 0, "processes": 0}]
+         "cpu_percent": None, "memory": 0, "processes": 0, "prebuilt": False},
+        {"name": "pool--gpu1--0a1b2c3d", "user": None, "state": "stopped", "cpu_seconds": 0.0,
+         "cpu_percent": None, "memory": 0, "processes": 0, "prebuilt": True}]
     assert doc["cost"]["seconds"] >= 0
     # nvmlInit, driver, count; then per GPU: handle, name, uuid, PCI, memory
     # size, and the sample: utilisation, memory, temperature, power, processes.
@@ -374,7 +379,7 @@ async def test_lxd_error_is_reported_and_survived(node, proc, clock):
     assert (await c.sample())["containers_error"] is not None      # not asked again yet
     clock.t += 4
     doc = await c.sample()
-    assert doc["containers_error"] is None and len(doc["containers"]) == 5
+    assert doc["containers_error"] is None and len(doc["containers"]) == 6
     assert lxd.calls == 3
 
 
@@ -396,7 +401,7 @@ async def test_slow_lxd_does_not_hold_the_sample(node, proc, clock):
     await asyncio.sleep(0)
     clock.t += 1
     doc = await c.sample()
-    assert doc["containers_error"] is None and len(doc["containers"]) == 5
+    assert doc["containers_error"] is None and len(doc["containers"]) == 6
     assert doc["gpus"]["devices"][0]["processes"][0]["user"] == "alice"
 
 

@@ -105,7 +105,7 @@ async def test_the_public_view_has_no_process_ids_or_container_names(site):
     assert all(g["processes"] == [] for g in card["gpus"])
     assert card["gpus"][1]["users"] == [{"user": "alice", "memory": 10 << 30}]
     assert card["containers"] == [{"user": "alice", "state": "running", "cpu_percent": 99.0,
-                                   "memory": 1 << 30}]
+                                   "memory": 1 << 30, "prebuilt": None}]
     full = next(c for c in p.view()["servers"] if c["name"] == "gpu1")
     assert full["gpus"][1]["processes"][0]["pid"] == 100
 
