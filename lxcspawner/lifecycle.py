@@ -213,6 +213,12 @@ def _no_toolkit(server: str, e: LXDError) -> ContainerError | None:
     said = str(e).lower()
     if "nvidia container tools" not in said and "nvidia-container-cli" not in said:
         return None
+    if "requirement error" in said or "unsatisfied condition" in said:
+        # nvidia.require.driver / nvidia.require.cuda (the site's extra config).
+        return ContainerError(
+            f"{server}'s NVIDIA driver is older than the lab requires for containers "
+            "(nvidia.require.*): an administrator upgrades the driver there, or you start "
+            "your server on another GPU server")
     return ContainerError(
         f"{server} cannot give containers its NVIDIA driver: NVIDIA's container "
         "toolkit (nvidia-container-cli) is missing or failing there; an administrator "

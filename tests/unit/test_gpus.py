@@ -159,3 +159,20 @@ def test_the_portal_card_shows_each_gpus_usage_from_the_node_agent():
     assert _usage_of(no_toolkit, [gpu_row({"index": 0, "uuid": "GPU-x", "state": "idle",
                                            "users": [{"user": "carol"}]})])["now"] == \
         "in use by carol (idle)"
+
+
+def test_lxds_nvidia_refusals_are_sentences():
+    """What LXD says when NVIDIA's container toolkit is missing (seen on this
+    machine: tests/integration/test_lifecycle.py) or when the host's driver
+    fails the site's nvidia.require.driver (nvidia-container-cli's words)."""
+    from lxcspawner.lifecycle import _no_toolkit
+    from lxcspawner.lxd import LXDError
+
+    missing = _no_toolkit("gpu17", LXDError("Initialize LXC: The NVIDIA container tools "
+                                            "couldn't be found"))
+    assert "NVIDIA's container toolkit (nvidia-container-cli) is missing" in str(missing)
+    old = _no_toolkit("gpu17", LXDError(
+        "Failed to start device \"gpu\": nvidia-container-cli: requirement error: "
+        "unsatisfied condition: driver >= 560"))
+    assert str(old).startswith("gpu17's NVIDIA driver is older than the lab requires")
+    assert _no_toolkit("gpu17", LXDError("Failed to start: no space left on device")) is None
