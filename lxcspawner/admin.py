@@ -159,6 +159,11 @@ def _new_user_note(ctx: Context, user: str, existed: bool) -> None:
 def cmd_user_add(ctx: Context, args) -> None:
     existed = ctx.store.get_user(args.name) is not None
     rec = ctx.store.ensure_user(args.name, actor=ctx.actor)
+    # The id base an admin is shown here may be used outside lxcgpu (a NAS
+    # home owned by base + 1000): it stays the user's, never swapped for a
+    # prebuilt container's (lxcspawner.pool).
+    ctx.store.mark_idmap_used(rec.name)
+    rec = ctx.store.user(rec.name)
     login = naming.posix_name(rec.name)
     ctx.emit({**_plain(rec), "login": login, "new": not existed}, fields([
         ("user", rec.name), ("ssh port", rec.ssh_port), ("id base", rec.idmap_base),
@@ -171,7 +176,10 @@ def cmd_user_show(ctx: Context, args) -> None:
     keys = ctx.store.list_keys(rec.name)
     fwds = ctx.store.list_forwards(user=rec.name)
     login = naming.posix_name(rec.name)
-    text = fields([("user", rec.name), ("ssh port", rec.ssh_port), ("id base", rec.idmap_base),
+    base = str(rec.idmap_base) if rec.idmap_used else (
+        f"{rec.idmap_base} (until their first container, which may bring another; "
+        "`user add` fixes it)")
+    text = fields([("user", rec.name), ("ssh port", rec.ssh_port), ("id base", base),
                    ("login", login), ("created", rec.created),
                    ("ssh", f"ssh -p {rec.ssh_port} {login}@<server>")])
     text += "\n\nkeys:\n" + _keys_table(keys) + "\n\nforwards:\n" + _forwards_table(fwds)

@@ -88,6 +88,18 @@ def test_user_add_show_list(cli):
     assert data["login"].startswith("dr-muller-") and data["keys"] == data["forwards"] == []
     rc, out, _ = cli("user", "show", "alice")
     assert "ssh -p 22000 alice@<server>" in out and "keys:\n(none)" in out
+    # The id base `user add` showed is fixed: no prebuilt container's replaces it.
+    assert "id base   10000000\n" in out and json.loads(
+        cli("user", "show", "alice", "--json")[1])["idmap_used"] is True
+
+
+def test_an_id_base_not_fixed_yet_says_so(cli, store):
+    store.ensure_user("bob", actor="test")      # as the hub or the portal registers
+    rc, out, _ = cli("user", "show", "bob")
+    assert "(until their first container, which may bring another; `user add` fixes it)" \
+        in out
+    cli("user", "add", "bob")
+    assert "may bring another" not in cli("user", "show", "bob")[1]
 
 
 def test_unknown_user_is_one_line_exit_1(cli):
