@@ -386,7 +386,6 @@ async def _ensure_user_container(lxd: LXD, store: Store, settings: Settings, use
         check_owner(inst, user)
         if await half_made(lxd, inst):
             inst = None     # ensure_container makes it anew
-    prebuilt = False
     if inst is None and not rec.idmap_used and settings.pool_size > 0:
         # A new user: a prebuilt container of this server becomes theirs.
         taken = await pool.claim(lxd, store, settings, user, server, actor=actor,
@@ -394,8 +393,7 @@ async def _ensure_user_container(lxd: LXD, store: Store, settings: Settings, use
         if taken is not None:
             rec, inst = taken
             spec = settings.container_spec(user, rec.idmap_base, server=server, **overrides)
-            prebuilt = inst is not None
-            if prebuilt:
+            if inst is not None:
                 say("using a prepared container")
     profiles = list(inst.get("profiles") or ()) if inst is not None else list(spec.profiles)
     # From choosing a free address to LXD holding it on the new instance,
