@@ -5,6 +5,7 @@
     .venv/bin/python bench/spawn.py --remote [-n 5]   # this machine vs a server elsewhere
     .venv/bin/python bench/spawn.py --driver-sync [-n 5]   # the NVIDIA driver check and sync
     .venv/bin/python bench/spawn.py --boot [-n 5]          # a warm start, step by step
+    .venv/bin/python bench/spawn.py --versus-docker [-n 5] # side by side with DockerSpawner
 
 Run as root with LXD up and the template image built (``setup/quickstart``
 or ``setup/test``).  Where setup/quickstart's node agent runs, pause it
@@ -56,7 +57,7 @@ import requests
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "setup")]
 
-from lxcspawner import jupyter, naming  # noqa: E402
+from lxcspawner import jupyter, naming, pool  # noqa: E402
 from lxcspawner.container import IDMAP_BLOCK, IDMAP_USER_FIRST  # noqa: E402
 from lxcspawner.lxd import LXD, LXDError  # noqa: E402
 from lxcspawner.settings import Settings  # noqa: E402
@@ -78,6 +79,9 @@ TARGETS = {"hot": 3.0, "warm": 6.0, "overhead": 1.3, "api_p99_ms": 200, "hub_rss
 LXCGPU_TOML = f"""\
 [store]
 url = "sqlite:///{{store}}"
+# Ids the hub gives on its own (prebuilt containers, users not reserved) come
+# from the benches' blocks too, never from real users' (block 0 up).
+first_id_block = {BLOCK_FIRST}
 [ports]
 ssh = "{SSH_PORTS}"
 forward = "{FORWARD_PORTS}"
@@ -135,14 +139,15 @@ def start_hub(root: Path, prefix: str) -> Hub:
 
 def reserve_users(config: Path, users: list[str]) -> None:
     """Give the users their SSH ports and the benches' id blocks in the
-    hub's store before the hub first sees them (the spawner's store takes
-    the default block range; a user it finds keeps their block)."""
+    hub's store before the hub first sees them, fixed as `lxcgpu-admin user
+    add` fixes them (so none takes over a prebuilt container instead)."""
     store = Settings.load(config).open_store(
         idmap_first=IDMAP_USER_FIRST + BLOCK_FIRST * IDMAP_BLOCK,
         idmap_last=IDMAP_USER_FIRST + BLOCK_LAST * IDMAP_BLOCK)
     try:
         for user in users:
             store.ensure_user(user, actor="bench")
+            store.mark_idmap_used(user)
     finally:
         store.close()
 
@@ -410,10 +415,13 @@ async def jupyter_memory(lxd: LXD, name: str) -> dict[str, float]:
 # ------------------------------------------------------------------ main
 
 async def delete_containers(lxd: LXD, prefix: str) -> int:
-    """Delete this run's containers (tagged with its prefix); how many."""
+    """Delete this run's containers (tagged with its prefix) and its hubs'
+    prebuilt ones (named after its prefix); how many."""
     gone = 0
-    for inst in await lxd.list_instances(config_key=BENCH_KEY):
-        if inst["config"].get(BENCH_KEY) == prefix:
+    for inst in await lxd.list_instances():
+        cfg = inst.get("config") or {}
+        if cfg.get(BENCH_KEY) == prefix or (
+                cfg.get(pool.POOL_KEY) and inst["name"].startswith(f"{prefix}-pool--")):
             await lxd.delete_instance(inst["name"])
             gone += 1
     return gone
@@ -771,7 +779,14 @@ async def main() -> None:
     ap.add_argument("--installer-mib", type=int, default=350,
                     help="--driver-sync: the fake installer's size (default %(default)s MiB, "
                          "as NVIDIA's)")
+    ap.add_argument("--versus-docker", action="store_true",
+                    help="instead: lxcgpu's spawns side by side with DockerSpawner's "
+                         "(bench/versus_docker.py; -n rounds, default there 5)")
     args = ap.parse_args()
+    if args.versus_docker:
+        # Its own run from start to end (daemons, two hubs, signals, cleanup).
+        argv = [sys.executable, str(Path(__file__).with_name("versus_docker.py"))]
+        os.execv(argv[0], argv + (["-n", str(args.n)] if "-n" in sys.argv else []))
     if args.n < 1 or not 0 <= args.concurrent <= BLOCK_LAST - BLOCK_FIRST:
         ap.error(f"need -n >= 1 and --concurrent 0..{BLOCK_LAST - BLOCK_FIRST}")
     if shutil.which("configurable-http-proxy", path=f"{VENV_BIN}:{os.environ['PATH']}") is None:

@@ -7,16 +7,17 @@
 Issue 14's comparison as code.  Run as root with LXD up and the template
 image built, as for bench/spawn.py, whose hub, users and measurement it
 uses.  What it brings up lives for the run only and is gone at the end, also
-on a failure, SIGINT or SIGTERM:
+on a failure, SIGINT or SIGTERM (a signal during the cleanup waits for it):
 
-- Debian's ``docker.io`` (dockerd, containerd, runc, the docker CLI) and
-  ``zstd``, installed with apt-get where missing.  The package's own service
-  is never started (while apt-get runs, a policy-rc.d refuses every start,
-  unless the machine has one already): Docker's defaults would switch on IP
-  forwarding and write iptables rules.
+- Debian's ``docker.io`` (dockerd, containerd, runc; the docker CLI, which
+  Debian 13 ships as ``docker-cli``) and ``zstd``, installed with apt-get
+  where missing: the packages stay.  Their own service is never started
+  (while apt-get runs, a policy-rc.d refuses every start, unless the machine
+  has one already): Docker's defaults would switch on IP forwarding and
+  write iptables rules.
 - DockerSpawner 14 and its two dependencies (docker, escapism), installed by
-  pip into a folder of the run that only the DockerSpawner hub has on its
-  PYTHONPATH: nothing goes into the project's virtualenv.
+  pip (no cache) into a folder of the run that only the DockerSpawner hub
+  has on its PYTHONPATH: nothing goes into the project's virtualenv.
 - containerd and dockerd started by the bench, every state, socket and pid
   file in a temporary folder, with no change to the host's network (no
   bridge, no iptables rules, no IP forwarding, no masquerading): checked at
@@ -34,8 +35,8 @@ until ``GET /user/U/lab`` answers 200 through the proxy; p50 of N, rounds
 alternating between the two systems (which one goes first alternates too):
 
 - a new user's first server: lxcgpu creates the container (its first start
-  shifts the rootfs into the user's id map); DockerSpawner creates and
-  starts one;
+  shifts the rootfs into the user's id map; the bench hub, like every test
+  hub, keeps no prebuilt containers); DockerSpawner creates and starts one;
 - the same user again, container stopped: lxcgpu starts it; DockerSpawner
   restarts the container it kept when the server stopped;
 - lxcgpu only: the container running, Jupyter stopped, against its floor
@@ -76,7 +77,8 @@ from lxcspawner.settings import Settings  # noqa: E402
 from tests.fixtures.hub import VENV_BIN  # noqa: E402
 
 TARGETS = {"first": 1.0, "stopped": 1.1, "hot": 1.1}
-# Debian packages of the commands the bench runs.
+# Debian packages of the commands the bench runs (the docker CLI: docker-cli
+# where the release has that package, Debian 13; docker.io before).
 TOOLS = {"dockerd": "docker.io", "docker": "docker.io", "containerd": "containerd",
          "runc": "runc", "zstd": "zstd"}
 DOCKERSPAWNER = ["dockerspawner==14.*", "docker==7.*", "escapism==1.*"]
@@ -87,6 +89,7 @@ SINGLEUSER = "/opt/jupyter/bin/jupyterhub-singleuser"
 POLICY_RC = Path("/usr/sbin/policy-rc.d")
 DAEMON_TIMEOUT = 60  # seconds for containerd's socket and dockerd's API
 STOP_TIMEOUT = 30  # seconds after SIGTERM before SIGKILL
+TERMINATED = False  # a SIGTERM ended the run
 # Where the daemons write outside their folders: dockerd < 23 its trust key
 # (redirected where it can be), dockerd its plugin folder, the runc shims
 # their sockets (containerd hardcodes /run/containerd/s).  What the run
@@ -160,6 +163,10 @@ def ensure_packages() -> None:
     missing = sorted({pkg for tool, pkg in TOOLS.items() if shutil.which(tool) is None})
     if not missing:
         return
+    if shutil.which("docker") is None and subprocess.run(
+            ["apt-cache", "show", "--no-all-versions", "docker-cli"], capture_output=True,
+            timeout=60).returncode == 0:
+        missing.append("docker-cli")
     print(f"installing {' '.join(missing)} (apt-get)", flush=True)
     ours = not POLICY_RC.exists()
     if ours:
@@ -190,7 +197,7 @@ def install_dockerspawner(dest: Path) -> None:
     JupyterHub, requests and urllib3 come from the project's virtualenv,
     which stays as it is."""
     cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-           "--no-deps", "--target", str(dest), *DOCKERSPAWNER]
+           "--no-cache-dir", "--no-deps", "--target", str(dest), *DOCKERSPAWNER]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     if res.returncode:
         raise RuntimeError(f"pip install of {' '.join(DOCKERSPAWNER)} failed:\n"
@@ -291,17 +298,24 @@ class DockerDaemon:
         """Remove the containers, stop both daemons, remove everything they
         made; what could not be removed."""
         if _alive(self.dockerd):
-            ids = self.run("ps", "--all", "--quiet", check=False).stdout.split()
-            if ids:
-                self.run("rm", "--force", *ids, check=False)
+            try:
+                ids = self.run("ps", "--all", "--quiet", check=False).stdout.split()
+                if ids:
+                    self.run("rm", "--force", *ids, check=False)
+            except subprocess.TimeoutExpired:
+                pass  # a daemon that hangs: its containers' shims are killed below
         _end(self.dockerd)
         _end(self.containerd)
-        self._kill_shims()
-        left = self._unmount()
+        shims = Path("/run/containerd/s")
+        if self._kill_shims() and not self._existed[shims] and shims.is_dir():
+            for sock in shims.iterdir():  # killed shims leave their sockets
+                if sock.is_socket():
+                    sock.unlink()
+        left = self._remove_cgroups()
+        left += self._unmount()
         shutil.rmtree(self.root, ignore_errors=True)
         if self.root.exists():
             left.append(str(self.root))
-        left += self._remove_cgroups()
         for path in OUTSIDE:  # in order: files and inner folders first
             if not self._existed[path] and path.exists():
                 try:
@@ -310,10 +324,10 @@ class DockerDaemon:
                     left.append(str(path))
         return left
 
-    def _kill_shims(self) -> None:
+    def _kill_shims(self) -> int:
         """Shims of this containerd that outlived it (a container that was
-        not removed): they name its socket on their command line."""
-        mine = str(self.containerd_sock).encode()
+        not removed): they name its socket on their command line; how many."""
+        mine, killed = str(self.containerd_sock).encode(), 0
         for pid in (p for p in os.listdir("/proc") if p.isdigit()):
             try:
                 argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
@@ -322,8 +336,10 @@ class DockerDaemon:
             if argv and b"containerd-shim" in argv[0] and mine in argv:
                 try:
                     os.kill(int(pid), signal.SIGKILL)
+                    killed += 1
                 except ProcessLookupError:
                     pass
+        return killed
 
     def _unmount(self) -> list[str]:
         """Unmount what is still mounted under root (dockerd leaves its bind
@@ -343,19 +359,40 @@ class DockerDaemon:
         return left
 
     def _remove_cgroups(self) -> list[str]:
-        """The containers' parent cgroup in each hierarchy (empty by now)."""
-        left = []
+        """The containers' cgroups under the bench's parent, in each
+        hierarchy: what still runs there (a container whose shim was
+        killed) is killed, then the folders go, deepest first."""
         base = Path("/sys/fs/cgroup")
+        folders = []
         for parent in [base / self.cgroup_parent, *base.glob(f"*/{self.cgroup_parent}")]:
-            if not parent.is_dir():
+            if parent.is_dir():
+                folders += [p for p in parent.rglob("*") if p.is_dir()] + [parent]
+        folders.sort(key=lambda p: len(p.parts), reverse=True)
+        for folder in folders:
+            try:
+                pids = (folder / "cgroup.procs").read_text().split()
+            except OSError:
                 continue
-            for sub in sorted((p for p in parent.rglob("*") if p.is_dir()),
-                              key=lambda p: len(p.parts), reverse=True) + [parent]:
+            for pid in pids:
                 try:
-                    sub.rmdir()
+                    os.kill(int(pid), signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        deadline = time.monotonic() + 10
+        left = folders
+        while left and time.monotonic() < deadline:
+            busy = []
+            for folder in left:
+                try:
+                    folder.rmdir()
+                except FileNotFoundError:
+                    pass
                 except OSError:
-                    left.append(str(sub))
-        return left
+                    busy.append(folder)
+            if busy:
+                time.sleep(0.2)
+            left = busy
+        return [str(p) for p in left]
 
 
 def import_template(daemon: DockerDaemon, workdir: Path, alias: str) -> str:
@@ -465,11 +502,19 @@ def make_users(hub, users: list[str]) -> None:
 
 
 def ratio_line(what: str, ours: list[dict], theirs: list[dict], target: float,
-               their_label: str = "") -> float:
+               their_label: str = "") -> None:
     a, b = med([r["total"] for r in ours]), med([r["total"] for r in theirs])
     print(f"{what:<44} {a:7.2f} {b:8.2f}{their_label:<7} {a / b:6.2f}x   "
-          f"target <= {target:g}x: {mark(a / b <= target)}")
-    return a / b
+          f"target <= {target:.1f}x: {mark(a / b <= target)}")
+
+
+def attempt(what: str, fn, *args):
+    """``fn(*args)`` in the cleanup: a failure is told, and the cleanup goes on."""
+    try:
+        return fn(*args)
+    except Exception as e:  # noqa: BLE001 - every other step must still run
+        print(f"cleanup: {what} failed: {e!r}", file=sys.stderr)
+        return None
 
 
 async def run_versus_docker(args, lxd: LXD, prefix: str, root: Path) -> None:
@@ -479,15 +524,27 @@ async def run_versus_docker(args, lxd: LXD, prefix: str, root: Path) -> None:
     goes in ``root``.
 
     What starts processes (the daemons, the hubs) runs on the event loop's
-    thread, not in a worker: a SIGTERM (or SIGINT) cancels this task at its
+    thread, not in a worker: a SIGTERM or SIGINT cancels this task at its
     next await, so the cleanup never races a start that is still going on."""
     n = args.n
     if not 1 <= n <= BLOCK_LAST - BLOCK_FIRST + 1:
         raise ValueError(f"need 1 <= n <= {BLOCK_LAST - BLOCK_FIRST + 1} (the benches' id blocks)")
-    loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGTERM, asyncio.current_task().cancel)
+    loop, task = asyncio.get_running_loop(), asyncio.current_task()
+    previous_sigint = signal.getsignal(signal.SIGINT)
+
+    def on_signal(sig: signal.Signals) -> None:
+        global TERMINATED
+        TERMINATED = sig == signal.SIGTERM
+        print(f"{sig.name}: stopping, then cleaning up", file=sys.stderr, flush=True)
+        task.cancel()
+    # SIGINT too: also where a shell ran the bench in the background with
+    # SIGINT ignored, which its hubs' services would inherit (JupyterHub
+    # stops them with SIGINT, then waits).
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
     users = [f"first{i}" for i in range(n)]
     hubs, daemon, workdir, before = [], None, None, None
+    t_run = time.perf_counter()
     try:
         ensure_packages()
         before = host_network()
@@ -495,13 +552,16 @@ async def run_versus_docker(args, lxd: LXD, prefix: str, root: Path) -> None:
         t = time.perf_counter()
         install_dockerspawner(workdir / "site")
         t_pip = time.perf_counter() - t
+        await asyncio.sleep(0.01)  # where a signal during the setup takes effect
         daemon = DockerDaemon(workdir)
         t = time.perf_counter()
         daemon.start()
         t_daemons = time.perf_counter() - t
+        await asyncio.sleep(0.01)
         t = time.perf_counter()
         image = import_template(daemon, workdir, Settings().image)
         t_import = time.perf_counter() - t
+        await asyncio.sleep(0.01)
         size = daemon.run("image", "inspect", "--format", "{{.Size}}", image).stdout.strip()
         print(f"\ndocker {daemon.version} (containerd and dockerd of the bench's own in "
               f"{workdir}): DockerSpawner from PyPI {t_pip:.1f} s, daemons up {t_daemons:.1f} s, "
@@ -511,6 +571,11 @@ async def run_versus_docker(args, lxd: LXD, prefix: str, root: Path) -> None:
         for system in ("lxcgpu", "docker"):
             (root / system).mkdir()
         ours = prepare_hub(root / "lxcgpu", prefix)
+        # One prebuilt container kept ready (the shipped default keeps 2):
+        # the users of "prebuilt" take it over; those of "first" have their
+        # blocks fixed by reserve_users, so theirs are made.
+        config = root / "lxcgpu" / "lxcgpu.toml"
+        config.write_text(config.read_text().replace("pool = 0", "pool = 1"))
         hubs.append(ours)
         site = SITE_DOCKER.format(ports=dict(zip(users, free_ports(n))), sock=daemon.sock,
                                   image=image, singleuser=SINGLEUSER)
@@ -518,15 +583,28 @@ async def run_versus_docker(args, lxd: LXD, prefix: str, root: Path) -> None:
         theirs = prepare_hub(root / "docker", prefix, site_extra=site, env={"PYTHONPATH": path})
         hubs.append(theirs)
         ours.start()
+        await asyncio.sleep(0.01)
         theirs.start()
         reserve_users(root / "lxcgpu" / "lxcgpu.toml", users)
-        make_users(ours, users)
+        make_users(ours, users + [f"new{i}" for i in range(n)])
         make_users(theirs, users)
         systems = {"lxcgpu": ours, "docker": theirs}
         name = naming.instance_name(users[0], SERVER, prefix)
+        t_setup, t = time.perf_counter() - t_run, time.perf_counter()
 
         def order(i: int) -> tuple[str, str]:
             return ("lxcgpu", "docker") if i % 2 == 0 else ("docker", "lxcgpu")
+
+        pool_store = Settings.load(config).open_store(upgrade=False)
+
+        async def prebuilt_ready(timeout: float = 180) -> None:
+            """Until the hub's keeper has a prebuilt container ready (not timed)."""
+            deadline = time.monotonic() + timeout
+            while not any(m.ready and m.claimed_by is None
+                          for m in await asyncio.to_thread(pool_store.pool_members, SERVER)):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"no prebuilt container ready in {timeout:.0f} s")
+                await asyncio.sleep(0.5)
 
         async def spawn(system: str, user: str, stop_container: bool = True) -> dict:
             """One measured spawn, then the server stopped, and lxcgpu's
@@ -538,9 +616,13 @@ async def run_versus_docker(args, lxd: LXD, prefix: str, root: Path) -> None:
             return row
 
         first: dict[str, list] = {s: [] for s in systems}
+        prebuilt: list[dict] = []
         for i, user in enumerate(users):
             for system in order(i):
                 first[system].append(await spawn(system, user))
+                if system == "lxcgpu":
+                    await prebuilt_ready()
+                    prebuilt.append(await spawn(system, f"new{i}"))
         stopped: dict[str, list] = {s: [] for s in systems}
         for i in range(n):
             for system in order(i):
@@ -564,15 +646,22 @@ async def run_versus_docker(args, lxd: LXD, prefix: str, root: Path) -> None:
                                                  argv, env, warm=False))
 
         print(f"\n## lxcgpu and DockerSpawner side by side: seconds from POST .../server to "
-              f"/user/U/lab = 200,\n## p50 of {n}, rounds alternating between the two")
+              f"/user/U/lab = 200,\n## p50 of {n}, rounds alternating between the two "
+              f"(setup {t_setup:.0f} s, measuring {time.perf_counter() - t:.0f} s)")
         print(f"{'':<44} {'lxcgpu':>7} {'docker':>8}{'':<7} {'ratio':>6}")
-        ratio_line("a new user's first server", first["lxcgpu"], first["docker"],
+        ratio_line("a new user's first server (prebuilt)", prebuilt, first["docker"],
+                   TARGETS["first"])
+        ratio_line("a new user's first server (made)", first["lxcgpu"], first["docker"],
                    TARGETS["first"])
         ratio_line("container stopped (docker: kept, restarted)", stopped["lxcgpu"],
                    stopped["docker"], TARGETS["stopped"])
         ratio_line("container running, Jupyter stopped", hot, floor_hot, TARGETS["hot"],
                    " floor")
         print("\neach, p50 / p95 / max:")
+        report("first prebuilt lxcgpu", prebuilt)
+        parts(prebuilt, [("start", "spawner.start()"),
+                         ("up", "then until the hub saw Jupyter answer"),
+                         ("proxy", "then until /lab answered through the proxy")])
         for kind, rows in (("first", first), ("stopped", stopped)):
             for system in systems:
                 report(f"{kind} {system}", rows[system])
@@ -582,6 +671,7 @@ async def run_versus_docker(args, lxd: LXD, prefix: str, root: Path) -> None:
                                          ("proxy", "then until /lab answered through the proxy")])
         report("hot lxcgpu", hot)
         report("floor hot (no hub, no proxy)", floor_hot)
+        pool_store.close()
     except Exception:
         for hub in hubs:
             print(f"--- {hub.log_file} (tail) ---\n{hub.log_tail()}", file=sys.stderr)
@@ -589,13 +679,20 @@ async def run_versus_docker(args, lxd: LXD, prefix: str, root: Path) -> None:
             print(daemon.log_tail(), file=sys.stderr)
         raise
     finally:
-        loop.remove_signal_handler(signal.SIGTERM)  # a second SIGTERM ends the cleanup
+        # The cleanup runs to its end: a SIGTERM or SIGINT meanwhile is told
+        # to wait (SIGKILL would leave the daemons and hubs behind).
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, lambda: print("cleaning up, a moment", file=sys.stderr,
+                                                       flush=True))
+        steps = [time.perf_counter()]
         for hub in hubs:
-            hub.stop()
+            attempt(f"stopping {hub}", hub.stop)
             shutil.rmtree(hub.proxy_dir, ignore_errors=True)
-        left = daemon.stop() if daemon is not None else []
+        steps.append(time.perf_counter())
+        left = (attempt("stopping docker", daemon.stop) if daemon is not None else None) or []
         if workdir is not None:
             shutil.rmtree(workdir, ignore_errors=True)
+        steps.append(time.perf_counter())
         if not getattr(args, "keep", False):
             try:
                 print(f"\ndeleted {await delete_containers(lxd, prefix)} lxcgpu containers; "
@@ -604,8 +701,15 @@ async def run_versus_docker(args, lxd: LXD, prefix: str, root: Path) -> None:
                 print(f"(could not delete the lxcgpu containers of {prefix}: {e})")
         if left:
             print(f"NOT removed: {', '.join(left)}")
-        if before is not None:
-            print(compare_network(before, host_network()))
+        if before is not None and (after := attempt("reading the network", host_network)):
+            print(compare_network(before, after))
+        steps.append(time.perf_counter())
+        print(f"cleaned up in {steps[-1] - steps[0]:.0f} s (hubs {steps[1] - steps[0]:.0f} s, "
+              f"docker {steps[2] - steps[1]:.0f} s, lxcgpu's containers "
+              f"{steps[3] - steps[2]:.0f} s)")
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        signal.signal(signal.SIGINT, previous_sigint)
 
 
 async def main() -> None:
@@ -639,7 +743,7 @@ async def main() -> None:
         # A spawn's poll may still run in a worker thread until its
         # timeout: do not wait for it.
         print("interrupted; cleaned up", file=sys.stderr, flush=True)
-        os._exit(130)
+        os._exit(128 + (signal.SIGTERM if TERMINATED else signal.SIGINT))
 
 
 if __name__ == "__main__":

@@ -443,14 +443,25 @@ async def _ensure_user_container(lxd: LXD, store: Store, settings: Settings, use
             await _gpu_devices(lxd, spec.name, inst, server)
             say("starting container")
             await _start(lxd, spec, created=created, say=say)
+        # The address comes while the system boots; what needs no network
+        # (the driver, the user's account and keys) is done meanwhile.
+        network_up = None
         if address not in state.addresses:
-            say("waiting for network")
-            await lxd.wait_for_address(spec.name, timeout=address_timeout, expected=address)
-        await _sync_driver(lxd, settings, spec.name, server, say)
-        say("preparing user")
-        keys = await asyncio.to_thread(store.authorized_keys, user)
-        await provision(lxd, spec.name, login=spec.posix_user, keys=keys,
-                        hostname=spec.hostname)
+            network_up = asyncio.ensure_future(lxd.wait_for_address(
+                spec.name, timeout=address_timeout, expected=address))
+        try:
+            await _sync_driver(lxd, settings, spec.name, server, say)
+            say("preparing user")
+            keys = await asyncio.to_thread(store.authorized_keys, user)
+            await provision(lxd, spec.name, login=spec.posix_user, keys=keys,
+                            hostname=spec.hostname)
+            if network_up is not None and not network_up.done():
+                say("waiting for network")
+            if network_up is not None:
+                await network_up
+        finally:
+            if network_up is not None and not network_up.done():
+                network_up.cancel()
     return UserContainer(spec.name, server, user, spec.posix_user, address, maps.ssh_port,
                          maps.forwards, maps.jupyter_port)
 

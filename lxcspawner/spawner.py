@@ -46,8 +46,8 @@ _STEPS = {
     "no prepared container was free": 10,
     "restarting container to pin its address": 30,
     "starting container": 35,
-    "waiting for network": 55,
-    "preparing user": 70,
+    "preparing user": 55,
+    "waiting for network": 70,
     "starting Jupyter": 85,
     "waiting for Jupyter": 92,
 }
@@ -357,7 +357,7 @@ class LXCSpawner(Spawner):
 
     def _say(self, message: str) -> None:
         progress = _STEPS.get(message) or (2 if message.startswith("queued") else
-                                           60 if "NVIDIA driver" in message else 90)
+                                           45 if "NVIDIA driver" in message else 90)
         self._events.append({"progress": progress, "message": message})
         self._marks.append((time.monotonic(), message))
         self._new_event.set()

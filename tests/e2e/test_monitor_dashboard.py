@@ -315,9 +315,9 @@ async def test_a_spawn_puts_the_hosts_driver_in_the_container_and_says_so(
     assert said[0] == f"installing the NVIDIA driver {DRIVER} (was none; a few minutes)", \
         messages
     assert said[-1] == f"NVIDIA driver {DRIVER} installed", messages
-    # Between the container's network and the user's account, on the bar's way up.
+    # Between the container's start and the user's account, on the bar's way up.
     at = messages.index(said[0])
-    assert messages.index("waiting for network") < at < messages.index("preparing user")
+    assert messages.index("starting container") < at < messages.index("preparing user")
     bar = [pct for _, pct in progress]
     assert bar == sorted(bar), progress
     assert await driversync.container_version(lxd, name) == DRIVER
