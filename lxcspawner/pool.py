@@ -192,9 +192,12 @@ def _age(t: datetime | None, now: datetime) -> timedelta:
 
 
 async def tend(lxd: LXD, store: "Store", settings: "Settings", server: str, *,
+               since: datetime | None = None,
                now: Callable[[], datetime] = lambda: datetime.now(timezone.utc)) -> dict:
     """One round on one server: forget the half-done, retire the outdated
-    and the surplus, make what is missing (one at a time).  What it did."""
+    and the surplus, make what is missing (one at a time).  What it did.
+    ``since``: when this keeper started; one still being made from before
+    was cut off (the hub stopped meanwhile)."""
     done = {"made": 0, "retired": 0, "forgotten": 0, "failed": 0}
     size, fingerprint = settings.pool_size, None
     if size > 0:
@@ -225,7 +228,8 @@ async def tend(lxd: LXD, store: "Store", settings: "Settings", server: str, *,
             done["forgotten"] += 1
             continue
         if not r.ready:
-            if _age(r.created, t) > STALE_MAKING:
+            if _age(r.created, t) > STALE_MAKING or (
+                    since is not None and _age(r.created, since) > timedelta(0)):
                 await _forget(lxd, store, r.instance)
                 done["forgotten"] += 1
             else:
@@ -268,6 +272,7 @@ class PoolKeeper:
         self.interval = interval
         self._lxd: dict[str, LXD] = {}
         self._failing: dict[str, str] = {}
+        self.started = datetime.now(timezone.utc)
 
     def lxd_for(self, server: str) -> LXD:
         if server not in self._lxd:
@@ -281,7 +286,8 @@ class PoolKeeper:
     async def _server(self, server: str) -> None:
         while True:
             try:
-                done = await tend(self.lxd_for(server), self.store, self.settings, server)
+                done = await tend(self.lxd_for(server), self.store, self.settings, server,
+                                  since=self.started)
                 if any(done.values()):
                     log.info("%s: prebuilt containers: %s", server, done)
                 if self._failing.pop(server, None):

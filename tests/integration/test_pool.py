@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from datetime import datetime, timedelta, timezone
 
 import pytest
 
@@ -190,15 +191,26 @@ async def test_a_template_change_retires_the_old_ones_and_strays_are_deleted(
                                          + BLOCK_LAST * IDMAP_BLOCK, 0)
     await lxd.create_instance(stray, image_alias=None, config=config, devices=devices,
                               profiles=site.profiles)
+    # One a keeper was making when the hub stopped (reserved, made, never
+    # ready): the next keeper forgets it.
+    cut = pool.member_name(SERVER, run_tag)
+    base = store.reserve_pool_block(SERVER, cut, actor="pool")
+    config, devices = pool.member_config(site, SERVER, base, 0)
+    await lxd.create_instance(cut, image_alias=None, config=config, devices=devices,
+                              profiles=site.profiles)
     # Another lxcgpu site's on the same LXD (another prefix): not this keeper's.
     theirs = pool.member_name(SERVER, f"{run_tag}x")
     await lxd.create_instance(theirs, image_alias=None, config=config, devices=devices,
                               profiles=site.profiles)
     try:
-        done = await pool.tend(lxd, store, site, SERVER)
-        assert done == {"made": 2, "retired": 2, "forgotten": 1, "failed": 0}
+        # A keeper started before it was reserved keeps it (being made).
+        before = datetime.now(timezone.utc) - timedelta(seconds=60)
+        assert (await pool.tend(lxd, store, site, SERVER, since=before))["forgotten"] == 1
+        assert cut in {r.instance for r in store.pool_members(SERVER)}
+        done = await pool.tend(lxd, store, site, SERVER, since=datetime.now(timezone.utc))
+        assert done == {"made": 1, "retired": 0, "forgotten": 1, "failed": 0}
         now = set(await members(lxd))
         assert now - {theirs} == {r.instance for r in store.pool_members(SERVER)}
-        assert not now & old and stray not in now and theirs in now
+        assert not now & old and stray not in now and cut not in now and theirs in now
     finally:
         await lxd.delete_instance(theirs)
