@@ -166,15 +166,31 @@ async def claim(lxd: LXD, store: "Store", settings: "Settings", user: str, serve
         if str(inst.get("status", "")).lower() != "stopped":
             raise LXDError(f"{member} is {inst.get('status')}, not stopped")
         await lxd.rename_instance(member, spec.name)
-        # The user's configuration, as a container made for them has it.
-        changes: dict[str, str | None] = {POOL_KEY: None}
-        changes.update(spec.config())
+        # The user's configuration, as a container made for them now has it
+        # (also where the site's limits, mounts or GPUs changed since it
+        # was prepared); its eth0 follows with the user's address.
+        config, devices = spec.config(), spec.devices()
+        changes: dict[str, str | None] = {
+            k: None for k in inst.get("config") or {}
+            if k not in config and not k.startswith(("volatile.", "image."))}
+        changes.update(config)
         await lxd.update_config(spec.name, changes)
-        await lxd.update_devices(spec.name, spec.devices())
+        await lxd.update_devices(spec.name, {
+            **{k: None for k in inst.get("devices") or {}
+               if k not in devices and k != network.NIC}, **devices})
     except LXDError as e:
         log.warning("%s: taking over %s failed (%s): making a container instead", user,
                     member, e)
-        await _forget(lxd, store, member, claimed=True)
+        # Renamed or not: what is left of it goes (never an instance of the
+        # user's name that is not the prebuilt one).
+        for name in (member, spec.name):
+            try:
+                left = await lxd.instance(name)
+                if left is not None and is_member(left):
+                    await lxd.delete_instance(name)
+            except LXDError as err:
+                log.warning("%s: could not delete it: %s", name, err)
+        await asyncio.to_thread(store.release_pool_member, member, actor=actor, claimed=True)
         return rec, None
     await asyncio.to_thread(store.release_pool_member, member, actor=actor, claimed=True)
     log.info("%s: %s took over the prebuilt %s", spec.name, user, member)

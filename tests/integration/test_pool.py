@@ -101,6 +101,12 @@ async def test_a_new_users_first_container_is_a_prebuilt_one_and_theirs_alone(
     store.add_key(user, key[1], actor="test")
     own = store.user(user)
     before = {r.instance: r.idmap_base for r in store.pool_members(SERVER)}
+    # What the site set when they were prepared and no longer does (a limit,
+    # a shared mount) is not carried over to the user.
+    for member in before:
+        await lxd.update_config(member, {"limits.memory": "512MiB"})
+        await lxd.update_devices(member, {"lxcgpu-mnt-old": {
+            "type": "disk", "source": "/srv", "path": "/old", "readonly": "true"}})
     steps: list[str] = []
     uc = await lifecycle.ensure_user_container(lxd, store, site, user, progress=steps.append,
                                                actor="test", extra_config={TEST_KEY: run_tag})
@@ -118,6 +124,7 @@ async def test_a_new_users_first_container_is_a_prebuilt_one_and_theirs_alone(
                                    extra_config={TEST_KEY: run_tag}, gpus=0).config()
     assert {k: cfg.get(k) for k in expected} == expected
     assert pool.POOL_KEY not in cfg and cfg[SSH_PORT_KEY] == str(rec.ssh_port)
+    assert "limits.memory" not in cfg and "lxcgpu-mnt-old" not in inst["devices"]
     assert json.loads(cfg["volatile.idmap.current"])[0]["Hostid"] == rec.idmap_base
     assert inst["devices"][NIC]["ipv4.address"] == uc.address == store.address(user, SERVER)
     # Inside: the user's hostname, login and keys; nothing of the pool.
