@@ -72,6 +72,10 @@ async def start(lxd: LXD, name: str, *, unit: str, login: str, argv: Sequence[st
     cmd = ["systemd-run", f"--unit={unit}", "--collect", f"--uid={login}", f"--gid={login}",
            "--property=WorkingDirectory=~", f"--property=EnvironmentFile={path}",
            "--property=KillMode=mixed", "--property=TimeoutStopSec=10",
+           # Not after basic.target: in a container just started, Jupyter's
+           # imports run while systemd boots and the network comes up.
+           "--property=DefaultDependencies=no", "--property=Conflicts=shutdown.target",
+           "--property=Before=shutdown.target",
            "--description=Jupyter for the hub", "--", *argv]
     (await lxd.execute(name, cmd, timeout=60)).check(cmd[:2])
 

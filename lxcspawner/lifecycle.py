@@ -47,6 +47,7 @@ class UserContainer:
     ssh_port: int                  # the user's port on the server (-> container:22)
     forwards: dict[int, int] = field(default_factory=dict)  # host port -> container port
     jupyter_port: int | None = None  # the first of the user's Jupyter host ports
+    online: bool = True              # its address is up (ensure_user_container's wait_network)
 
     @property
     def ssh_command(self) -> str:
@@ -345,8 +346,8 @@ def _suspended(rec, user: str) -> ContainerError:
 async def ensure_user_container(lxd: LXD, store: Store, settings: Settings, user: str,
                                 server: str | None = None, *, start: bool = True,
                                 progress: Progress | None = None, actor: str = "system",
-                                address_timeout: float = 60, **overrides: Any
-                                ) -> UserContainer:
+                                address_timeout: float = 60, wait_network: bool = True,
+                                **overrides: Any) -> UserContainer:
     """Make ``user``'s container on ``server`` (default: ``settings.server``)
     exist, carry its port maps, run and be ready for SSH with the user's keys.
 
@@ -354,7 +355,9 @@ async def ensure_user_container(lxd: LXD, store: Store, settings: Settings, user
     ``overrides`` replace any of :data:`SPEC_OVERRIDES` (``gpus`` defaults to
     the GPUs LXD sees on the server).  ``progress`` gets a short message before
     each step.  With ``start=False`` a stopped container is left stopped and
-    not provisioned.  Idempotent: a running, provisioned container is left
+    not provisioned.  With ``wait_network=False`` a container that was just
+    started is returned before its address is up (``online`` False: the
+    caller starts what needs no network meanwhile, then waits for it).  Idempotent: a running, provisioned container is left
     alone (no restart, no rewrite).
     """
     bad = set(overrides) - SPEC_OVERRIDES
@@ -364,7 +367,8 @@ async def ensure_user_container(lxd: LXD, store: Store, settings: Settings, user
     try:
         return await _ensure_user_container(lxd, store, settings, user, server, start=start,
                                             say=progress or (lambda msg: None), actor=actor,
-                                            address_timeout=address_timeout, **overrides)
+                                            address_timeout=address_timeout, wait_network=wait_network,
+                                            **overrides)
     except LXDError as e:
         toolkit = _no_toolkit(server, e)
         if toolkit is None:
@@ -375,7 +379,8 @@ async def ensure_user_container(lxd: LXD, store: Store, settings: Settings, user
 
 async def _ensure_user_container(lxd: LXD, store: Store, settings: Settings, user: str,
                                  server: str, *, start: bool, say: Progress, actor: str,
-                                 address_timeout: float, **overrides: Any) -> UserContainer:
+                                 address_timeout: float, wait_network: bool,
+                                 **overrides: Any) -> UserContainer:
     say("allocating SSH port and ids")
     rec = await asyncio.to_thread(store.ensure_user, user, actor=actor)
     if rec.suspended is not None:
@@ -446,7 +451,9 @@ async def _ensure_user_container(lxd: LXD, store: Store, settings: Settings, use
         # The address comes while the system boots; what needs no network
         # (the driver, the user's account and keys) is done meanwhile.
         network_up = None
-        if address not in state.addresses:
+        online = address in state.addresses
+        if not online and wait_network:
+            online = True
             network_up = asyncio.ensure_future(lxd.wait_for_address(
                 spec.name, timeout=address_timeout, expected=address))
         try:
@@ -462,6 +469,8 @@ async def _ensure_user_container(lxd: LXD, store: Store, settings: Settings, use
         finally:
             if network_up is not None and not network_up.done():
                 network_up.cancel()
+        return UserContainer(spec.name, server, user, spec.posix_user, address, maps.ssh_port,
+                             maps.forwards, maps.jupyter_port, online)
     return UserContainer(spec.name, server, user, spec.posix_user, address, maps.ssh_port,
                          maps.forwards, maps.jupyter_port)
 

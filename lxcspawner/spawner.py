@@ -47,8 +47,8 @@ _STEPS = {
     "restarting container to pin its address": 30,
     "starting container": 35,
     "preparing user": 55,
-    "waiting for network": 70,
-    "starting Jupyter": 85,
+    "starting Jupyter": 70,
+    "waiting for network": 80,
     "waiting for Jupyter": 92,
 }
 
@@ -356,8 +356,9 @@ class LXCSpawner(Spawner):
         return jupyter.unit_name(self.name)
 
     def _say(self, message: str) -> None:
-        progress = _STEPS.get(message) or (2 if message.startswith("queued") else
-                                           45 if "NVIDIA driver" in message else 90)
+        progress = _STEPS.get(message) or (
+            2 if message.startswith("queued") else 45 if "NVIDIA driver" in message else
+            60 if message.startswith("giving your container") else 90)
         self._events.append({"progress": progress, "message": message})
         self._marks.append((time.monotonic(), message))
         self._new_event.set()
@@ -470,7 +471,7 @@ class LXCSpawner(Spawner):
             uc = await ensure_user_container(
                 lxd, await shared.store(), settings, self.user.name, server,
                 progress=self._say, actor=f"hub:{self.user.name}",
-                address_timeout=self.address_timeout,
+                address_timeout=self.address_timeout, wait_network=False,
                 extra_config=dict(self.extra_container_config))
             if wanted is not None:
                 self._say("giving your container " + (f"GPU {', '.join(wanted)}" if wanted
@@ -500,8 +501,22 @@ class LXCSpawner(Spawner):
             self._say("starting Jupyter")
             self.ip, self.port = "0.0.0.0", inside
             env = self.get_env()
+            argv = [*self.singleuser_command, *self.get_args()]
             await jupyter.start(lxd, uc.name, unit=self._unit(), login=uc.posix_user,
-                                argv=[*self.singleuser_command, *self.get_args()], env=env)
+                                argv=argv, env=env)
+            if not uc.online:
+                # Jupyter's imports (most of its start) need no network: they
+                # ran while the container's address came up.
+                self._say("waiting for network")
+                await lxd.wait_for_address(uc.name, timeout=self.address_timeout,
+                                           expected=uc.address)
+                if not await jupyter.active(lxd, uc.name, self._unit()):
+                    # It gave up on the hub before the address came (a slow
+                    # boot, many at once): once more, with the network up.
+                    self.log.info("%s: Jupyter ended before the network was up; starting "
+                                  "it again", self._log_name)
+                    await jupyter.start(lxd, uc.name, unit=self._unit(),
+                                        login=uc.posix_user, argv=argv, env=env)
         url = f"http://{address}:{port}"
         # JupyterHub polls a started server with waits growing to seconds;
         # following it closely here lets the hub find it up at its first try.

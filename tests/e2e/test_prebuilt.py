@@ -35,7 +35,11 @@ USER = "ppl"               # after the run's tag: a researcher the lab never saw
 @pytest.fixture(scope="module")
 async def pool_hub(ldap_directory, run_tag, tmp_path_factory, lxd):
     root = tmp_path_factory.mktemp("pool-hub")
-    toml = (LXCGPU_TOML.format(store=root / "lxcgpu.sqlite", run_tag=run_tag)
+    # A prefix of its own: the session's other hubs (prefix: the run tag,
+    # no prebuilt containers) would take this hub's prebuilt ones for strays
+    # of their own site and delete them, as a keeper does.
+    prefix = f"{run_tag}p"
+    toml = (LXCGPU_TOML.format(store=root / "lxcgpu.sqlite", run_tag=prefix)
             .replace("first_id_block = 14800", f"first_id_block = {FIRST_ID_BLOCK}")
             .replace("[containers]\n", "[containers]\npool = 1\n"))
     hub = launch_hub(root, toml, ldap_settings=_ldap_settings(ldap_directory),
@@ -49,9 +53,9 @@ async def pool_hub(ldap_directory, run_tag, tmp_path_factory, lxd):
         hub.stop()
         shutil.rmtree(hub.proxy_dir, ignore_errors=True)
         for inst in await lxd.list_instances(config_key=pool.POOL_KEY):
-            if inst["name"].startswith(f"{run_tag}-pool--"):
+            if inst["name"].startswith(f"{prefix}-pool--"):
                 await lxd.delete_instance(inst["name"])
-        await lxd.delete_instance(naming.instance_name(f"{run_tag}{USER}", SERVER, run_tag))
+        await lxd.delete_instance(naming.instance_name(f"{run_tag}{USER}", SERVER, prefix))
         store.close()
 
 
@@ -80,7 +84,7 @@ async def test_a_new_researchers_first_server_is_a_prebuilt_container(
     name = f"{hub.run_tag}{USER}"
     password = secrets.token_urlsafe(12)
     ldap_directory.add_user(name, password, groups=["gpu-users"])
-    instance = naming.instance_name(name, SERVER, hub.run_tag)
+    instance = naming.instance_name(name, SERVER, f"{hub.run_tag}p")
     logs_on_failure.append(instance)
     context = await browser.new_context(viewport={"width": 1280, "height": 800},
                                         ignore_https_errors=True)
