@@ -34,9 +34,11 @@ Measured as bench/spawn.py measures, from ``POST /hub/api/users/U/server``
 until ``GET /user/U/lab`` answers 200 through the proxy; p50 of N, rounds
 alternating between the two systems (which one goes first alternates too):
 
-- a new user's first server: lxcgpu creates the container (its first start
-  shifts the rootfs into the user's id map; the bench hub, like every test
-  hub, keeps no prebuilt containers); DockerSpawner creates and starts one;
+- a new user's first server: lxcgpu takes over a prebuilt container (the
+  hub keeps one, ``[containers] pool = 1``; the bench waits, untimed, for it
+  and for its refill after), and, for users whose id blocks are fixed,
+  creates the container (its first start shifts the rootfs into the user's
+  id map); DockerSpawner creates and starts one;
 - the same user again, container stopped: lxcgpu starts it; DockerSpawner
   restarts the container it kept when the server stopped;
 - lxcgpu only: the container running, Jupyter stopped, against its floor
@@ -495,6 +497,19 @@ def free_ports(count: int) -> list[int]:
     raise RuntimeError(f"fewer than {count} free ports in {DOCKER_PORTS}")
 
 
+def spawn_steps(log: str, users: list[str]) -> dict[str, list[float]]:
+    """Each step's seconds in the spawner's "Jupyter in ... (seconds: ...)"
+    lines of these users, in the order they come."""
+    out: dict[str, list[float]] = {}
+    for line in log.splitlines():
+        user = line.split("] ", 1)[-1].split(":", 1)[0]
+        if user in users and "(seconds: " in line:
+            for part in line.rsplit("(seconds: ", 1)[1].rstrip(")").split(", "):
+                step, _, secs = part.rpartition(" ")
+                out.setdefault(step, []).append(float(secs))
+    return out
+
+
 def make_users(hub, users: list[str]) -> None:
     r = hub.api("POST", "/users", json={"usernames": users})
     if r.status_code != 201:
@@ -580,7 +595,10 @@ async def run_versus_docker(args, lxd: LXD, prefix: str, root: Path) -> None:
         site = SITE_DOCKER.format(ports=dict(zip(users, free_ports(n))), sock=daemon.sock,
                                   image=image, singleuser=SINGLEUSER)
         path = os.pathsep.join(filter(None, [str(workdir / "site"), os.environ.get("PYTHONPATH")]))
-        theirs = prepare_hub(root / "docker", prefix, site_extra=site, env={"PYTHONPATH": path})
+        # A prefix of its own: its keyportal would take the lxcgpu hub's
+        # prebuilt containers for strays of its own site and delete them.
+        theirs = prepare_hub(root / "docker", f"{prefix}d", site_extra=site,
+                             env={"PYTHONPATH": path})
         hubs.append(theirs)
         ours.start()
         await asyncio.sleep(0.01)
@@ -623,6 +641,9 @@ async def run_versus_docker(args, lxd: LXD, prefix: str, root: Path) -> None:
                 if system == "lxcgpu":
                     await prebuilt_ready()
                     prebuilt.append(await spawn(system, f"new{i}"))
+                    # The keeper's refill done before the next timed spawn:
+                    # making a container would load the machine beside it.
+                    await prebuilt_ready()
         stopped: dict[str, list] = {s: [] for s in systems}
         for i in range(n):
             for system in order(i):
@@ -662,6 +683,12 @@ async def run_versus_docker(args, lxd: LXD, prefix: str, root: Path) -> None:
         parts(prebuilt, [("start", "spawner.start()"),
                          ("up", "then until the hub saw Jupyter answer"),
                          ("proxy", "then until /lab answered through the proxy")])
+        steps = spawn_steps(ours.log_text(), [f"new{i}" for i in range(n)])
+        print("    spawner.start()'s steps, p50: " + ", ".join(
+            f"{k} {med(v):.2f}" for k, v in steps.items()))
+        for line in ours.log_text().splitlines():
+            if "making a container instead" in line:
+                print(f"    a takeover failed: {line.split('] ', 1)[-1]}")
         for kind, rows in (("first", first), ("stopped", stopped)):
             for system in systems:
                 report(f"{kind} {system}", rows[system])
