@@ -143,6 +143,15 @@ def addr(lab, user: str) -> str:
     return lab[user].nic["ipv4.address"]
 
 
+async def free_address(lxd, bridge: network.Bridge) -> str:
+    """A static address of the bridge that no instance (of any project, of
+    any test or site on this LXD) has pinned: nothing answers there but the
+    container that takes it in a test."""
+    taken = {network.assigned_ipv4(i, {bridge.name: bridge})
+             for i in await lxd.list_instances(all_projects=True)}
+    return next(x for x in reversed(list(bridge.static_addresses())) if x not in taken)
+
+
 @pytest.fixture(scope="module")
 def bridge(pinned_nics) -> network.Bridge:
     return pinned_nics.bridge
@@ -197,8 +206,7 @@ async def test_a_second_address_is_useless(nat_project, lab, gw, bridge):
     it leaves, and the host cannot reach her there (MAC and IP filtering).
     carol, unfiltered, does the same and both work: what lxcgpu prevents."""
     listener = Listener(gw, hub_api_ports_for_tests()[-1])
-    taken = {addr(lab, u) for u in lab}
-    extra = next(x for x in reversed(list(bridge.static_addresses())) if x not in taken)
+    extra = await free_address(nat_project, bridge)
     try:
         for user, expect_ok in (("alice", False), ("carol", True)):
             name = lab[user].name
@@ -224,8 +232,7 @@ async def test_changing_its_address_moves_no_rule(nat_project, lab, node_agent, 
     maps to the address lxcgpu pinned (where nothing answers now), never
     to where she went, even after LXD events and a full reconcile."""
     a, mine = lab["alice"].name, addr(lab, "alice")
-    other = next(x for x in reversed(list(bridge.static_addresses()))
-                 if x not in {addr(lab, u) for u in lab})
+    other = await free_address(nat_project, bridge)
     await root_sh(nat_project, a, f"ip addr flush dev eth0; ip addr add {other}/24 dev eth0; "
                   f"ip route replace default via {gw}")
     try:
