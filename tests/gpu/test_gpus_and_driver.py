@@ -1,6 +1,7 @@
 """On a lent machine with NVIDIA GPUs and LXD: what lxcgpu reads from LXD's
 /1.0/resources agrees with NVML (the GPUs, their order, UUIDs and the
-driver version the installer mode would install).  Elsewhere it skips,
+driver version the installer mode would install), and so does the node
+agent's collector, which the installer mode asks first.  Elsewhere it skips,
 saying why.  Run: ``.venv/bin/python -m pytest -s tests/gpu/``."""
 
 from __future__ import annotations
@@ -44,3 +45,19 @@ def test_lxd_and_nvml_agree(nvml, resources):
         assert bus.endswith(g.pci_address[-12:]), (g.index, bus, g.pci_address)
         if g.uuid:                    # LXD has UUIDs with NVIDIA's container toolkit
             assert g.uuid == _text(nvml.nvmlDeviceGetUUID(h))
+
+
+async def test_the_node_agent_and_lxd_give_the_installer_mode_one_version(nvml, resources):
+    """driver_sync "installer" takes the host's version from the node agent
+    (its collector's NVML reading) where it answers, else from LXD: on a real
+    GPU server both are the kernel module's version."""
+    from monitor.collector import Collector
+
+    c = Collector("gpu-test", process_interval=2)
+    try:
+        doc = await c.sample()
+    finally:
+        c.close()
+    lxd_version = gpus.host_driver_version(gpus.parse_resources(resources))
+    print(f"driver: the agent's collector {doc['gpus']['driver']}, LXD {lxd_version}")
+    assert doc["gpus"]["driver"] == lxd_version == _text(nvml.nvmlSystemGetDriverVersion())
