@@ -98,15 +98,15 @@ def member_config(settings: "Settings", server: str, idmap_base: int,
     return config, devices
 
 
-async def make_member(lxd: LXD, store: "Store", settings: "Settings", server: str) -> str:
-    """Make one prebuilt container on ``server``: reserve a block, create it
-    from the template, start it once (shifting its files, booting it for the
-    first time), stop it, mark it ready.  Its name; on failure nothing of it
-    is left."""
-    image = await lxd.image_by_alias(settings.image)
+async def make_member(lxd: LXD, store: "Store", settings: "Settings", server: str,
+                      fingerprint: str | None) -> str:
+    """Make one prebuilt container on ``server`` from the template (whose
+    image is ``fingerprint`` now): reserve a block, create it, start it once
+    (shifting its files, booting it for the first time), stop it, mark it
+    ready.  Its name; on failure nothing of it is left."""
     name = member_name(server, settings.instance_prefix)
     base = await asyncio.to_thread(store.reserve_pool_block, server, name, actor=ACTOR,
-                                   image=image.get("fingerprint"))
+                                   image=fingerprint)
     config, devices = member_config(settings, server, base, await lxd.gpu_count())
     try:
         await lxd.create_instance(name, image_alias=settings.image, config=config,
@@ -132,15 +132,22 @@ async def make_member(lxd: LXD, store: "Store", settings: "Settings", server: st
     return name
 
 
-async def _forget(lxd: LXD, store: "Store", name: str, *, claimed: bool = False) -> None:
-    """Delete a prebuilt container and its row (each as far as it exists)."""
+async def _delete_member(lxd: LXD, name: str) -> None:
+    """Delete the instance ``name`` if it is a prebuilt container (never
+    anything else of that name); a failure is logged."""
     try:
         inst = await lxd.instance(name)
         if inst is not None and is_member(inst):
             await lxd.delete_instance(name)
     except LXDError as e:
         log.warning("%s: could not delete it: %s", name, e)
-    await asyncio.to_thread(store.release_pool_member, name, actor=ACTOR, claimed=claimed)
+
+
+async def _forget(lxd: LXD, store: "Store", name: str, *, actor: str = ACTOR,
+                  claimed: bool = False) -> None:
+    """Delete a prebuilt container and its row (each as far as it exists)."""
+    await _delete_member(lxd, name)
+    await asyncio.to_thread(store.release_pool_member, name, actor=actor, claimed=claimed)
 
 
 async def claim(lxd: LXD, store: "Store", settings: "Settings", user: str, server: str, *,
@@ -183,14 +190,8 @@ async def claim(lxd: LXD, store: "Store", settings: "Settings", user: str, serve
                     member, e)
         # Renamed or not: what is left of it goes (never an instance of the
         # user's name that is not the prebuilt one).
-        for name in (member, spec.name):
-            try:
-                left = await lxd.instance(name)
-                if left is not None and is_member(left):
-                    await lxd.delete_instance(name)
-            except LXDError as err:
-                log.warning("%s: could not delete it: %s", name, err)
-        await asyncio.to_thread(store.release_pool_member, member, actor=actor, claimed=True)
+        await _delete_member(lxd, spec.name)
+        await _forget(lxd, store, member, actor=actor, claimed=True)
         return rec, None
     await asyncio.to_thread(store.release_pool_member, member, actor=actor, claimed=True)
     log.info("%s: %s took over the prebuilt %s", spec.name, user, member)
@@ -268,7 +269,7 @@ async def tend(lxd: LXD, store: "Store", settings: "Settings", server: str, *,
             log.warning("%s: could not delete %s: %s", server, name, e)
     for _ in range(size - len(keep)):
         try:
-            await make_member(lxd, store, settings, server)
+            await make_member(lxd, store, settings, server, fingerprint)
             done["made"] += 1
         except LXDError as e:
             done["failed"] += 1

@@ -19,7 +19,7 @@ import pytest
 from playwright.async_api import expect
 
 from lxcspawner import naming
-from tests.fixtures.browser import RECORD_PROGRESS, log_in
+from tests.fixtures.browser import log_in, recording_page
 
 pytestmark = [pytest.mark.lxd, pytest.mark.ldap]
 
@@ -56,12 +56,7 @@ async def test_login_spawn_and_run_code_in_jupyterlab(hub, lxd, browser, artifac
 
     # The hub's certificate comes from its own generated CA, which this
     # browser profile is not given (tests/integration checks it with that CA).
-    context = await browser.new_context(viewport={"width": 1280, "height": 800},
-                                        ignore_https_errors=True)
-    page = await context.new_page()
-    progress: list[tuple[str, int]] = []
-    await page.expose_function("lxcgpuProgress", lambda msg, pct: progress.append((msg, pct)))
-    await page.add_init_script(RECORD_PROGRESS)
+    context, page, progress = await recording_page(browser)
     try:
         # Log in on the hub's own form.
         await log_in(page, hub, name, password)

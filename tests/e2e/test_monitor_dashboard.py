@@ -39,7 +39,7 @@ from playwright.async_api import expect
 from lxcspawner import naming
 from lxcspawner.container import start_container
 from lxcspawner import driversync
-from tests.fixtures.browser import RECORD_PROGRESS, log_in
+from tests.fixtures.browser import log_in, recording_page
 from tests.fixtures.fake_nvidia import write_installer
 from tests.fixtures.hub import _ldap_settings, free_port, launch_hub
 from tests.fixtures.lxd import TEST_KEY
@@ -287,12 +287,7 @@ async def test_a_spawn_puts_the_hosts_driver_in_the_container_and_says_so(
     hub = monitor_site["hub"]
     user = "bob"
     name = naming.instance_name(user, "node1", hub.run_tag)
-    context = await browser.new_context(viewport={"width": 1280, "height": 900},
-                                        ignore_https_errors=True)
-    page = await context.new_page()
-    progress: list[tuple[str, int]] = []
-    await page.expose_function("lxcgpuProgress", lambda msg, pct: progress.append((msg, pct)))
-    await page.add_init_script(RECORD_PROGRESS)
+    context, page, progress = await recording_page(browser, height=900)
     try:
         await log_in(page, hub, user, ldap_directory.passwords[user])
         await page.goto(f"{hub.url}/hub/spawn")

@@ -21,7 +21,7 @@ from playwright.async_api import expect
 
 from lxcspawner import naming, pool
 from lxcspawner.store import Store
-from tests.fixtures.browser import RECORD_PROGRESS, log_in
+from tests.fixtures.browser import log_in, recording_page
 from tests.fixtures.hub import LXCGPU_TOML, TEST_SERVICE, _ldap_settings, launch_hub
 from tests.fixtures.lxd import TEST_KEY
 
@@ -86,12 +86,7 @@ async def test_a_new_researchers_first_server_is_a_prebuilt_container(
     ldap_directory.add_user(name, password, groups=["gpu-users"])
     instance = naming.instance_name(name, SERVER, f"{hub.run_tag}p")
     logs_on_failure.append(instance)
-    context = await browser.new_context(viewport={"width": 1280, "height": 800},
-                                        ignore_https_errors=True)
-    page = await context.new_page()
-    progress: list[tuple[str, int]] = []
-    await page.expose_function("lxcgpuProgress", lambda msg, pct: progress.append((msg, pct)))
-    await page.add_init_script(RECORD_PROGRESS)
+    context, page, progress = await recording_page(browser)
     try:
         started = time.monotonic()
         await log_in(page, hub, name, password)

@@ -198,7 +198,8 @@ def test_jupyter_ports_exhausted(make_store, db_url):
     assert store.user("c").jupyter_port is None
 
 
-def test_an_older_store_keeps_its_users_and_gains_jupyter_ports(tmp_path):
+def older_store_with_alice(tmp_path, revision: str) -> None:
+    """A store file at an older schema ``revision``, with alice in it."""
     from alembic import command
     from alembic.config import Config
     from lxcspawner.store import MIGRATIONS
@@ -208,11 +209,15 @@ def test_an_older_store_keeps_its_users_and_gains_jupyter_ports(tmp_path):
         cfg.set_main_option("script_location", str(MIGRATIONS))
         cfg.set_main_option("path_separator", "os")
         cfg.attributes["connection"] = conn
-        command.upgrade(cfg, "0003_suspended")
+        command.upgrade(cfg, revision)
         conn.execute(sqlalchemy.text(
             "INSERT INTO users (name, ssh_port, idmap_base, created) "
             "VALUES ('alice', 22007, 1065536, '2026-12-01 10:00:00')"))
     store.close()
+
+
+def test_an_older_store_keeps_its_users_and_gains_jupyter_ports(tmp_path):
+    older_store_with_alice(tmp_path, "0003_suspended")
     with Store(url(tmp_path), subuid_file=str(tmp_path / "none")) as new:
         rec = new.user("alice")
         assert (rec.ssh_port, rec.idmap_base, rec.jupyter_port) == (22007, 1065536, None)
@@ -274,20 +279,7 @@ def test_a_user_whose_block_is_on_disk_keeps_it(store):
 def test_an_older_store_keeps_its_users_blocks(tmp_path):
     """Users from before prebuilt containers count as having their block on
     disk: none of them is ever given another."""
-    from alembic import command
-    from alembic.config import Config
-    from lxcspawner.store import MIGRATIONS
-    store = Store(url(tmp_path), upgrade=False, subuid_file=str(tmp_path / "none"))
-    with store._writer.begin() as conn:
-        cfg = Config()
-        cfg.set_main_option("script_location", str(MIGRATIONS))
-        cfg.set_main_option("path_separator", "os")
-        cfg.attributes["connection"] = conn
-        command.upgrade(cfg, "0004_jupyter_port")
-        conn.execute(sqlalchemy.text(
-            "INSERT INTO users (name, ssh_port, idmap_base, created) "
-            "VALUES ('alice', 22007, 1065536, '2026-12-01 10:00:00')"))
-    store.close()
+    older_store_with_alice(tmp_path, "0004_jupyter_port")
     with Store(url(tmp_path), subuid_file=str(tmp_path / "none")) as new:
         assert new.user("alice").idmap_used
         assert not new.ensure_user("bob").idmap_used
