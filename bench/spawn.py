@@ -296,7 +296,8 @@ async def floor(lxd: LXD, name: str, user: str, login: str, argv: list[str],
         await lxd.start(name)
         await lxd.wait_for_address(name)
     t1 = time.perf_counter()
-    await jupyter.start(lxd, name, unit=jupyter.UNIT, login=login, argv=argv, env=env)
+    await jupyter.start(lxd, name, unit=jupyter.UNIT, login=login, argv=argv, env=env,
+                        booted_now=warm)
     t2 = time.perf_counter()
     addr = (await lxd.state(name)).ipv4
     t3 = await asyncio.to_thread(wait_http, f"http://{addr}:8888/user/{user}/api")

@@ -27,6 +27,8 @@ UNIT = "lxcgpu-jupyter"
 HUB_CA = "/usr/local/share/ca-certificates/lxcgpu-hub.crt"
 CA_MAX = 64 * 1024
 ENV_DIR = "/run/lxcgpu"
+# How long a container's systemd may take to listen after its start.
+BUS_WAIT = 30
 PATH = "/opt/jupyter/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -61,14 +63,24 @@ def env_file(env: Mapping[str, str]) -> str:
 
 
 async def start(lxd: LXD, name: str, *, unit: str, login: str, argv: Sequence[str],
-                env: Mapping[str, str]) -> None:
-    """(Re)start ``argv`` as ``login`` in the unit, with ``env``."""
+                env: Mapping[str, str], booted_now: bool = False) -> None:
+    """(Re)start ``argv`` as ``login`` in the unit, with ``env``.
+    ``booted_now``: the container was started just now, so no unit of an
+    earlier start can be there."""
     path = f"{ENV_DIR}/{unit}.env"
-    await lxd.make_dir(name, ENV_DIR, mode=0o700)
-    await lxd.put_file(name, path, env_file(env), mode=0o600)
-    # A unit left from an earlier start (the hub lost track of it); a failed
-    # one is gone already (--collect).
-    await lxd.execute(name, ["systemctl", "stop", unit], timeout=60)
+
+    async def write_env():
+        await lxd.make_dir(name, ENV_DIR, mode=0o700)
+        await lxd.put_file(name, path, env_file(env), mode=0o600)
+
+    if booted_now:
+        await write_env()
+    else:
+        # A unit left from an earlier start (the hub lost track of it); a
+        # failed one is gone already (--collect).  The file is read when
+        # the new unit starts, so it is written meanwhile.
+        await asyncio.gather(write_env(),
+                             lxd.execute(name, ["systemctl", "stop", unit], timeout=60))
     cmd = ["systemd-run", f"--unit={unit}", "--collect", f"--uid={login}", f"--gid={login}",
            "--property=WorkingDirectory=~", f"--property=EnvironmentFile={path}",
            "--property=KillMode=mixed", "--property=TimeoutStopSec=10",
@@ -77,7 +89,16 @@ async def start(lxd: LXD, name: str, *, unit: str, login: str, argv: Sequence[st
            "--property=DefaultDependencies=no", "--property=Conflicts=shutdown.target",
            "--property=Before=shutdown.target",
            "--description=Jupyter for the hub", "--", *argv]
-    (await lxd.execute(name, cmd, timeout=60)).check(cmd[:2])
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + BUS_WAIT
+    while True:
+        res = await lxd.execute(name, cmd, timeout=60)
+        # In a container started a moment ago systemd may not listen yet.
+        if res.returncode == 0 or "Failed to connect to bus" not in res.stderr \
+                or loop.time() > deadline:
+            break
+        await asyncio.sleep(0.05)
+    res.check(cmd[:2])
 
 
 async def trust_hub_ca(lxd: LXD, name: str, pem: str) -> bool:

@@ -91,11 +91,18 @@ async def _wanted_ports(store: Store, user: str, server: str) -> PortMaps:
     return maps
 
 
-async def _write_port_maps(lxd: LXD, name: str, config: dict, maps: PortMaps) -> bool:
+def _port_changes(name: str, config: Mapping[str, str], maps: PortMaps) -> dict:
+    """The config changes that give the container ``maps`` (logged)."""
     changes = config_changes(config, maps.ssh_port, maps.forwards,
                              jupyter_maps(maps.jupyter_port))
     if changes:
         log.info("port maps of %s: %s", name, changes)
+    return changes
+
+
+async def _write_port_maps(lxd: LXD, name: str, config: dict, maps: PortMaps) -> bool:
+    changes = _port_changes(name, config, maps)
+    if changes:
         await lxd.update_config(name, changes)
     return bool(changes)
 
@@ -336,6 +343,23 @@ async def delete_user_container(lxd: LXD, store: Store, user: str, server: str, 
     return inst is not None
 
 
+async def runs_already(lxd: LXD, store: Store, user: str, server: str, *,
+                       prefix: str = "") -> bool:
+    """Whether ``user`` has a record, is not suspended, and their container
+    on ``server`` exists, is theirs (its owner key) and runs: what starting
+    a process of theirs in it at once needs, before
+    :func:`ensure_user_container` has checked and provisioned the rest."""
+    rec, inst = await asyncio.gather(asyncio.to_thread(store.get_user, user),
+                                     lxd.instance(naming.instance_name(user, server, prefix)))
+    if rec is None or rec.suspended is not None or inst is None:
+        return False
+    try:
+        check_owner(inst, user)
+    except ContainerError:
+        return False
+    return str(inst.get("status", "")).lower() == "running"
+
+
 def _suspended(rec, user: str) -> ContainerError:
     return ContainerError(f"{user}'s account is suspended (no longer in the lab's groups, "
                           f"since {rec.suspended:%Y-%m-%d %H:%M} UTC): their containers "
@@ -382,11 +406,14 @@ async def _ensure_user_container(lxd: LXD, store: Store, settings: Settings, use
                                  address_timeout: float, wait_network: bool,
                                  **overrides: Any) -> UserContainer:
     say("allocating SSH port and ids")
-    rec = await asyncio.to_thread(store.ensure_user, user, actor=actor)
+    # The user's record and their instance, read at once.
+    rec, inst = await asyncio.gather(
+        asyncio.to_thread(store.ensure_user, user, actor=actor),
+        lxd.instance(naming.instance_name(
+            user, server, overrides.get("prefix", settings.instance_prefix))))
     if rec.suspended is not None:
         raise _suspended(rec, user)
     spec = settings.container_spec(user, rec.idmap_base, server=server, **overrides)
-    inst = await lxd.instance(spec.name)
     if inst is not None:
         check_owner(inst, user)
         if await half_made(lxd, inst):
@@ -426,23 +453,28 @@ async def _ensure_user_container(lxd: LXD, store: Store, settings: Settings, use
         inst = await ensure_container(lxd, spec)
     address = nic["ipv4.address"]
 
+    maps, state = await asyncio.gather(_wanted_ports(store, user, server),
+                                       lxd.state(spec.name))
     restart = False
+    nic_change = {}
     if (inst.get("devices") or {}).get(network.NIC) != nic:
         # A container made before lxcgpu pinned addresses (or on a renumbered
         # bridge): its NIC changes once, stopped, so it takes the address.
-        if (await lxd.state(spec.name)).running:
+        if state.running:
             say("restarting container to pin its address")
             log.info("%s: restarting it to pin its address %s", spec.name, address)
             await lxd.stop(spec.name)
+            state = await lxd.state(spec.name)
             restart = True
-        await lxd.update_devices(spec.name, {network.NIC: nic})
-
-    # Before the start, so the node agent maps the ports on the start event.
-    maps = await _wanted_ports(store, user, server)
-    await _write_port_maps(lxd, spec.name, inst.get("config") or {}, maps)
+        nic_change = {network.NIC: nic}
+    # The port maps before the start, so the node agent maps the ports on
+    # the start event; with the NIC in one change.
+    port_changes = _port_changes(spec.name, inst.get("config") or {}, maps)
+    if port_changes or nic_change:
+        await lxd.update_instance(spec.name, config=port_changes or None,
+                                  devices=nic_change or None)
 
     if start or restart:
-        state = await lxd.state(spec.name)
         if not state.running:
             await _runtime_setting(lxd, spec, inst)
             await _gpu_devices(lxd, spec.name, inst, server)

@@ -549,6 +549,13 @@ class LXD:
         """Set (or, with None, remove) the instance's own devices in one PUT."""
         await self._update(name, devices=changes, what=f"update devices of {name}")
 
+    async def update_instance(self, name: str, *,
+                              config: Mapping[str, str | None] | None = None,
+                              devices: Mapping[str, Mapping[str, str] | None] | None = None
+                              ) -> None:
+        """Config keys and devices set (None: removed) in one PUT."""
+        await self._update(name, config=config, devices=devices, what=f"update {name}")
+
     async def _update(self, name: str, *, config: Mapping[str, str | None] | None = None,
                       devices: Mapping[str, Mapping[str, str] | None] | None = None,
                       what: str) -> None:

@@ -56,10 +56,13 @@ PLACEHOLDER_USER = "prebuilt"
 OWNER_KEYS = tuple(f"{KEY_PREFIX}{k}" for k in ("owner", "server", "posix-user"))
 ACTOR = "pool"
 #: Run once in a prebuilt container: Jupyter's imports and JupyterLab's
-#: static files, read into the page cache (its files are its own).
+#: static files, and what makes the account (provision.NEW_ACCOUNT), read
+#: into the page cache (its files are its own).
 WARM_UP = ["sh", "-c", "/opt/jupyter/bin/python3 -c 'import jupyter_server.serverapp, "
            "jupyterlab.labapp, jupyterhub.singleuser' && "
-           "find /opt/jupyter/share/jupyter/lab -type f -exec cat {} + >/dev/null"]
+           "find /opt/jupyter/share/jupyter/lab -type f -exec cat {} + >/dev/null && "
+           "/usr/bin/python3 -I -c 'import os, pwd, socket, stat, subprocess' && "
+           "useradd --help >/dev/null"]
 #: A prebuilt container still being made after this long was left by a crash.
 STALE_MAKING = timedelta(minutes=30)
 #: A takeover still marked after this long was interrupted (its row is forgotten).
@@ -181,8 +184,7 @@ async def claim(lxd: LXD, store: "Store", settings: "Settings", user: str, serve
             k: None for k in inst.get("config") or {}
             if k not in config and not k.startswith(("volatile.", "image."))}
         changes.update(config)
-        await lxd.update_config(spec.name, changes)
-        await lxd.update_devices(spec.name, {
+        await lxd.update_instance(spec.name, config=changes, devices={
             **{k: None for k in inst.get("devices") or {}
                if k not in devices and k != network.NIC}, **devices})
     except LXDError as e:

@@ -13,6 +13,7 @@ so a push that failed is made again then.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass
 from typing import Iterable, Sequence
@@ -67,6 +68,66 @@ except OSError as e:
     where = (" (" + e.filename + ")") if e.filename else ""
     sys.stderr.write(e.strerror + where + "\n")
     sys.exit(3)
+"""
+
+
+# Run inside the container as root, for a login that has neither an account
+# nor a home there yet (a new user's first start): the whole provisioning in
+# one exec instead of a dozen calls.  Arguments: the login, the hostname,
+# the number of files, then path, octal mode and text of each (written to a
+# new file renamed over the old one: a link there is replaced, never
+# followed), then the key lines.  useradd makes the account; the keys are
+# written by a child that has become the user, running KEYS_WRITER as such.
+# Prints the account as "uid gid home".
+NEW_ACCOUNT = f"KEYS_WRITER_CODE = {KEYS_WRITER!r}\n" + r"""
+import os, pwd, socket, subprocess, sys
+login, hostname, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+files = [sys.argv[4 + 3 * i: 7 + 3 * i] for i in range(n)]
+keys = sys.argv[4 + 3 * n:]
+res = subprocess.run(["useradd", "--create-home", "--shell", "/bin/bash", "--user-group",
+                      "--comment", "lxcgpu user", "--", login],
+                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+if res.returncode != 0:
+    sys.stderr.write("useradd: " + res.stdout.strip()[-300:] + "\n")
+    sys.exit(4)
+pw = pwd.getpwnam(login)
+if pw.pw_uid < 1000:
+    sys.stderr.write("%s got the system uid %d\n" % (login, pw.pw_uid))
+    sys.exit(5)
+for path, mode, text in files:
+    tmp = path + ".lxcgpu-new"
+    try:
+        os.unlink(tmp)
+    except FileNotFoundError:
+        pass
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, int(mode, 8))
+    with os.fdopen(fd, "w") as f:
+        os.fchmod(f.fileno(), int(mode, 8))
+        f.write(text)
+    os.rename(tmp, path)
+socket.sethostname(hostname)
+sys.stdout.flush()
+pid = os.fork()
+if pid == 0:
+    try:
+        os.setgroups([])
+        os.setgid(pw.pw_gid)
+        os.setuid(pw.pw_uid)
+        sys.argv = ["-", pw.pw_dir, *keys]
+        code = 0
+        exec(KEYS_WRITER_CODE)
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    except BaseException as e:
+        sys.stderr.write("%s\n" % e)
+        code = 3
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+status = os.waitpid(pid, 0)[1]
+if status != 0:
+    sys.exit(os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 3)
+print(pw.pw_uid, pw.pw_gid, pw.pw_dir)
 """
 
 
@@ -174,11 +235,15 @@ async def _own_fresh_home(lxd: LXD, name: str, acct: Account) -> None:
     (await lxd.execute(name, argv, user=acct.uid, group=acct.gid)).check(argv)
 
 
-async def ensure_account(lxd: LXD, name: str, login: str) -> tuple[Account, bool]:
-    """The login account inside, created if missing; (account, created)."""
+async def ensure_account(lxd: LXD, name: str, login: str, *,
+                         passwd: str | None = None) -> tuple[Account, bool]:
+    """The login account inside, created if missing; (account, created).
+    ``passwd``: the container's /etc/passwd, read just now."""
     if not naming.is_valid_posix_name(login) or login in naming.RESERVED_POSIX:
         raise ProvisionError(f"refusing to provision login {login!r}")
-    accounts = parse_passwd(await _read(lxd, name, "/etc/passwd") or "")
+    if passwd is None:
+        passwd = await _read(lxd, name, "/etc/passwd")
+    accounts = parse_passwd(passwd or "")
     acct = accounts.get(login)
     if acct is None:
         argv = ["useradd", "--create-home", "--shell", "/bin/bash", "--user-group",
@@ -207,29 +272,75 @@ async def ensure_account(lxd: LXD, name: str, login: str) -> tuple[Account, bool
     return acct, created
 
 
+def _sudoers(login: str) -> str:
+    return f"# managed by lxcgpu\n{login} ALL=(ALL:ALL) NOPASSWD: ALL\n"
+
+
+async def _new_account(lxd: LXD, name: str, login: str, keys_text: str, hostname: str,
+                       hosts: str) -> Account:
+    """Provision a login that has neither account nor home in the container
+    yet, in one exec (NEW_ACCOUNT); a failure is a ProvisionError that says
+    what failed."""
+    files = [(SUDOERS_PATH, "440", _sudoers(login)), ("/etc/hostname", "644", f"{hostname}\n"),
+             ("/etc/hosts", "644", hosts_text(hosts, hostname))]
+    argv = [PYTHON, "-I", "-c", NEW_ACCOUNT, login, hostname, str(len(files)),
+            *(x for f in files for x in f), *keys_text.splitlines()]
+    what = f"The account of {login} could not be made in container {name}"
+    try:
+        res = await lxd.execute(name, argv, timeout=60)
+    except LXDError as e:
+        if "Command not found" not in str(e):
+            raise ProvisionError(f"{what}: {e}") from e
+        res = None
+    if res is None or res.returncode in (126, 127):
+        raise ProvisionError(f"{what}: {PYTHON} is missing or broken there (reinstall it "
+                             "with `sudo apt-get install python3` in the container).")
+    if res.returncode != 0:
+        reason = (res.stderr or res.stdout).strip().splitlines()
+        raise ProvisionError(f"{what}: {reason[-1][:300] if reason else f'exit {res.returncode}'}"
+                             ". It is tried again at the next start.")
+    out = res.stdout.strip().splitlines()
+    for line in out[:-1]:
+        log.warning("%s: %s", name, line[:300])
+    try:
+        uid, gid, home = out[-1].split(" ", 2)
+        return Account(login, int(uid), int(gid), home)
+    except (IndexError, ValueError):
+        raise ProvisionError(f"{what}: it said {res.stdout.strip()[-200:]!r}") from None
+
+
 async def provision(lxd: LXD, name: str, *, login: str, keys: Sequence[str],
                     hostname: str) -> Account:
     """Make the container ready for ``login``: account, passwordless sudo,
     exactly ``keys`` in ``~/.ssh/authorized_keys``, and ``hostname``.
 
-    Idempotent; invalid keys raise ValueError before anything is written."""
+    A login with neither account nor home there yet (a new user's first
+    start) is provisioned in one exec; otherwise each part is read first
+    (concurrently) and written only where it differs.  Idempotent; invalid
+    keys raise ValueError before anything is written."""
     keys_text = authorized_keys_text(keys)
     if not naming.is_valid_lxd_name(hostname):
         raise ValueError(f"invalid hostname {hostname!r}")
+    if not naming.is_valid_posix_name(login) or login in naming.RESERVED_POSIX:
+        raise ProvisionError(f"refusing to provision login {login!r}")
+    passwd, home, hosts, current_hostname, sudoers = await asyncio.gather(
+        _read(lxd, name, "/etc/passwd"), lxd.file_entry(name, f"/home/{login}"),
+        _read(lxd, name, "/etc/hosts"), _read(lxd, name, "/etc/hostname"),
+        _read(lxd, name, SUDOERS_PATH))
+    if login not in parse_passwd(passwd or "") and home is None:
+        return await _new_account(lxd, name, login, keys_text, hostname, hosts or "")
 
-    acct, _ = await ensure_account(lxd, name, login)
+    acct, _ = await ensure_account(lxd, name, login, passwd=passwd)
 
-    sudoers = f"# managed by lxcgpu\n{login} ALL=(ALL:ALL) NOPASSWD: ALL\n"
-    if await _read(lxd, name, SUDOERS_PATH) != sudoers:
-        await lxd.put_file(name, SUDOERS_PATH, sudoers, mode=0o440)
+    if sudoers != _sudoers(login):
+        await lxd.put_file(name, SUDOERS_PATH, _sudoers(login), mode=0o440)
 
     if not await _keys_in_place(lxd, name, acct, keys_text):
         await write_keys(lxd, name, acct, keys_text)
 
-    if (await _read(lxd, name, "/etc/hostname") or "").strip() != hostname:
+    if (current_hostname or "").strip() != hostname:
         await lxd.put_file(name, "/etc/hostname", f"{hostname}\n")
-        hosts = await _read(lxd, name, "/etc/hosts") or ""
-        await lxd.put_file(name, "/etc/hosts", hosts_text(hosts, hostname))
+        await lxd.put_file(name, "/etc/hosts", hosts_text(hosts or "", hostname))
         argv = ["hostname", "--", hostname]
         (await lxd.execute(name, argv)).check(argv)
     return acct

@@ -29,8 +29,8 @@ from tornado import web
 from traitlets import Any as AnyTrait
 from traitlets import Bool, Dict, Integer, List, TraitError, Unicode, default, validate
 
-from . import gpus, jupyter
-from .lifecycle import ensure_user_container, set_user_gpus
+from . import gpus, jupyter, naming
+from .lifecycle import ensure_user_container, runs_already, set_user_gpus
 from .container import ContainerError
 from .lxd import LXD, LXDError, is_outage
 from .portmap import jupyter_host_port
@@ -449,6 +449,41 @@ class LXCSpawner(Spawner):
                                  "hub's certificate authority cannot be read); please tell "
                                  "your administrator.") from None
 
+    async def _start_early(self, lxd: LXD, store: Store, server: str, env: dict,
+                           argv: list[str]) -> bool:
+        """Start Jupyter in the user's container on ``server`` at once if it
+        runs already, is theirs and they may use it (lifecycle.runs_already);
+        whether it did.  Anything in the way (the login missing, LXD busy)
+        leaves it to the usual start after the checks."""
+        name = naming.instance_name(self.user.name, server, self._settings.instance_prefix)
+        try:
+            if not await runs_already(lxd, store, self.user.name, server,
+                                      prefix=self._settings.instance_prefix):
+                return False
+            await jupyter.start(lxd, name, unit=self._unit(),
+                                login=naming.posix_name(self.user.name), argv=argv, env=env)
+            self.log.info("%s: Jupyter started in %s before the checks", self._log_name, name)
+            return True
+        except (LXDError, ContainerError, OSError) as e:
+            self.log.info("%s: Jupyter not started before the checks: %s", self._log_name, e)
+            return False
+
+    async def _undo_early(self, early: asyncio.Future, lxd: LXD, server: str) -> None:
+        """The checks failed (or the start was cancelled): a Jupyter started
+        early (or perhaps started: its start was cut off) is stopped again."""
+        if not early.done():
+            early.cancel()
+        try:
+            started = await early
+        except (asyncio.CancelledError, Exception):  # noqa: BLE001 - undone either way
+            started = True
+        if started:
+            self.log.info("%s: a check failed: the Jupyter started before it is stopped",
+                          self._log_name)
+            name = naming.instance_name(self.user.name, server, self._settings.instance_prefix)
+            with contextlib.suppress(LXDError):
+                await jupyter.stop(lxd, name, self._unit())
+
     async def _start(self):
         server = self.gpu_server()
         gpu = self._settings.gpu_server(server)
@@ -467,12 +502,29 @@ class LXCSpawner(Spawner):
                 gpus.choose((await lxd.gpus())[1], wanted, server)
             except gpus.GPUChoiceError as e:
                 raise ContainerError(str(e)) from None
+        if self._hub_connect_default is _UNSET:
+            self._hub_connect_default = self.hub_connect_url
+        self.ip, self.port = "0.0.0.0", inside
         async with self._turn(shared, server):
-            uc = await ensure_user_container(
-                lxd, await shared.store(), settings, self.user.name, server,
-                progress=self._say, actor=f"hub:{self.user.name}",
-                address_timeout=self.address_timeout, wait_network=False,
-                extra_config=dict(self.extra_container_config))
+            early = None
+            try:
+                if not gpu.remote:
+                    # Where the user's container runs already, Jupyter starts
+                    # at once, while the checks and provisioning below run.
+                    self.hub_connect_url = self._hub_connect_default
+                    early = asyncio.ensure_future(self._start_early(
+                        lxd, await shared.store(), server, self.get_env(),
+                        [*self.singleuser_command, *self.get_args()]))
+                uc = await ensure_user_container(
+                    lxd, await shared.store(), settings, self.user.name, server,
+                    progress=self._say, actor=f"hub:{self.user.name}",
+                    address_timeout=self.address_timeout, wait_network=False,
+                    extra_config=dict(self.extra_container_config))
+                started_early = early is not None and await early
+            except BaseException:
+                if early is not None:
+                    await self._undo_early(early, lxd, server)
+                raise
             if wanted is not None:
                 self._say("giving your container " + (f"GPU {', '.join(wanted)}" if wanted
                                                       else "every GPU of the server"))
@@ -481,8 +533,6 @@ class LXCSpawner(Spawner):
                 await asyncio.to_thread((await shared.store()).audit, f"hub:{self.user.name}",
                                         "container.gpus", self.user.name,
                                         {"server": server, "gpus": wanted or "all"})
-            if self._hub_connect_default is _UNSET:
-                self._hub_connect_default = self.hub_connect_url
             if gpu.remote:
                 if uc.jupyter_port is None:
                     raise ContainerError(f"Jupyter on {server} needs a Jupyter port for you, "
@@ -495,37 +545,49 @@ class LXCSpawner(Spawner):
                     await jupyter.trust_hub_ca(lxd, uc.name, hub_ca)
             else:
                 address, port = uc.address, inside
-                self.hub_connect_url = self._hub_connect_default
             self.instance, self.instance_server = uc.name, server
             self.address, self.jupyter_at = address, port
-            self._say("starting Jupyter")
-            self.ip, self.port = "0.0.0.0", inside
             env = self.get_env()
             argv = [*self.singleuser_command, *self.get_args()]
-            await jupyter.start(lxd, uc.name, unit=self._unit(), login=uc.posix_user,
-                                argv=argv, env=env)
-            if not uc.online:
+            booted_now = not uc.online
+            if not (started_early and uc.online):
+                # (Started early, then restarted by the checks: once more.)
+                self._say("starting Jupyter")
+                await jupyter.start(lxd, uc.name, unit=self._unit(), login=uc.posix_user,
+                                    argv=argv, env=env, booted_now=booted_now)
+            if booted_now:
                 # Jupyter's imports (most of its start) need no network: they
                 # ran while the container's address came up.
                 self._say("waiting for network")
                 await lxd.wait_for_address(uc.name, timeout=self.address_timeout,
                                            expected=uc.address)
-                if not await jupyter.active(lxd, uc.name, self._unit()):
-                    # It gave up on the hub before the address came (a slow
-                    # boot, many at once): once more, with the network up.
-                    self.log.info("%s: Jupyter ended before the network was up; starting "
-                                  "it again", self._log_name)
-                    await jupyter.start(lxd, uc.name, unit=self._unit(),
-                                        login=uc.posix_user, argv=argv, env=env)
         url = f"http://{address}:{port}"
+        restarted = False
+
+        async def alive() -> bool:
+            nonlocal restarted
+            if await jupyter.active(lxd, uc.name, self._unit()):
+                return True
+            if booted_now and not restarted:
+                # It gave up on the hub before the address came (a slow
+                # boot, many at once): once more, with the network up.
+                restarted = True
+                self.log.info("%s: Jupyter ended before the network was up; starting it "
+                              "again", self._log_name)
+                await jupyter.start(lxd, uc.name, unit=self._unit(), login=uc.posix_user,
+                                    argv=argv, env=env)
+                return True
+            return False
+
         # JupyterHub polls a started server with waits growing to seconds;
         # following it closely here lets the hub find it up at its first try.
         self._say("waiting for Jupyter")
         await jupyter.wait_listening(address, port, timeout=self.http_timeout,
-                                     unit=self._unit(),
-                                     alive=lambda: jupyter.active(lxd, uc.name, self._unit()))
-        self.log.info("%s: Jupyter in %s on %s at %s:%d (seconds: %s)", self._log_name,
-                      uc.name, server, address, port, self._steps_taken())
+                                     unit=self._unit(), alive=alive)
+        self.log.info("%s: Jupyter in %s on %s at %s:%d (seconds: %s%s)", self._log_name,
+                      uc.name, server, address, port, self._steps_taken(),
+                      "; Jupyter started before the checks" if started_early and uc.online
+                      else "")
         return url
 
     async def poll(self):

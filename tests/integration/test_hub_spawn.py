@@ -150,6 +150,10 @@ async def test_stop_keeps_the_container_and_restart_is_quick(hub, alice, lxd, lo
     wait_ready(hub, alice)
     print(f"hot spawn: {time.monotonic() - t0:.2f} s")
     assert (await lxd.state(name)).pid == pid
+    # Her container ran: Jupyter started at once, the checks meanwhile.
+    assert [line for line in hub.log_text().splitlines()
+            if f"{alice}: Jupyter in {name}" in line][-1].endswith(
+        "; Jupyter started before the checks)")
     out = await run_code(hub, alice, "print(40 + 2)")
     assert out.strip() == "42"
     store = Settings.load(hub.env["LXCGPU_CONFIG"]).open_store()
@@ -175,6 +179,41 @@ async def test_hub_restart_readopts_without_restarting(hub, alice, lxd, logs_on_
     out = await run_code(hub, alice, "print('still here')")
     assert out.strip() == "still here"
     assert len([i for i in await lxd.list_instances() if i["name"] == name]) == 1
+
+
+async def test_a_failed_check_stops_the_jupyter_started_early(hub, alice, lxd,
+                                                              logs_on_failure):
+    """Jupyter starts before the checks where her container runs; when a
+    check then fails (her keys cannot be written: ~/.ssh made root's), the
+    spawn fails with the sentence and that Jupyter, started or still
+    starting, is stopped again."""
+    name = instance_name(hub)
+    logs_on_failure.append(name)
+    ensure_running(hub, alice)
+    hub.api("delete", f"/users/{alice}/server")
+    wait_stopped(hub, alice)
+    chown = ["chown", "root:root", f"/home/{alice}/.ssh"]
+    (await lxd.execute(name, chown)).check(chown)
+    try:
+        offset = len(hub.log_text())
+        start_server(hub, alice)
+        events = [json.loads(line[len("data:"):]) for line in hub.api(
+            "get", f"/users/{alice}/server/progress", stream=True, timeout=300).iter_lines(
+            decode_unicode=True) if line.startswith("data:")]
+        assert events[-1].get("failed"), events[-1]
+        assert "could not be written" in events[-1]["message"], events[-1]
+        wait_stopped(hub, alice)
+        # (Long enough for an early start left to itself to have finished.)
+        await asyncio.sleep(2)
+        assert await unit_pid(lxd, name, "lxcgpu-jupyter") == 0, "Jupyter still runs"
+        log = hub.log_text()[offset:]
+        assert f"{alice}: a check failed: the Jupyter started before it is stopped" in log, \
+            log[-3000:]
+    finally:
+        chown = ["chown", f"{alice}:{alice}", f"/home/{alice}/.ssh"]
+        (await lxd.execute(name, chown)).check(chown)
+    start_server(hub, alice)
+    wait_ready(hub, alice)
 
 
 async def test_named_server_per_gpu_server(hub, alice, lxd, logs_on_failure):

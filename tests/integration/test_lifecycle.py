@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from lxcspawner import lifecycle, naming
+from lxcspawner import jupyter, lifecycle, naming
 from lxcspawner.container import IDMAP_BLOCK, IDMAP_USER_FIRST, ContainerError
 from lxcspawner.lxd import LXDError
 from lxcspawner.portmap import FORWARD_PREFIX, SSH_PORT_KEY
@@ -148,6 +148,56 @@ async def test_second_call_changes_nothing(lxd, erin, store, site, run_tag, logs
     assert steps == ["allocating SSH port and ids", "preparing user"]
     assert (await lxd.state(uc.name)).pid == pid  # not restarted
     assert (await lxd.execute(uc.name, stat)).check(stat).stdout == files
+
+
+async def test_jupyter_may_start_early_only_in_her_own_running_container(
+        lxd, erin, store, run_tag, logs_on_failure):
+    """lifecycle.runs_already, what the spawner asks before starting Jupyter
+    ahead of the checks: her container, running, her record not suspended;
+    no for another owner's instance of that name, a suspended user, a user
+    without a record, a stopped container."""
+    uc, _ = erin
+    logs_on_failure.append(uc.name)
+
+    def runs() -> bool:
+        return lifecycle.runs_already(lxd, store, USER, SERVER, prefix=run_tag)
+
+    assert await runs()
+    assert not await lifecycle.runs_already(lxd, store, "nobody", SERVER, prefix=run_tag)
+    owner = f"{naming.KEY_PREFIX}owner"
+    await lxd.update_config(uc.name, {owner: "mallory"})
+    try:
+        assert not await runs()
+    finally:
+        await lxd.update_config(uc.name, {owner: USER})
+    await asyncio.to_thread(store.set_suspended, USER, True, actor="test")
+    try:
+        assert not await runs()
+    finally:
+        await asyncio.to_thread(store.set_suspended, USER, False, actor="test")
+    assert await runs()
+    await lxd.stop(uc.name)
+    try:
+        assert not await runs()
+    finally:
+        await lxd.start(uc.name)
+        await lxd.wait_for_address(uc.name, expected=uc.address)
+
+
+async def test_a_unit_started_the_moment_the_container_starts(lxd, erin, logs_on_failure):
+    """jupyter.start right after LXD's start (a warm spawn whose account is
+    there already has nothing else to do first): the container's systemd
+    does not listen yet ("Failed to connect to bus"), and the start waits
+    for it instead of failing the spawn."""
+    uc, _ = erin
+    logs_on_failure.append(uc.name)
+    await lxd.stop(uc.name)
+    await lxd.start(uc.name)
+    await jupyter.start(lxd, uc.name, unit="lxcgpu-test-early", login=USER,
+                        argv=["sleep", "60"], env={}, booted_now=True)
+    assert await jupyter.active(lxd, uc.name, "lxcgpu-test-early")
+    await jupyter.stop(lxd, uc.name, "lxcgpu-test-early")
+    await lxd.wait_for_address(uc.name, expected=uc.address)
 
 
 async def test_forwards_reach_the_config(lxd, erin, store, run_tag, logs_on_failure):

@@ -118,6 +118,44 @@ async def test_system_files_written_through_lxd_replace_links(lxd, fresh_ssh, ke
     assert await sh(lxd, spec.name, "cat /etc/hostname") == f"{spec.hostname}\n"
 
 
+async def test_a_new_account_is_made_without_following_planted_links(lxd, fresh_ssh, keys):
+    """A login with no account there yet is provisioned in one exec
+    (provision.NEW_ACCOUNT): root inside linked the files it writes, and the
+    names of its temporary files, to a file of theirs; every write lands in
+    a real file and the linked-to file is untouched."""
+    spec, acct = fresh_ssh
+    target = "/root/linked-to"
+    await sh(lxd, spec.name, f"echo precious > {target} && "
+             f"rm /etc/hostname && ln -s {target} /etc/hostname && "
+             f"rm /etc/hosts && ln -s {target} /etc/hosts && "
+             f"ln -s {target} /etc/sudoers.d/lxcgpu.lxcgpu-new && "
+             f"ln -s {target} /etc/hostname.lxcgpu-new")
+    try:
+        made = await provision(lxd, spec.name, login="newcomer", keys=keys[:1],
+                               hostname=spec.hostname)
+        assert made.name == "newcomer" and made.uid >= 1000 and made.home == "/home/newcomer"
+        assert await sh(lxd, spec.name, f"cat {target}") == "precious\n"
+        assert await sh(lxd, spec.name, "stat -c '%F %U %a' /etc/hostname /etc/hosts "
+                        "/etc/sudoers.d/lxcgpu") == \
+            "regular file root 644\nregular file root 644\nregular file root 440\n"
+        assert await sh(lxd, spec.name, "cat /etc/hostname; hostname") == \
+            f"{spec.hostname}\n{spec.hostname}\n"
+        assert f"127.0.1.1\t{spec.hostname}" in await sh(lxd, spec.name, "cat /etc/hosts")
+        assert "newcomer ALL=(ALL:ALL) NOPASSWD: ALL" in \
+            await sh(lxd, spec.name, "cat /etc/sudoers.d/lxcgpu")
+        assert await sh(lxd, spec.name, "stat -c '%F %U %a' /home/newcomer/.ssh "
+                        "/home/newcomer/.ssh/authorized_keys; "
+                        "cat /home/newcomer/.ssh/authorized_keys") == \
+            f"directory newcomer 700\nregular file newcomer 600\n{keys[0]}\n"
+        # Provisioned again, nothing differs: the account is the same.
+        assert await provision(lxd, spec.name, login="newcomer", keys=keys[:1],
+                               hostname=spec.hostname) == made
+    finally:
+        await sh(lxd, spec.name, f"userdel -r newcomer 2>/dev/null; rm -f {target} "
+                 "/etc/hostname.lxcgpu-new /etc/sudoers.d/lxcgpu.lxcgpu-new")
+        await provision(lxd, spec.name, login=acct.name, keys=keys[:1], hostname=spec.hostname)
+
+
 async def test_a_link_at_a_parent_directory_is_refused(lxd, fresh_ssh):
     """Jupyter's token file goes to /run/lxcgpu: a link there (to the user's
     home) is refused with the container's name, nothing is written."""
