@@ -63,12 +63,14 @@ class PortMaps:
     jupyter_port: int | None = None                      # the first of the Jupyter pair
 
 
-async def _wanted_ports(store: Store, user: str, server: str) -> PortMaps:
+async def _wanted_ports(store: Store, user: str, server: str, rec=None) -> PortMaps:
     """The user's SSH port, their TCP forwards on ``server`` and their
     Jupyter ports, from the store; none while the user is suspended (their
-    container keeps none)."""
+    container keeps none).  ``rec``: their record, read in this spawn."""
     def read():
-        rec = store.user(user)
+        nonlocal rec
+        if rec is None:
+            rec = store.user(user)
         if rec.suspended is not None:
             return PortMaps(), []
         fwds = store.list_forwards(user=user, server=server)
@@ -450,10 +452,11 @@ async def _ensure_user_container(lxd: LXD, store: Store, settings: Settings, use
                 spec = settings.container_spec(user, rec.idmap_base, server=server, nic=nic,
                                                home_pool=home, **overrides)
         created = inst is None
-        inst = await ensure_container(lxd, spec)
+        if created:
+            inst = await ensure_container(lxd, spec)
     address = nic["ipv4.address"]
 
-    maps, state = await asyncio.gather(_wanted_ports(store, user, server),
+    maps, state = await asyncio.gather(_wanted_ports(store, user, server, rec),
                                        lxd.state(spec.name))
     restart = False
     nic_change = {}
