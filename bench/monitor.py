@@ -52,7 +52,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO)]
 
 from monitor.collector import Collector  # noqa: E402
-from tests.fixtures.fake_nvml import GiB, FakeLXD, FakeNVML, gpus, instance, write_cgroup  # noqa: E402
+from tests.fixtures.fake_nvml import (  # noqa: E402
+    GiB, FakeLXD, FakeNVML, gpus, instance, write_cgroup, write_payload_cgroup,
+)
 
 # lxc-gpu's scripts/monitor.bash: (argv, seconds it slept after each run).
 LXCGPU_LOOP: tuple[tuple[tuple[str, ...], float], ...] = (
@@ -85,6 +87,9 @@ def fake_node(root: Path, n_gpus: int, n_containers: int) -> tuple[FakeNVML, Fak
         name = f"user{i:02d}--gpu1"
         instances.append(instance(name, f"user{i:02d}", cpu_ns=i * 10**9, memory=4 * GiB,
                                   processes=30))
+        # Their load as the collector reads it: the host's cgroup files (v1).
+        write_payload_cgroup(root / "cgroup", name, v2=False, cpu_ns=i * 10**9,
+                             memory=4 * GiB, processes=30)
         for j in range(2):
             pid += 1
             write_cgroup(root, pid, name)
@@ -99,7 +104,8 @@ def fake_node(root: Path, n_gpus: int, n_containers: int) -> tuple[FakeNVML, Fak
 async def collector_run(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory(prefix="lxcgpu-bench-monitor-") as tmp:
         nvml, lxd = fake_node(Path(tmp), args.gpus, args.containers)
-        c = Collector("bench", lxd=lxd, nvml=nvml, proc=tmp, disks=("/",))
+        c = Collector("bench", lxd=lxd, nvml=nvml, proc=tmp, disks=("/",),
+                      cgroup_root=f"{tmp}/cgroup")
         await c.sample()                      # NVML started, facts read, psutil primed
         costs, calls = [], []
         cpu0, wall0 = time.process_time(), time.monotonic()
@@ -216,7 +222,8 @@ async def dashboard_run(args: argparse.Namespace) -> dict:
     servers, listeners = [], []
     with tempfile.TemporaryDirectory(prefix="lxcgpu-bench-dashboard-") as tmp:
         nvml, lxd = fake_node(Path(tmp), args.gpus, 6)
-        c = Collector("template", lxd=lxd, nvml=nvml, proc=tmp, disks=("/",))
+        c = Collector("template", lxd=lxd, nvml=nvml, proc=tmp, disks=("/",),
+                      cgroup_root=f"{tmp}/cgroup")
         await c.sample()
         base = await c.sample()
         c.close()

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import secrets
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, Callable, Mapping
@@ -67,6 +68,9 @@ WARM_UP = ["sh", "-c", "/opt/jupyter/bin/python3 -c 'import jupyter_server.serve
 STALE_MAKING = timedelta(minutes=30)
 #: A takeover still marked after this long was interrupted (its row is forgotten).
 STALE_CLAIM = timedelta(minutes=10)
+#: No prebuilt container is made within this many seconds of a container's
+#: start on its server (a spawn under way there).
+QUIET = 30.0
 
 
 def member_prefix(server: str, prefix: str = "") -> str:
@@ -211,12 +215,12 @@ def _age(t: datetime | None, now: datetime) -> timedelta:
 
 
 async def tend(lxd: LXD, store: "Store", settings: "Settings", server: str, *,
-               since: datetime | None = None,
+               since: datetime | None = None, make: bool = True,
                now: Callable[[], datetime] = lambda: datetime.now(timezone.utc)) -> dict:
     """One round on one server: forget the half-done, retire the outdated
-    and the surplus, make what is missing (one at a time).  What it did.
-    ``since``: when this keeper started; one still being made from before
-    was cut off (the hub stopped meanwhile)."""
+    and the surplus, make what is missing (one at a time; not with
+    ``make=False``).  What it did.  ``since``: when this keeper started; one
+    still being made from before was cut off (the hub stopped meanwhile)."""
     done = {"made": 0, "retired": 0, "forgotten": 0, "failed": 0}
     size, fingerprint = settings.pool_size, None
     if size > 0:
@@ -269,7 +273,7 @@ async def tend(lxd: LXD, store: "Store", settings: "Settings", server: str, *,
             done["forgotten"] += 1
         except LXDError as e:
             log.warning("%s: could not delete %s: %s", server, name, e)
-    for _ in range(size - len(keep)):
+    for _ in range(size - len(keep) if make else 0):
         try:
             await make_member(lxd, store, settings, server, fingerprint)
             done["made"] += 1
@@ -286,11 +290,14 @@ class PoolKeeper:
     server on its own, every ``interval`` seconds, with LXD clients of its
     own (its long operations never wait for or hold up a user's)."""
 
-    def __init__(self, settings: "Settings", store: "Store", *, interval: float = 20):
+    def __init__(self, settings: "Settings", store: "Store", *, interval: float = 20,
+                 quiet: float = QUIET):
         self.settings, self.store = settings, store
         self.interval = interval
+        self.quiet = quiet
         self._lxd: dict[str, LXD] = {}
         self._failing: dict[str, str] = {}
+        self._ready: dict[str, set[str]] = {}
         self.started = datetime.now(timezone.utc)
 
     def lxd_for(self, server: str) -> LXD:
@@ -302,11 +309,54 @@ class PoolKeeper:
         for lxd in self._lxd.values():
             lxd.close()
 
+    def _ready_now(self, server: str) -> set[str]:
+        return {m.instance for m in self.store.pool_members(server)
+                if m.ready and m.claimed_by is None}
+
+    async def _started_lately(self, server: str) -> str | None:
+        """A container (not a prebuilt one) of ``server`` that LXD started
+        less than ``quiet`` seconds ago: a spawn may be under way there."""
+        now = datetime.now(timezone.utc)
+        for inst in await self.lxd_for(server).list_instances():
+            if is_member(inst):
+                continue
+            try:
+                used = datetime.fromisoformat(
+                    re.sub(r"(\.\d{6})\d*", r"\1", str(inst.get("last_used_at") or ""))
+                    .replace("Z", "+00:00"))
+            except ValueError:
+                continue
+            if used.tzinfo is not None and timedelta(0) <= now - used < timedelta(
+                    seconds=self.quiet):
+                return inst.get("name")
+        return None
+
+    async def round(self, server: str) -> dict:
+        """One round of :func:`tend` on ``server``.  Making a prebuilt
+        container (LXD shifting its files, its first boot, its files read)
+        takes the server's CPU and disk for seconds, which would slow a
+        user's spawn beside it; so nothing is made in a round that finds one
+        taken since the last round (new users come in bunches: a course's
+        first session), or a container started in the last ``quiet``
+        seconds (a spawn under way)."""
+        ready = await asyncio.to_thread(self._ready_now, server)
+        taken = bool(self._ready.get(server, set()) - ready)
+        started = None if taken else await self._started_lately(server)
+        if taken:
+            log.info("%s: a prebuilt container was taken since the last round; refilling at "
+                     "the next round without one", server)
+        elif started and len(ready) < self.settings.pool_size:
+            log.info("%s: %s started less than %g s ago; refilling at the next round",
+                     server, started, self.quiet)
+        done = await tend(self.lxd_for(server), self.store, self.settings, server,
+                          since=self.started, make=not (taken or started))
+        self._ready[server] = await asyncio.to_thread(self._ready_now, server)
+        return done
+
     async def _server(self, server: str) -> None:
         while True:
             try:
-                done = await tend(self.lxd_for(server), self.store, self.settings, server,
-                                  since=self.started)
+                done = await self.round(server)
                 if any(done.values()):
                     log.info("%s: prebuilt containers: %s", server, done)
                 if self._failing.pop(server, None):

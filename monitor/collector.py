@@ -19,8 +19,10 @@ parsing their text.  This module asks the sources directly, in-process:
   of LXD's instance config.  A process outside any container is a host
   process (``"host": true``).
 - **Host load** through psutil (CPU, load, memory, network, the disks asked
-  for), and **per-container load** from LXD's instance list with state
-  (CPU time, memory, processes), read every ``containers_interval`` seconds.
+  for), and **per-container load** (CPU time, memory, processes) from the
+  host's cgroup files of each running container in LXD's instance list,
+  read every ``containers_interval`` seconds (LXD's own state of every
+  instance cost its daemon 0.27 s of CPU per read with 11 containers).
 - **Idle GPUs** as data: a GPU whose processes hold memory while its
   utilisation stays under ``idle_utilization`` percent for ``idle_after``
   seconds carries ``"idle": {"since": ..., "users": [...]}``.
@@ -96,6 +98,80 @@ def container_of_cgroup(text: str) -> str | None:
         if match:
             return match.group(1)
     return None
+
+
+CGROUP_ROOT = "/sys/fs/cgroup"
+_SUFFIX = re.compile(r"^-\d+$")
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        with open(path, encoding="ascii", errors="replace") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _cpu_stat_usec(path: str) -> int | None:
+    try:
+        with open(path, encoding="ascii", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(" ")
+                if key == "usage_usec":
+                    return int(value)
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def _payload_dirs(parent: str, cgname: str) -> list[str]:
+    """The payload cgroup directories of a container under ``parent``: LXC
+    names it ``lxc.payload.<name>`` and, where a stale one of that name was
+    left, ``lxc.payload.<name>-<n>``."""
+    base = f"lxc.payload.{cgname}"
+    try:
+        names = [n for n in os.listdir(parent)
+                 if n == base or (n.startswith(base) and _SUFFIX.match(n[len(base):]))]
+    except OSError:
+        return []
+    return [os.path.join(parent, n) for n in names]
+
+
+def container_usage(cgname: str, root: str = CGROUP_ROOT) -> dict[str, int] | None:
+    """A running container's CPU time (ns), memory (bytes) and processes,
+    read from the host's cgroup files of its payload cgroup (cgroup v2, or
+    the v1 ``cpuacct``, ``memory`` and ``pids`` controllers): what LXD's
+    instance state reports, without LXD computing the rest of a state
+    (disk usage, network) for every container.  Of several directories of
+    that name (stale ones left by earlier runs), the one holding processes.
+    None where none is found."""
+    def live(candidates: list[str], pids_file: str) -> str | None:
+        best = None
+        for d in candidates:
+            n = _read_int(os.path.join(d, pids_file))
+            if n:
+                return d
+            if n is not None and best is None:
+                best = d
+        return best
+
+    v2 = live([d for d in _payload_dirs(root, cgname)
+               if os.path.exists(os.path.join(d, "cpu.stat"))], "pids.current")
+    if v2 is not None:
+        usec = _cpu_stat_usec(os.path.join(v2, "cpu.stat"))
+        return {"cpu": None if usec is None else usec * 1000,
+                "memory": _read_int(os.path.join(v2, "memory.current")),
+                "processes": _read_int(os.path.join(v2, "pids.current"))}
+    pids = live(_payload_dirs(os.path.join(root, "pids"), cgname), "pids.current")
+    if pids is None:
+        return None
+    suffix = os.path.basename(pids)
+    cpu = next((os.path.join(root, c, suffix, "cpuacct.usage")
+                for c in ("cpuacct", "cpu,cpuacct", "cpu")
+                if os.path.exists(os.path.join(root, c, suffix, "cpuacct.usage"))), None)
+    return {"cpu": _read_int(cpu) if cpu else None,
+            "memory": _read_int(os.path.join(root, "memory", suffix, "memory.usage_in_bytes")),
+            "processes": _read_int(os.path.join(pids, "pids.current"))}
 
 
 def container_of_pid(pid: int, proc: str = "/proc") -> str | None:
@@ -476,6 +552,8 @@ class Collector:
     :param init_retry: seconds between attempts to start NVML where it failed.
     :param lxd_timeout: how long a sample waits for LXD; a slower answer is
         used by a later sample.
+    :param cgroup_root: where the host's cgroup files are, for the
+        containers' load (None: ask LXD for every instance's state instead).
     :param clock: the wall clock (seconds since the epoch).
     """
 
@@ -484,9 +562,11 @@ class Collector:
                  nics: Sequence[str] | None = None, process_interval: float = 5.0,
                  containers_interval: float = 5.0, idle_utilization: float = 5.0,
                  idle_after: float = 1800.0, init_retry: float = 60.0,
-                 lxd_timeout: float = 5.0, clock: Callable[[], float] = time.time):
+                 lxd_timeout: float = 5.0, cgroup_root: str | None = CGROUP_ROOT,
+                 clock: Callable[[], float] = time.time):
         self.node = node or platform.node()
         self.lxd = lxd
+        self.cgroup_root = cgroup_root
         self.clock = clock
         self.containers_interval = containers_interval
         self.idle_utilization = idle_utilization
@@ -527,7 +607,7 @@ class Collector:
         started = False
         if self._lxd_task is None and (self._lxd_at is None
                                        or now - self._lxd_at >= self.containers_interval):
-            self._lxd_task = asyncio.ensure_future(self.lxd.list_instances(with_state=True))
+            self._lxd_task = asyncio.ensure_future(self._list_instances())
             self._lxd_at = now
             started = True
         task = self._lxd_task
@@ -557,6 +637,35 @@ class Collector:
         project = getattr(self.lxd, "project", None)
         self._owners = instance_owners(instances, project)
         self._containers = self._container_rows(instances, now)
+
+    async def _list_instances(self) -> list[dict[str, Any]]:
+        """LXD's instances, each with a ``state`` of its load: from the
+        host's cgroup files (``cgroup_root``), or, with ``cgroup_root``
+        None, from LXD's state of every instance (a far costlier request:
+        LXD computes each one's disk usage and network too)."""
+        if self.cgroup_root is None:
+            return await self.lxd.list_instances(with_state=True)
+        instances = await self.lxd.list_instances()
+        project = getattr(self.lxd, "project", None)
+
+        def usage() -> None:
+            for inst in instances:
+                status = str(inst.get("status") or "")
+                # (A stopped one uses nothing, as LXD says of it.)
+                state: dict[str, Any] = {"status": status, "cpu": {"usage": 0},
+                                         "memory": {"usage": 0}, "processes": 0}
+                if status.lower() == "running":
+                    state.update(cpu={"usage": None}, memory={"usage": None}, processes=None)
+                    found = container_usage(
+                        cgroup_name(inst["name"], inst.get("project") or project),
+                        self.cgroup_root)
+                    if found:
+                        state.update(cpu={"usage": found["cpu"]},
+                                     memory={"usage": found["memory"]},
+                                     processes=found["processes"])
+                inst["state"] = state
+        await asyncio.to_thread(usage)
+        return instances
 
     def _container_rows(self, instances: Iterable[Mapping], now: float) -> list[dict[str, Any]]:
         rows, seen = [], {}

@@ -180,6 +180,40 @@ async def test_a_user_whose_block_is_on_disk_never_takes_one(lxd, store, site, r
     assert len([r for r in store.pool_members(SERVER) if r.ready]) == 2
 
 
+async def test_the_keeper_refills_when_no_spawn_is_under_way(lxd, store, site, run_tag,
+                                                            logs_on_failure):
+    """Making a prebuilt container would slow a spawn beside it: the keeper
+    makes none in a round that finds one taken since its last round (new
+    users come in bunches), nor within ``quiet`` seconds of a container's
+    start on the server; it makes it at the next round without either."""
+    def ready() -> int:
+        return len([r for r in store.pool_members(SERVER) if r.ready])
+
+    keeper = pool.PoolKeeper(site, store, quiet=0)
+    try:
+        await keeper.round(SERVER)
+        assert ready() == 2
+        name = naming.instance_name("pe", SERVER, run_tag)
+        logs_on_failure.append(name)
+        steps: list[str] = []
+        await lifecycle.ensure_user_container(lxd, store, site, "pe", progress=steps.append,
+                                              actor="test", extra_config={TEST_KEY: run_tag},
+                                              start=False)
+        assert "using a prepared container" in steps
+        assert (await keeper.round(SERVER))["made"] == 0
+        assert ready() == 1
+        # pe's container starts (their spawn under way).
+        await lxd.start(name)
+        keeper.quiet = 300
+        assert (await keeper.round(SERVER))["made"] == 0
+        assert ready() == 1
+        keeper.quiet = 0
+        assert (await keeper.round(SERVER))["made"] == 1
+        assert ready() == 2
+    finally:
+        keeper.close()
+
+
 async def test_a_template_change_retires_the_old_ones_and_strays_are_deleted(
         lxd, store, site, run_tag):
     """The template's alias now points at another image than the one they

@@ -18,12 +18,13 @@ import pytest
 
 from lxcspawner.lxd import LXDError
 from monitor.collector import (
-    Collector, attribution, container_of_cgroup, container_of_pid, instance_owners, iso_time,
+    Collector, attribution, container_of_cgroup, container_of_pid, container_usage,
+    instance_owners, iso_time,
     prometheus,
 )
 from tests.fixtures.fake_nvml import (
     GiB, NVML_ERROR_DRIVER_NOT_LOADED, NVML_ERROR_GPU_IS_LOST, NVML_ERROR_LIBRARY_NOT_FOUND,
-    FakeLXD, FakeNVML, gpus, instance, write_cgroup,
+    FakeLXD, FakeNVML, gpus, instance, write_cgroup, write_payload_cgroup,
 )
 
 T0 = 1_700_000_000.0        # 2023-11-14T22:13:20Z
@@ -50,8 +51,53 @@ def proc(tmp_path):
 
 
 def collector(nvml, proc, clock, **kw) -> Collector:
+    """A collector whose containers' load comes from LXD's state (FakeLXD);
+    the tests of the host's cgroup files pass ``cgroup_root``."""
     kw.setdefault("disks", ("/",))
+    kw.setdefault("cgroup_root", None)
     return Collector("gpu1", nvml=nvml, proc=str(proc), clock=clock, **kw)
+
+
+@pytest.mark.parametrize("v2", [False, True], ids=["cgroup-v1", "cgroup-v2"])
+def test_a_containers_load_from_the_hosts_cgroup_files(tmp_path, v2):
+    """The payload cgroup of a container, as LXC names it; a stale one of
+    the same name (``-1``, left by an earlier run, no processes) is passed
+    over for the live one; a project's container has the project's prefix."""
+    write_payload_cgroup(tmp_path, "alice--gpu1", v2=v2, cpu_ns=3_000_000, memory=0, processes=0)
+    write_payload_cgroup(tmp_path, "alice--gpu1", v2=v2, cpu_ns=12_000_000_000, memory=3 * GiB,
+                processes=40, suffix="-1")
+    write_payload_cgroup(tmp_path, "lab_bob--gpu1", v2=v2, cpu_ns=2_000_000_000, memory=GiB,
+                processes=12)
+    assert container_usage("alice--gpu1", str(tmp_path)) == {
+        "cpu": 12_000_000_000, "memory": 3 * GiB, "processes": 40}
+    assert container_usage("lab_bob--gpu1", str(tmp_path)) == {
+        "cpu": 2_000_000_000, "memory": GiB, "processes": 12}
+    assert container_usage("alice--gpu10", str(tmp_path)) is None
+    assert container_usage("carol--gpu1", str(tmp_path)) is None
+
+
+async def test_the_containers_load_is_read_from_cgroups_not_lxds_state(tmp_path, proc, clock):
+    """With ``cgroup_root`` the collector asks LXD for its instance list
+    only (no state: FakeLXD strips it) and reads each running container's
+    load from the cgroup files; a stopped one uses nothing; a running one
+    whose cgroup is not found has no figures (not zeros)."""
+    write_payload_cgroup(tmp_path / "cg", "alice--gpu1", v2=False, cpu_ns=10 * 10**9, memory=3 * GiB,
+                processes=40)
+    write_payload_cgroup(tmp_path / "cg", "lab_bob--gpu1", v2=False, cpu_ns=2 * 10**9, memory=GiB,
+                processes=12)
+    lxd = FakeLXD([instance("alice--gpu1", "alice"),
+                   instance("bob--gpu1", "bob", project="lab"),
+                   instance("carol--gpu1", "carol"),
+                   instance("dave--gpu1", "dave", status="Stopped")])
+    c = Collector("gpu1", lxd=lxd, nvml=FakeNVML([]), proc=str(proc), clock=clock,
+                  disks=("/",), cgroup_root=str(tmp_path / "cg"))
+    doc = await c.sample()
+    rows = {r["name"]: (r["state"], r["cpu_seconds"], r["memory"], r["processes"])
+            for r in doc["containers"]}
+    assert rows == {"alice--gpu1": ("running", 10.0, 3 * GiB, 40),
+                    "bob--gpu1": ("running", 2.0, GiB, 12),
+                    "carol--gpu1": ("running", None, None, None),
+                    "dave--gpu1": ("stopped", 0.0, 0, 0)}
 
 
 # ------------------------------------------------------------------ cgroups
