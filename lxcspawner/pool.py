@@ -338,10 +338,12 @@ class PoolKeeper:
         user's spawn beside it; so nothing is made in a round that finds one
         taken since the last round (new users come in bunches: a course's
         first session), or a container started in the last ``quiet``
-        seconds (a spawn under way)."""
+        seconds (a spawn under way), while one is still ready: with none
+        ready, the next new user's container would be made on their spawn's
+        path, slower than any refill beside it."""
         ready = await asyncio.to_thread(self._ready_now, server)
-        taken = bool(self._ready.get(server, set()) - ready)
-        started = None if taken else await self._started_lately(server)
+        taken = bool(ready) and bool(self._ready.get(server, set()) - ready)
+        started = None if taken or not ready else await self._started_lately(server)
         if taken:
             log.info("%s: a prebuilt container was taken since the last round; refilling at "
                      "the next round without one", server)

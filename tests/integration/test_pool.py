@@ -185,7 +185,8 @@ async def test_the_keeper_refills_when_no_spawn_is_under_way(lxd, store, site, r
     """Making a prebuilt container would slow a spawn beside it: the keeper
     makes none in a round that finds one taken since its last round (new
     users come in bunches), nor within ``quiet`` seconds of a container's
-    start on the server; it makes it at the next round without either."""
+    start on the server, while one is still ready; it makes it at the next
+    round without either, and at once when none is ready."""
     def ready() -> int:
         return len([r for r in store.pool_members(SERVER) if r.ready])
 
@@ -210,6 +211,16 @@ async def test_the_keeper_refills_when_no_spawn_is_under_way(lxd, store, site, r
         keeper.quiet = 0
         assert (await keeper.round(SERVER))["made"] == 1
         assert ready() == 2
+        # With none ready, it makes them whatever started (a new user's
+        # container would otherwise be made on their spawn's path).
+        for user in ("pf", "pg"):
+            logs_on_failure.append(naming.instance_name(user, SERVER, run_tag))
+            await lifecycle.ensure_user_container(lxd, store, site, user, actor="test",
+                                                  extra_config={TEST_KEY: run_tag},
+                                                  start=False)
+        assert ready() == 0
+        keeper.quiet = 300
+        assert (await keeper.round(SERVER))["made"] == 2
     finally:
         keeper.close()
 
