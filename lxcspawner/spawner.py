@@ -521,18 +521,19 @@ class LXCSpawner(Spawner):
                     address_timeout=self.address_timeout, wait_network=False,
                     extra_config=dict(self.extra_container_config))
                 started_early = early is not None and await early
+                if wanted is not None:
+                    self._say("giving your container " + (
+                        f"GPU {', '.join(wanted)}" if wanted else "every GPU of the server"))
+                    await set_user_gpus(lxd, self.user.name, server, wanted,
+                                        prefix=settings.instance_prefix)
+                    await asyncio.to_thread(
+                        (await shared.store()).audit, f"hub:{self.user.name}",
+                        "container.gpus", self.user.name,
+                        {"server": server, "gpus": wanted or "all"})
             except BaseException:
                 if early is not None:
                     await self._undo_early(early, lxd, server)
                 raise
-            if wanted is not None:
-                self._say("giving your container " + (f"GPU {', '.join(wanted)}" if wanted
-                                                      else "every GPU of the server"))
-                await set_user_gpus(lxd, self.user.name, server, wanted,
-                                    prefix=settings.instance_prefix)
-                await asyncio.to_thread((await shared.store()).audit, f"hub:{self.user.name}",
-                                        "container.gpus", self.user.name,
-                                        {"server": server, "gpus": wanted or "all"})
             if gpu.remote:
                 if uc.jupyter_port is None:
                     raise ContainerError(f"Jupyter on {server} needs a Jupyter port for you, "
