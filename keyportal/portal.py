@@ -16,7 +16,6 @@ import datetime as dt
 import json
 import logging
 import os
-import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -25,7 +24,7 @@ from lxcspawner import gpus as gpus_mod
 from lxcspawner import lifecycle, naming
 from lxcspawner.container import HOME_DEVICE, ContainerError, check_owner
 from lxcspawner.fleet import Fleet, ServerResult
-from lxcspawner.lxd import LXDError, LXDNotFound, LXDUnavailable, is_outage
+from lxcspawner.lxd import LXDError, LXDNotFound, LXDUnavailable, is_outage, parse_time
 from lxcspawner.settings import Settings, SettingsError
 from lxcspawner.store import Exhausted, InvalidInput, NotFound, Store, StoreError
 
@@ -841,20 +840,11 @@ def _paired(snap: dict, home_snaps: list[dict]) -> str | None:
         return snap["name"]
     if not snap["name"].startswith(AUTO_PREFIX) or not snap.get("created_at"):
         return None
-    t = _when(snap["created_at"])
-    near = [(abs((_when(h["created_at"]) - t).total_seconds()), h["name"]) for h in home_snaps
+    t = parse_time(snap["created_at"])
+    near = [(abs((parse_time(h["created_at"]) - t).total_seconds()), h["name"]) for h in home_snaps
             if h["name"].startswith(AUTO_PREFIX) and h.get("created_at")]
     best = min(near, default=None)
     return best[1] if best and best[0] <= 120 else None
-
-
-def _when(stamp: str) -> dt.datetime:
-    """LXD's RFC 3339 time (its nanoseconds cut to microseconds)."""
-    m = re.fullmatch(r"([^.Z+]+T[\d:]+)(?:\.(\d+))?(Z|[+-]\d\d:\d\d)?", stamp)
-    if not m:
-        raise ValueError(f"not an RFC 3339 time: {stamp!r}")
-    zone = m[3] if m[3] and m[3] != "Z" else "+00:00"
-    return dt.datetime.fromisoformat(f"{m[1]}.{((m[2] or '') + '000000')[:6]}{zone}")
 
 
 def _key_json(k) -> dict:

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import functools
 import logging
 import os
 import json
 import random
+import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -154,6 +156,15 @@ def _is_transient(exc: BaseException) -> bool:
     if isinstance(exc, LXDError):
         return exc.status in (502, 503, 504)
     return _status_of(exc) in (502, 503, 504)
+
+
+def parse_time(stamp: str) -> datetime.datetime:
+    """LXD's RFC 3339 time (its nanoseconds cut to microseconds)."""
+    m = re.fullmatch(r"([^.Z+]+T[\d:]+)(?:\.(\d+))?(Z|[+-]\d\d:\d\d)?", stamp)
+    if not m:
+        raise ValueError(f"not an RFC 3339 time: {stamp!r}")
+    zone = m[3] if m[3] and m[3] != "Z" else "+00:00"
+    return datetime.datetime.fromisoformat(f"{m[1]}.{((m[2] or '') + '000000')[:6]}{zone}")
 
 
 def is_outage(exc: BaseException) -> bool:

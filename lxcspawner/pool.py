@@ -33,14 +33,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import secrets
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from . import naming, network
 from .container import KEY_PREFIX
-from .lxd import LXD, ImageNotFound, LXDError, is_outage
+from .lxd import LXD, ImageNotFound, LXDError, is_outage, parse_time
 
 if TYPE_CHECKING:
     from .settings import Settings
@@ -321,13 +320,10 @@ class PoolKeeper:
             if is_member(inst):
                 continue
             try:
-                used = datetime.fromisoformat(
-                    re.sub(r"(\.\d{6})\d*", r"\1", str(inst.get("last_used_at") or ""))
-                    .replace("Z", "+00:00"))
+                used = parse_time(str(inst.get("last_used_at") or ""))
             except ValueError:
                 continue
-            if used.tzinfo is not None and timedelta(0) <= now - used < timedelta(
-                    seconds=self.quiet):
+            if timedelta(0) <= now - used < timedelta(seconds=self.quiet):
                 return inst.get("name")
         return None
 

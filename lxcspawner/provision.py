@@ -25,6 +25,9 @@ from .sshkeys import WeakKeyError, normalize_public_key
 log = logging.getLogger("lxcspawner.provision")
 
 SUDOERS_PATH = "/etc/sudoers.d/lxcgpu"
+# How every login is made (the login follows, after "--").
+USERADD = ["useradd", "--create-home", "--shell", "/bin/bash", "--user-group",
+           "--comment", "lxcgpu user"]
 FIRST_UID = 1000
 
 # The container's Python (the template's Jupyter needs it too).  The key
@@ -79,13 +82,12 @@ except OSError as e:
 # followed), then the key lines.  useradd makes the account; the keys are
 # written by a child that has become the user, running KEYS_WRITER as such.
 # Prints the account as "uid gid home".
-NEW_ACCOUNT = f"KEYS_WRITER_CODE = {KEYS_WRITER!r}\n" + r"""
+NEW_ACCOUNT = f"KEYS_WRITER_CODE = {KEYS_WRITER!r}\nUSERADD = {USERADD!r}\n" + r"""
 import os, pwd, socket, subprocess, sys
 login, hostname, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
 files = [sys.argv[4 + 3 * i: 7 + 3 * i] for i in range(n)]
 keys = sys.argv[4 + 3 * n:]
-res = subprocess.run(["useradd", "--create-home", "--shell", "/bin/bash", "--user-group",
-                      "--comment", "lxcgpu user", "--", login],
+res = subprocess.run([*USERADD, "--", login],
                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 if res.returncode != 0:
     sys.stderr.write("useradd: " + res.stdout.strip()[-300:] + "\n")
@@ -237,17 +239,15 @@ async def _own_fresh_home(lxd: LXD, name: str, acct: Account) -> None:
 
 async def ensure_account(lxd: LXD, name: str, login: str, *,
                          passwd: str | None = None) -> tuple[Account, bool]:
-    """The login account inside, created if missing; (account, created).
-    ``passwd``: the container's /etc/passwd, read just now."""
-    if not naming.is_valid_posix_name(login) or login in naming.RESERVED_POSIX:
-        raise ProvisionError(f"refusing to provision login {login!r}")
+    """The login account inside (checked by :func:`provision`), created if
+    missing; (account, created).  ``passwd``: the container's /etc/passwd,
+    read just now."""
     if passwd is None:
         passwd = await _read(lxd, name, "/etc/passwd")
     accounts = parse_passwd(passwd or "")
     acct = accounts.get(login)
     if acct is None:
-        argv = ["useradd", "--create-home", "--shell", "/bin/bash", "--user-group",
-                "--comment", "lxcgpu user"]
+        argv = list(USERADD)
         # A home that is already there (its own volume, kept through a
         # rebuild) keeps its owner: the account takes that uid.
         home = await lxd.file_entry(name, f"/home/{login}")

@@ -449,13 +449,13 @@ class LXCSpawner(Spawner):
                                  "hub's certificate authority cannot be read); please tell "
                                  "your administrator.") from None
 
-    async def _start_early(self, lxd: LXD, store: Store, server: str, env: dict,
+    async def _start_early(self, lxd: LXD, store: Store, server: str, name: str, env: dict,
                            argv: list[str]) -> bool:
-        """Start Jupyter in the user's container on ``server`` at once if it
-        runs already, is theirs and they may use it (lifecycle.runs_already);
-        whether it did.  Anything in the way (the login missing, LXD busy)
-        leaves it to the usual start after the checks."""
-        name = naming.instance_name(self.user.name, server, self._settings.instance_prefix)
+        """Start Jupyter in the user's container ``name`` on ``server`` at
+        once if it runs already, is theirs and they may use it
+        (lifecycle.runs_already); whether it did.  Anything in the way (the
+        login missing, LXD busy) leaves it to the usual start after the
+        checks."""
         try:
             if not await runs_already(lxd, store, self.user.name, server,
                                       prefix=self._settings.instance_prefix):
@@ -468,7 +468,7 @@ class LXCSpawner(Spawner):
             self.log.info("%s: Jupyter not started before the checks: %s", self._log_name, e)
             return False
 
-    async def _undo_early(self, early: asyncio.Future, lxd: LXD, server: str) -> None:
+    async def _undo_early(self, early: asyncio.Future, lxd: LXD, name: str) -> None:
         """The checks failed (or the start was cancelled): a Jupyter started
         early (or perhaps started: its start was cut off) is stopped again."""
         if not early.done():
@@ -480,7 +480,6 @@ class LXCSpawner(Spawner):
         if started:
             self.log.info("%s: a check failed: the Jupyter started before it is stopped",
                           self._log_name)
-            name = naming.instance_name(self.user.name, server, self._settings.instance_prefix)
             with contextlib.suppress(LXDError):
                 await jupyter.stop(lxd, name, self._unit())
 
@@ -512,8 +511,10 @@ class LXCSpawner(Spawner):
                     # Where the user's container runs already, Jupyter starts
                     # at once, while the checks and provisioning below run.
                     self.hub_connect_url = self._hub_connect_default
+                    early_in = naming.instance_name(self.user.name, server,
+                                                    settings.instance_prefix)
                     early = asyncio.ensure_future(self._start_early(
-                        lxd, await shared.store(), server, self.get_env(),
+                        lxd, await shared.store(), server, early_in, self.get_env(),
                         [*self.singleuser_command, *self.get_args()]))
                 uc = await ensure_user_container(
                     lxd, await shared.store(), settings, self.user.name, server,
@@ -532,7 +533,7 @@ class LXCSpawner(Spawner):
                         {"server": server, "gpus": wanted or "all"})
             except BaseException:
                 if early is not None:
-                    await self._undo_early(early, lxd, server)
+                    await self._undo_early(early, lxd, early_in)
                 raise
             if gpu.remote:
                 if uc.jupyter_port is None:

@@ -651,19 +651,16 @@ class Collector:
         def usage() -> None:
             for inst in instances:
                 status = str(inst.get("status") or "")
-                # (A stopped one uses nothing, as LXD says of it.)
-                state: dict[str, Any] = {"status": status, "cpu": {"usage": 0},
-                                         "memory": {"usage": 0}, "processes": 0}
                 if status.lower() == "running":
-                    state.update(cpu={"usage": None}, memory={"usage": None}, processes=None)
                     found = container_usage(
                         cgroup_name(inst["name"], inst.get("project") or project),
-                        self.cgroup_root)
-                    if found:
-                        state.update(cpu={"usage": found["cpu"]},
-                                     memory={"usage": found["memory"]},
-                                     processes=found["processes"])
-                inst["state"] = state
+                        self.cgroup_root) or {}
+                else:
+                    # A stopped one uses nothing, as LXD says of it.
+                    found = {"cpu": 0, "memory": 0, "processes": 0}
+                inst["state"] = {"status": status, "cpu": {"usage": found.get("cpu")},
+                                 "memory": {"usage": found.get("memory")},
+                                 "processes": found.get("processes")}
         await asyncio.to_thread(usage)
         return instances
 
