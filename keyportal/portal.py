@@ -672,15 +672,13 @@ class Portal:
 
         async def one(g) -> list[dict]:
             try:
-                items = await self.fleet.lxd(g.name).list_instances(config_key=owner_key,
-                                                                    with_state=True)
+                items = await self.fleet.lxd(g.name).list_instances(config_key=owner_key)
             except LXDError as e:
                 return [{"server": g.name, "name": None, "owner": None,
                          "state": "unreachable", "detail": _refusal(e).args[0]}]
             return [{"server": g.name, "name": i["name"],
                      "owner": (i.get("config") or {}).get(owner_key),
-                     "state": str(((i.get("state") or {}).get("status") or i.get("status")
-                                   or "")).lower()} for i in items]
+                     "state": str(i.get("status") or "").lower()} for i in items]
         rows = await asyncio.gather(*(one(g) for g in self.settings.servers))
         return [r for server_rows in rows for r in server_rows]
 

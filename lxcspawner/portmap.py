@@ -154,8 +154,9 @@ def config_changes(config: Mapping[str, str], ssh_port: int | None,
 def maps_for(instances: Iterable[Mapping], bridges: Mapping[str, Bridge],
              allowed: Sequence[tuple[int, int]] | None = None,
              hub_address: str | None = None) -> list[PortMap]:
-    """The DNAT rules a server needs, from its instances' records with state
-    (LXD ``/1.0/instances?recursion=2``): one per wanted port of each running
+    """The DNAT rules a server needs, from its instances' records (LXD's
+    ``/1.0/instances?recursion=1``: config, devices, status; never the far
+    costlier state): one per wanted port of each running
     container, to the address lxcgpu pinned on its NIC inside one of
     ``bridges`` (name -> Bridge); nothing for the others.  What a container
     reports about its own addresses is never read.
@@ -173,8 +174,7 @@ def maps_for(instances: Iterable[Mapping], bridges: Mapping[str, Bridge],
     maps: dict[int, PortMap] = {}
     for inst in sorted(instances, key=lambda i: i.get("name", "")):
         name = inst.get("name", "")
-        state = inst.get("state") or {}
-        if str(state.get("status", inst.get("status", ""))).lower() != "running":
+        if str(inst.get("status", "")).lower() != "running":
             continue
         wanted = wanted_ports(inst.get("config") or {})
         if not wanted:

@@ -66,6 +66,20 @@ def parse_port_ranges(text: str) -> tuple[tuple[int, int], ...]:
     return tuple(parse_port_range(part) for part in text.split(","))
 
 
+# LXD's instance events that never change what a container asks to have
+# mapped, nor whether it runs: a spawn's execs and file reads raise a score of
+# them, and each one read again would cost LXD a request per event.
+_NO_MAP_CHANGE = ("instance-exec", "instance-file-", "instance-log-", "instance-console",
+                  "instance-snapshot-", "instance-backup-", "instance-metadata-")
+
+
+def changes_maps(action: str) -> bool:
+    """Whether an LXD lifecycle event may change a container's port maps
+    (it started, stopped, changed its config, was made, renamed or
+    removed; anything unknown counts)."""
+    return action.startswith("instance-") and not action.startswith(_NO_MAP_CHANGE)
+
+
 class NodeAgent:
     """Reconciles one server's DNAT chain with its LXD (see the module docstring)."""
 
@@ -109,7 +123,7 @@ class NodeAgent:
         await self._in_iptables_thread(
             functools.partial(self.table.setup, list(bridges.values()),
                               hub_api_ports=self.hub_api_ports, isolate=self.isolate))
-        instances = await self.lxd.list_instances(with_state=True)
+        instances = await self.lxd.list_instances()
         maps: dict[str, list[PortMap]] = {}
         for m in maps_for(instances, self.bridges, self.allowed, self.hub_address):
             maps.setdefault(m.instance, []).append(m)
@@ -135,10 +149,10 @@ class NodeAgent:
     async def refresh(self, name: str, why: str) -> None:
         """One container again: map it while it runs, unmap it otherwise.
         Its address is the one pinned on its NIC, known before it boots."""
-        inst = await self.lxd.instance_with_state(name)
+        inst = await self.lxd.instance(name)
         maps = maps_for([inst], self.bridges, self.allowed, self.hub_address) if inst else []
         if not maps and self._wants_ports(inst) and inst and \
-                str((inst.get("state") or {}).get("status", "")).lower() == "running":
+                str(inst.get("status", "")).lower() == "running":
             # On a bridge this agent has not seen yet (made since the last
             # reconcile)?  Reconcile everything again.
             self._resync.set()
@@ -183,7 +197,7 @@ class NodeAgent:
     def _handle_event(self, event: dict) -> None:
         md = event.get("metadata") or {}
         action = str(md.get("action", ""))
-        if not action.startswith("instance-"):
+        if not changes_maps(action):
             return
         source = str(md.get("source", "")).split("?", 1)[0].split("/")
         if len(source) < 4 or source[1:3] != ["1.0", "instances"] or not source[3]:

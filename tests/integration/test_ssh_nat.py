@@ -19,6 +19,7 @@ from lxcspawner.container import ContainerSpec, ensure_container
 from lxcspawner.portmap import FORWARD_PREFIX, SSH_PORT_KEY, config_changes
 from lxcspawner.provision import provision
 from lxcspawner.store import InvalidInput, Store
+from monitor.node import changes_maps
 from tests.fixtures.netns import sh
 from tests.fixtures.sshkeys import keypair, ssh_banner
 
@@ -378,6 +379,34 @@ async def test_hand_written_map_to_the_servers_own_ssh_port_is_refused(plxd, web
         assert any(f"--dport {ssh_port(store)} " in r for r in agent.rules())
     finally:
         await plxd.update_config(web.name, {key: None})
+
+
+async def test_agent_passes_over_the_events_of_execs_and_file_reads(plxd, alice):
+    """A spawn's execs and file reads raise a score of LXD events; the agent
+    reads a container again only for the ones that may change its maps (the
+    names checked against what this LXD really sends)."""
+    seen: list[str] = []
+    stream = plxd.follow_events(lambda e: seen.append((e.get("metadata") or {}).get("action")))
+    try:
+        await asyncio.sleep(0.5)
+        await plxd.execute(alice.name, ["true"])
+        await plxd.get_file(alice.name, "/etc/hostname")
+        await plxd.put_file(alice.name, "/tmp/lxcgpu-event-test", "x")
+        await plxd.update_config(alice.name, {"user.lxcgpu-test.event": "1"})
+        await plxd.update_config(alice.name, {"user.lxcgpu-test.event": None})
+        deadline = time.monotonic() + 10
+        while seen.count("instance-updated") < 2 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+    finally:
+        stream.close()
+    quiet = {a for a in seen if a.startswith(("instance-exec", "instance-file-", "instance-log-"))}
+    assert {"instance-exec", "instance-file-retrieved", "instance-file-pushed"} <= quiet, seen
+    assert not any(changes_maps(a) for a in quiet)
+    assert changes_maps("instance-updated") and seen.count("instance-updated") == 2, seen
+    for action in ("instance-started", "instance-stopped", "instance-shutdown",
+                   "instance-created", "instance-deleted", "instance-renamed",
+                   "instance-restored", "instance-restarted"):
+        assert changes_maps(action), action
 
 
 async def test_rules_outside_our_chains_are_untouched(sentinels, before, agent, alice):
