@@ -70,8 +70,7 @@ async def start(lxd: LXD, name: str, *, unit: str, login: str, argv: Sequence[st
     path = f"{ENV_DIR}/{unit}.env"
 
     async def write_env():
-        await lxd.make_dir(name, ENV_DIR, mode=0o700)
-        await lxd.put_file(name, path, env_file(env), mode=0o600)
+        await lxd.put_file(name, path, env_file(env), mode=0o600, dir_mode=0o700)
 
     if booted_now:
         await write_env()

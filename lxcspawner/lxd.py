@@ -943,18 +943,19 @@ class LXD:
             raise LXDError(f"{path} in {name} is a {entry.type}, not a file")
         return entry.data
 
-    def _unlinked(self, name: str, path: str) -> None:
+    def _unlinked(self, name: str, path: str) -> str | None:
         """Make ``path`` safe to write through LXD's file API, which follows
         links: refuse a link at a parent directory, remove one at ``path``
         itself (the link, never its target).  Only the container's root can
         plant links in the directories lxcgpu writes to with this; a race with
-        it gains it nothing it could not do itself."""
+        it gains it nothing it could not do itself.  The first part of the
+        path that does not exist, if any."""
         parts = [p for p in path.split("/") if p]
         for i in range(1, len(parts) + 1):
             sub = "/" + "/".join(parts[:i])
             entry = self._entry(name, sub)
             if entry is None:
-                return
+                return sub
             if entry.type != "symlink":
                 continue
             if i < len(parts):
@@ -964,20 +965,29 @@ class LXD:
             log.warning("%s in %s is a link to %r: replacing the link", path, name,
                         entry.data.decode("utf-8", "replace"))
             self._request("delete", f"/1.0/instances/{name}/files", params={"path": path})
+        return None
 
     async def put_file(self, name: str, path: str, data: bytes | str, *, mode: int = 0o644,
-                       uid: int = 0, gid: int = 0) -> None:
+                       uid: int = 0, gid: int = 0, dir_mode: int | None = None) -> None:
         """Write a file through LXD's file API.  LXD resolves the path inside
         the container but follows links, so a link at a parent is refused
-        and one at ``path`` is replaced (see _unlinked)."""
+        and one at ``path`` is replaced (see _unlinked).  ``dir_mode``: make
+        the file's directory (root's, with this mode) if it is missing, in
+        the same walk."""
         if isinstance(data, str):
             data = data.encode()
         headers = {"X-LXD-type": "file", "X-LXD-mode": f"{mode:04o}", "X-LXD-uid": str(uid),
                    "X-LXD-gid": str(gid), "X-LXD-write": "overwrite",
                    "Content-Type": "application/octet-stream"}
+        parent = path.rstrip("/").rsplit("/", 1)[0]
 
         def put():
-            self._unlinked(name, path)
+            missing = self._unlinked(name, path)
+            if dir_mode is not None and missing == parent:
+                self._request("post", f"/1.0/instances/{name}/files", params={"path": parent},
+                              headers={"X-LXD-type": "directory",
+                                       "X-LXD-mode": f"{dir_mode:04o}",
+                                       "X-LXD-uid": "0", "X-LXD-gid": "0"})
             self._request("post", f"/1.0/instances/{name}/files", params={"path": path},
                           data=data, headers=headers)
         await self.run(put, what=f"write {path} in {name}")
@@ -1011,17 +1021,6 @@ class LXD:
             self._request("post", f"/1.0/instances/{name}/files", params={"path": path},
                           headers=headers)
         await self.run(mkdir, what=f"mkdir {path} in {name}")
-
-    async def instance_with_state(self, name: str) -> dict | None:
-        """One instance's record with its ``state`` added, or None if it is gone."""
-        def get():
-            try:
-                md = self._request("get", f"/1.0/instances/{name}").json()["metadata"]
-                md["state"] = self._request("get", f"/1.0/instances/{name}/state").json()["metadata"]
-            except LXDNotFound:
-                return None
-            return md
-        return await self.run(get, what=f"state of {name}")
 
     async def ensure_project(self, name: str, *, description: str = "",
                              config: Mapping[str, str] | None = None) -> None:

@@ -157,18 +157,28 @@ async def test_a_new_account_is_made_without_following_planted_links(lxd, fresh_
 
 
 async def test_a_link_at_a_parent_directory_is_refused(lxd, fresh_ssh):
-    """Jupyter's token file goes to /run/lxcgpu: a link there (to the user's
-    home) is refused with the container's name, nothing is written."""
+    """Jupyter's token file goes to /run/lxcgpu (made root's 0700 where it is
+    missing, as jupyter.start writes it): a link there (to the user's home)
+    is refused with the container's name, nothing is written."""
     spec, acct = fresh_ssh
     await sh(lxd, spec.name, f"rm -rf {jupyter.ENV_DIR} && ln -s {acct.home} {jupyter.ENV_DIR}")
     try:
-        with pytest.raises(LXDError, match=f"container {spec.name}: {jupyter.ENV_DIR} is a "
-                                           "symbolic link"):
-            await lxd.put_file(spec.name, f"{jupyter.ENV_DIR}/x.env", "TOKEN=secret\n",
-                               mode=0o600)
+        for dir_mode in (None, 0o700):
+            with pytest.raises(LXDError, match=f"container {spec.name}: {jupyter.ENV_DIR} is "
+                                               "a symbolic link"):
+                await lxd.put_file(spec.name, f"{jupyter.ENV_DIR}/x.env", "TOKEN=secret\n",
+                                   mode=0o600, dir_mode=dir_mode)
         assert "x.env" not in await sh(lxd, spec.name, f"ls {acct.home}")
     finally:
         await sh(lxd, spec.name, f"rm -f {jupyter.ENV_DIR}")
+    await lxd.put_file(spec.name, f"{jupyter.ENV_DIR}/x.env", "TOKEN=secret\n", mode=0o600,
+                       dir_mode=0o700)
+    try:
+        assert (await sh(lxd, spec.name, f"stat -c '%a %U %F' {jupyter.ENV_DIR} "
+                         f"{jupyter.ENV_DIR}/x.env")).split("\n")[:2] == [
+            "700 root directory", "600 root regular file"]
+    finally:
+        await sh(lxd, spec.name, f"rm -rf {jupyter.ENV_DIR}")
 
 
 async def test_reads_and_output_from_inside_are_capped(lxd, fresh_ssh):
