@@ -889,22 +889,28 @@ class LXD:
         if cwd:
             body["cwd"] = cwd
 
+        def forget(paths):
+            for path in paths:
+                try:
+                    self._request("delete", path)
+                except LXDError:
+                    pass
+
         def run_exec():
             md = self._async_request("post", f"/1.0/instances/{name}/exec", json=body,
                                      timeout=limit + 10)
             meta = md.get("metadata") or {}
             out, too_large = {}, None
-            for fd, path in (meta.get("output") or {}).items():
+            paths = list((meta.get("output") or {}).items())
+            for fd, path in paths:
                 try:
                     out[fd] = self._read_capped(
                         path, limit=MAX_READ_BYTES,
                         what=f"the output of {argv[0]} in {name}")[1].decode("utf-8", "replace")
                 except LXDTooLarge as e:
                     too_large = e
-                try:
-                    self._request("delete", path)
-                except LXDError:
-                    pass
+            # LXD's copies of the output go after the caller has its result.
+            self._executor.submit(forget, [path for _, path in paths])
             if too_large is not None:
                 raise too_large
             rc = int(meta.get("return", -1))

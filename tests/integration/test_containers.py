@@ -106,6 +106,22 @@ async def test_alice_account_key_sudo_hostname(lxd, alice, keys, tmp_path, logs_
     assert refused.returncode == 255 and "Permission denied" in refused.stderr
 
 
+async def test_an_exec_leaves_no_output_with_lxd(lxd, alice):
+    """LXD keeps an exec's recorded output until it is deleted: the output is
+    read first, then LXD's copies go (after the caller has its result)."""
+    spec, _ = alice
+    out = await lxd.execute(spec.name, ["echo", "lxcgpu-exec-output"])
+    assert out.stdout == "lxcgpu-exec-output\n"
+    deadline = time.monotonic() + 10
+    while True:
+        logs = (await lxd.run(lxd._request, "get", f"/1.0/instances/{spec.name}/logs")).json()
+        left = [p for p in logs["metadata"] if p.rsplit("/", 1)[-1].startswith("exec_")]
+        if not left or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.1)
+    assert left == []
+
+
 async def test_second_user_has_a_disjoint_id_map(lxd, alice, bob, logs_on_failure):
     (sa, _), (sb, _) = alice, bob
     logs_on_failure.extend([sa.name, sb.name])
