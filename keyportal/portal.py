@@ -24,7 +24,9 @@ from lxcspawner import gpus as gpus_mod
 from lxcspawner import lifecycle, naming
 from lxcspawner.container import HOME_DEVICE, ContainerError, check_owner
 from lxcspawner.fleet import Fleet, ServerResult
-from lxcspawner.lxd import LXDError, LXDNotFound, LXDUnavailable, is_outage, parse_time
+from lxcspawner.lxd import (
+    LXDError, LXDNotFound, LXDUnavailable, instance_status, is_outage, parse_time,
+)
 from lxcspawner.settings import Settings, SettingsError
 from lxcspawner.store import Exhausted, InvalidInput, NotFound, Store, StoreError
 
@@ -280,9 +282,8 @@ class Portal:
                     return Container(g.name, name, False, "none", None, ssh,
                                      "no container yet: create it (or start Jupyter there)")
                 check_owner(inst, user)
-                state = await lxd.state(name)
                 address = await asyncio.to_thread(self.store.address, user, g.name)
-                return Container(g.name, name, True, state.status, address, ssh,
+                return Container(g.name, name, True, instance_status(inst), address, ssh,
                                  home_volume=_home(inst) is not None)
             except LXDError as e:
                 log.warning("containers of %s on %s: %s", user, g.name, e)
@@ -465,7 +466,7 @@ class Portal:
                 await lxd.restore_snapshot(name, snapshot)
             else:
                 # A volume cannot be restored while a running container uses it.
-                running = (await lxd.state(name)).running
+                running = await lxd.status(name) == "running"
                 if running:
                     await lxd.stop(name, timeout=60)
                 try:
@@ -678,7 +679,7 @@ class Portal:
                          "state": "unreachable", "detail": _refusal(e).args[0]}]
             return [{"server": g.name, "name": i["name"],
                      "owner": (i.get("config") or {}).get(owner_key),
-                     "state": str(i.get("status") or "").lower()} for i in items]
+                     "state": instance_status(i)} for i in items]
         rows = await asyncio.gather(*(one(g) for g in self.settings.servers))
         return [r for server_rows in rows for r in server_rows]
 

@@ -16,7 +16,7 @@ from typing import Mapping
 from . import gpus, naming
 from .idmap import IDMAP_BLOCK, IDMAP_USER_FIRST, IDMAP_USER_LAST  # noqa: F401
 from .naming import KEY_PREFIX  # noqa: F401
-from .lxd import LXD, LXDError
+from .lxd import LXD, LXDError, instance_status
 from .network import NIC
 
 log = logging.getLogger("lxcspawner.container")
@@ -230,7 +230,7 @@ async def half_made(lxd: LXD, instance: Mapping) -> bool:
     complete.  Such an instance holds nothing of its user's and cannot be
     used ("Failed to write backup file: Instance storage pool not found")."""
     cfg = instance.get("config") or {}
-    return (str(instance.get("status", "")).lower() == "stopped"
+    return (instance_status(instance) == "stopped"
             and not any(k in cfg for k in ("volatile.apply_template", "volatile.idmap.current",
                                            "volatile.last_state.power")))
 

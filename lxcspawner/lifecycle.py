@@ -20,11 +20,11 @@ from typing import Any, Callable, Mapping, Sequence
 from . import driversync, gpus, naming, network, pool
 from .container import (HOME_DEVICE, ContainerError, ContainerSpec, check_extra_key, check_owner,
                         ensure_container, half_made, home_volume, root_pool)
-from .lxd import LXD, LXDError, LXDNotFound, is_outage
+from .lxd import LXD, InstanceState, LXDError, LXDNotFound, instance_status, is_outage
 from .portmap import config_changes, jupyter_maps
 from .provision import provision
 from .settings import Settings
-from .store import Exhausted, Store
+from .store import Exhausted, Store, UserRecord
 
 log = logging.getLogger("lxcspawner.lifecycle")
 
@@ -143,7 +143,7 @@ async def sync_user_container(lxd: LXD, store: Store, user: str, server: str, *,
     check_owner(inst, user)
     maps = await _wanted_ports(store, user, server)
     changed = await _write_port_maps(lxd, name, inst.get("config") or {}, maps)
-    if not (await lxd.state(name)).running:
+    if instance_status(inst) != "running":
         return ContainerSync(name, changed, False)
     keys = await asyncio.to_thread(store.authorized_keys, user)
     await provision(lxd, name, login=naming.posix_name(user), keys=keys,
@@ -345,21 +345,35 @@ async def delete_user_container(lxd: LXD, store: Store, user: str, server: str, 
     return inst is not None
 
 
-async def runs_already(lxd: LXD, store: Store, user: str, server: str, *,
-                       prefix: str = "") -> bool:
-    """Whether ``user`` has a record, is not suspended, and their container
-    on ``server`` exists, is theirs (its owner key) and runs: what starting
-    a process of theirs in it at once needs, before
-    :func:`ensure_user_container` has checked and provisioned the rest."""
-    rec, inst = await asyncio.gather(asyncio.to_thread(store.get_user, user),
+@dataclass(frozen=True)
+class Found:
+    """What a spawn reads first, once, for everything after: the user's
+    record (made at their first spawn) and their instance on the server
+    (None where there is none)."""
+    rec: UserRecord
+    inst: dict | None
+
+
+async def find(lxd: LXD, store: Store, user: str, server: str, *, prefix: str,
+               actor: str = "system") -> Found:
+    """The user's record and their instance on ``server``, read at once."""
+    rec, inst = await asyncio.gather(asyncio.to_thread(store.ensure_user, user, actor=actor),
                                      lxd.instance(naming.instance_name(user, server, prefix)))
-    if rec is None or rec.suspended is not None or inst is None:
+    return Found(rec, inst)
+
+
+def runs_already(found: Found, user: str) -> bool:
+    """Whether ``user`` is not suspended and their container exists, is
+    theirs (its owner key) and runs: what starting a process of theirs in
+    it at once needs, before :func:`ensure_user_container` has checked and
+    provisioned the rest."""
+    if found.rec.suspended is not None or found.inst is None:
         return False
     try:
-        check_owner(inst, user)
+        check_owner(found.inst, user)
     except ContainerError:
         return False
-    return str(inst.get("status", "")).lower() == "running"
+    return instance_status(found.inst) == "running"
 
 
 def _suspended(rec, user: str) -> ContainerError:
@@ -373,7 +387,7 @@ async def ensure_user_container(lxd: LXD, store: Store, settings: Settings, user
                                 server: str | None = None, *, start: bool = True,
                                 progress: Progress | None = None, actor: str = "system",
                                 address_timeout: float = 60, wait_network: bool = True,
-                                **overrides: Any) -> UserContainer:
+                                found: Found | None = None, **overrides: Any) -> UserContainer:
     """Make ``user``'s container on ``server`` (default: ``settings.server``)
     exist, carry its port maps, run and be ready for SSH with the user's keys.
 
@@ -381,7 +395,8 @@ async def ensure_user_container(lxd: LXD, store: Store, settings: Settings, user
     ``overrides`` replace any of :data:`SPEC_OVERRIDES` (``gpus`` defaults to
     the GPUs LXD sees on the server).  ``progress`` gets a short message before
     each step.  With ``start=False`` a stopped container is left stopped and
-    not provisioned.  With ``wait_network=False`` a container that was just
+    not provisioned.  ``found``: the user's record and instance as
+    :func:`find` read them just now (else it reads them).  With ``wait_network=False`` a container that was just
     started is returned before its address is up (``online`` False: the
     caller starts what needs no network meanwhile, then waits for it).  Idempotent: a running, provisioned container is left
     alone (no restart, no rewrite).
@@ -394,7 +409,7 @@ async def ensure_user_container(lxd: LXD, store: Store, settings: Settings, user
         return await _ensure_user_container(lxd, store, settings, user, server, start=start,
                                             say=progress or (lambda msg: None), actor=actor,
                                             address_timeout=address_timeout, wait_network=wait_network,
-                                            **overrides)
+                                            found=found, **overrides)
     except LXDError as e:
         toolkit = _no_toolkit(server, e)
         if toolkit is None:
@@ -406,13 +421,12 @@ async def ensure_user_container(lxd: LXD, store: Store, settings: Settings, user
 async def _ensure_user_container(lxd: LXD, store: Store, settings: Settings, user: str,
                                  server: str, *, start: bool, say: Progress, actor: str,
                                  address_timeout: float, wait_network: bool,
-                                 **overrides: Any) -> UserContainer:
+                                 found: Found | None, **overrides: Any) -> UserContainer:
     say("allocating SSH port and ids")
-    # The user's record and their instance, read at once.
-    rec, inst = await asyncio.gather(
-        asyncio.to_thread(store.ensure_user, user, actor=actor),
-        lxd.instance(naming.instance_name(
-            user, server, overrides.get("prefix", settings.instance_prefix))))
+    if found is None:
+        found = await find(lxd, store, user, server, actor=actor,
+                           prefix=overrides.get("prefix", settings.instance_prefix))
+    rec, inst = found.rec, found.inst
     if rec.suspended is not None:
         raise _suspended(rec, user)
     spec = settings.container_spec(user, rec.idmap_base, server=server, **overrides)
@@ -456,8 +470,13 @@ async def _ensure_user_container(lxd: LXD, store: Store, settings: Settings, use
             inst = await ensure_container(lxd, spec)
     address = nic["ipv4.address"]
 
-    maps, state = await asyncio.gather(_wanted_ports(store, user, server, rec),
-                                       lxd.state(spec.name))
+    # A stopped container's state is its record's status (no address yet);
+    # only a running one's addresses are asked of LXD.
+    status = instance_status(inst)
+    maps, state = await asyncio.gather(
+        _wanted_ports(store, user, server, rec),
+        lxd.state(spec.name) if status == "running"
+        else asyncio.sleep(0, InstanceState(spec.name, status)))
     restart = False
     nic_change = {}
     if (inst.get("devices") or {}).get(network.NIC) != nic:
@@ -467,7 +486,7 @@ async def _ensure_user_container(lxd: LXD, store: Store, settings: Settings, use
             say("restarting container to pin its address")
             log.info("%s: restarting it to pin its address %s", spec.name, address)
             await lxd.stop(spec.name)
-            state = await lxd.state(spec.name)
+            state = InstanceState(spec.name, "stopped")
             restart = True
         nic_change = {network.NIC: nic}
     # The port maps before the start, so the node agent maps the ports on
@@ -541,7 +560,7 @@ async def _move_home(lxd: LXD, name: str, pool: str, login: str, *, timeout: flo
     say("moving your home into a volume of its own")
     await lxd.create_volume(pool, volume, description=f"home of {login} in {name} (lxcgpu)")
     try:
-        if not (await lxd.state(name)).running:
+        if await lxd.status(name) != "running":
             await lxd.start(name)
         await lxd.update_devices(name, {MOVING_HOME_DEVICE: {
             "type": "disk", "pool": pool, "source": volume, "path": MOVING_HOME_AT}})

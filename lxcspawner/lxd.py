@@ -24,7 +24,7 @@ import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence, TypeVar
 from urllib.parse import quote
 
@@ -131,8 +131,7 @@ class InstanceState:
     status: str  # "running", "stopped", "missing", or LXD's other states lower-cased
     addresses: tuple[str, ...] = ()
     memory_bytes: int | None = None
-    pid: int | None = None
-    config: Mapping[str, str] = field(default_factory=dict)
+    pid: int | None = None      # of its init, on the host
 
     @property
     def running(self) -> bool:
@@ -141,6 +140,13 @@ class InstanceState:
     @property
     def ipv4(self) -> str | None:
         return next((a for a in self.addresses if ":" not in a), None)
+
+
+def instance_status(instance: Mapping | None) -> str:
+    """An instance's status from LXD's plain record, lower-cased ("running",
+    "stopped", ...; "missing" for None): what its state would say, without
+    LXD computing the rest of a state (disk, network, processes)."""
+    return "missing" if instance is None else str(instance.get("status", "")).lower()
 
 
 def _status_of(exc: Exception) -> int | None:
@@ -494,13 +500,18 @@ class LXD:
     # ------------------------------------------------------------ instances
 
     async def instance(self, name: str) -> dict | None:
-        """The instance's record (config, devices, profiles), or None."""
+        """The instance's record (config, devices, profiles, status), or None."""
         def get():
             try:
                 return self._request("get", f"/1.0/instances/{name}").json()["metadata"]
             except LXDNotFound:
                 return None
         return await self.run(get, what=f"get {name}")
+
+    async def status(self, name: str) -> str:
+        """The instance's status (see instance_status): from its record, not
+        its state, which LXD computes at a cost."""
+        return instance_status(await self.instance(name))
 
     async def list_instances(self, *, config_key: str | None = None,
                              with_state: bool = False, all_projects: bool = False) -> list[dict]:
@@ -771,8 +782,8 @@ class LXD:
                        retry=False)
 
     def _set_state(self, name: str, action: str, *, force: bool, timeout: float) -> None:
-        status = self._request("get", f"/1.0/instances/{name}/state").json()["metadata"]["status"]
-        if (action == "start" and status == "Running") or (action == "stop" and status == "Stopped"):
+        status = instance_status(self._request("get", f"/1.0/instances/{name}").json()["metadata"])
+        if (action, status) in (("start", "running"), ("stop", "stopped")):
             return
         try:
             self._async_request("put", f"/1.0/instances/{name}/state",
@@ -809,14 +820,13 @@ class LXD:
         """Running / stopped / missing, the global addresses on eth0, memory."""
         def get():
             try:
-                md = self._request("get", f"/1.0/instances/{name}").json()["metadata"]
                 st = self._request("get", f"/1.0/instances/{name}/state").json()["metadata"]
             except LXDNotFound:
                 return InstanceState(name, "missing")
             addrs = network.reported_addresses(st)
             mem = (st.get("memory") or {}).get("usage")
-            return InstanceState(name, str(st.get("status", "")).lower(), addrs,
-                                 mem, st.get("pid") or None, md.get("config") or {})
+            return InstanceState(name, str(st.get("status", "")).lower(), addrs, mem,
+                                 st.get("pid") or None)
         return await self.run(get, what=f"state of {name}")
 
     async def wait_for_address(self, name: str, timeout: float = 60, *,
@@ -909,8 +919,12 @@ class LXD:
                         what=f"the output of {argv[0]} in {name}")[1].decode("utf-8", "replace")
                 except LXDTooLarge as e:
                     too_large = e
-            # LXD's copies of the output go after the caller has its result.
-            self._executor.submit(forget, [path for _, path in paths])
+            # LXD's copies of the output go after the caller has its result
+            # (at once if the client is closing).
+            try:
+                self._executor.submit(forget, [path for _, path in paths])
+            except RuntimeError:
+                forget([path for _, path in paths])
             if too_large is not None:
                 raise too_large
             rc = int(meta.get("return", -1))
@@ -990,10 +1004,7 @@ class LXD:
         def put():
             missing = self._unlinked(name, path)
             if dir_mode is not None and missing == parent:
-                self._request("post", f"/1.0/instances/{name}/files", params={"path": parent},
-                              headers={"X-LXD-type": "directory",
-                                       "X-LXD-mode": f"{dir_mode:04o}",
-                                       "X-LXD-uid": "0", "X-LXD-gid": "0"})
+                self._mkdir(name, parent, dir_mode, 0, 0)
             self._request("post", f"/1.0/instances/{name}/files", params={"path": path},
                           data=data, headers=headers)
         await self.run(put, what=f"write {path} in {name}")
@@ -1019,14 +1030,15 @@ class LXD:
                        gid: int = 0) -> None:
         """Create a directory (or set the owner and mode of an existing one);
         links are handled as in put_file."""
-        headers = {"X-LXD-type": "directory", "X-LXD-mode": f"{mode:04o}",
-                   "X-LXD-uid": str(uid), "X-LXD-gid": str(gid)}
-
         def mkdir():
             self._unlinked(name, path)
-            self._request("post", f"/1.0/instances/{name}/files", params={"path": path},
-                          headers=headers)
+            self._mkdir(name, path, mode, uid, gid)
         await self.run(mkdir, what=f"mkdir {path} in {name}")
+
+    def _mkdir(self, name: str, path: str, mode: int, uid: int, gid: int) -> None:
+        self._request("post", f"/1.0/instances/{name}/files", params={"path": path},
+                      headers={"X-LXD-type": "directory", "X-LXD-mode": f"{mode:04o}",
+                               "X-LXD-uid": str(uid), "X-LXD-gid": str(gid)})
 
     async def ensure_project(self, name: str, *, description: str = "",
                              config: Mapping[str, str] | None = None) -> None:

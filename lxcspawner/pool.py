@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from . import naming, network
 from .container import KEY_PREFIX
-from .lxd import LXD, ImageNotFound, LXDError, is_outage, parse_time
+from .lxd import LXD, ImageNotFound, LXDError, instance_status, is_outage, parse_time
 
 if TYPE_CHECKING:
     from .settings import Settings
@@ -176,7 +176,7 @@ async def claim(lxd: LXD, store: "Store", settings: "Settings", user: str, serve
         inst = await lxd.instance(member)
         if inst is None or not is_member(inst):
             raise LXDError(f"{member} is gone")
-        if str(inst.get("status", "")).lower() != "stopped":
+        if instance_status(inst) != "stopped":
             raise LXDError(f"{member} is {inst.get('status')}, not stopped")
         await lxd.rename_instance(member, spec.name)
         # The user's configuration, as a container made for them now has it

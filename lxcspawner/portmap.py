@@ -171,10 +171,13 @@ def maps_for(instances: Iterable[Mapping], bridges: Mapping[str, Bridge],
     copied container) are both reported in the log; the first by name wins,
     so the outcome never depends on the order LXD lists them in.
     """
+    # Here, not at the top: the store reads this module's ranges without pylxd.
+    from .lxd import instance_status
+
     maps: dict[int, PortMap] = {}
     for inst in sorted(instances, key=lambda i: i.get("name", "")):
         name = inst.get("name", "")
-        if str(inst.get("status", "")).lower() != "running":
+        if instance_status(inst) != "running":
             continue
         wanted = wanted_ports(inst.get("config") or {})
         if not wanted:

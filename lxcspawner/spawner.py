@@ -30,7 +30,7 @@ from traitlets import Any as AnyTrait
 from traitlets import Bool, Dict, Integer, List, TraitError, Unicode, default, validate
 
 from . import gpus, jupyter, naming
-from .lifecycle import ensure_user_container, runs_already, set_user_gpus
+from .lifecycle import ensure_user_container, find, runs_already, set_user_gpus
 from .container import ContainerError
 from .lxd import LXD, LXDError, is_outage
 from .portmap import jupyter_host_port
@@ -449,17 +449,12 @@ class LXCSpawner(Spawner):
                                  "hub's certificate authority cannot be read); please tell "
                                  "your administrator.") from None
 
-    async def _start_early(self, lxd: LXD, store: Store, server: str, name: str, env: dict,
-                           argv: list[str]) -> bool:
-        """Start Jupyter in the user's container ``name`` on ``server`` at
-        once if it runs already, is theirs and they may use it
-        (lifecycle.runs_already); whether it did.  Anything in the way (the
-        login missing, LXD busy) leaves it to the usual start after the
-        checks."""
+    async def _start_early(self, lxd: LXD, name: str, env: dict, argv: list[str]) -> bool:
+        """Start Jupyter in the user's container ``name``, which runs already,
+        is theirs and they may use (lifecycle.runs_already); whether it did.
+        Anything in the way (the login missing, LXD busy) leaves it to the
+        usual start after the checks."""
         try:
-            if not await runs_already(lxd, store, self.user.name, server,
-                                      prefix=self._settings.instance_prefix):
-                return False
             await jupyter.start(lxd, name, unit=self._unit(),
                                 login=naming.posix_name(self.user.name), argv=argv, env=env)
             self.log.info("%s: Jupyter started in %s before the checks", self._log_name, name)
@@ -506,19 +501,23 @@ class LXCSpawner(Spawner):
         self.ip, self.port = "0.0.0.0", inside
         async with self._turn(shared, server):
             early = None
+            store = await shared.store()
+            actor = f"hub:{self.user.name}"
+            found = await find(lxd, store, self.user.name, server, actor=actor,
+                               prefix=settings.instance_prefix)
+            if not gpu.remote:
+                self.hub_connect_url = self._hub_connect_default
             try:
-                if not gpu.remote:
-                    # Where the user's container runs already, Jupyter starts
-                    # at once, while the checks and provisioning below run.
-                    self.hub_connect_url = self._hub_connect_default
-                    early_in = naming.instance_name(self.user.name, server,
-                                                    settings.instance_prefix)
+                if not gpu.remote and runs_already(found, self.user.name):
+                    # The user's container runs already: Jupyter starts at
+                    # once, while the checks and provisioning below run.
+                    early_in = found.inst["name"]
                     early = asyncio.ensure_future(self._start_early(
-                        lxd, await shared.store(), server, early_in, self.get_env(),
+                        lxd, early_in, self.get_env(),
                         [*self.singleuser_command, *self.get_args()]))
                 uc = await ensure_user_container(
-                    lxd, await shared.store(), settings, self.user.name, server,
-                    progress=self._say, actor=f"hub:{self.user.name}",
+                    lxd, store, settings, self.user.name, server,
+                    progress=self._say, actor=actor, found=found,
                     address_timeout=self.address_timeout, wait_network=False,
                     extra_config=dict(self.extra_container_config))
                 started_early = early is not None and await early
@@ -528,8 +527,7 @@ class LXCSpawner(Spawner):
                     await set_user_gpus(lxd, self.user.name, server, wanted,
                                         prefix=settings.instance_prefix)
                     await asyncio.to_thread(
-                        (await shared.store()).audit, f"hub:{self.user.name}",
-                        "container.gpus", self.user.name,
+                        store.audit, actor, "container.gpus", self.user.name,
                         {"server": server, "gpus": wanted or "all"})
             except BaseException:
                 if early is not None:
@@ -598,13 +596,12 @@ class LXCSpawner(Spawner):
         if not self.instance:
             return 0
         try:
-            lxd = self._lxd(self.instance_server)
-            state = await lxd.state(self.instance)
+            status = await self._lxd(self.instance_server).status(self.instance)
         except LXDError as e:
             # LXD unreachable says nothing about the server; keep it.
             self.log.warning("%s: cannot poll %s: %s", self._log_name, self.instance, e)
             return None
-        if not state.running or not self.address:
+        if status != "running" or not self.address:
             return 0
         return None if await jupyter.answers(self.address, self.jupyter_at) else 0
 

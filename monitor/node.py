@@ -44,7 +44,7 @@ from typing import Sequence
 from urllib.parse import urlsplit
 
 from lxcspawner.dnat import DNATTable, SyncResult, XtablesUnavailable
-from lxcspawner.lxd import LXD, LXDError
+from lxcspawner.lxd import LXD, LXDError, instance_status
 from lxcspawner.network import HUB_API_PORT, HUB_API_PORT_ENV, Bridge, NetworkError, hub_api_port
 from lxcspawner.portmap import (
     FORWARD_PORTS, JUPYTER_PORTS, SSH_PORTS, PortMap, maps_for, parse_port_range, wanted_ports,
@@ -152,7 +152,7 @@ class NodeAgent:
         inst = await self.lxd.instance(name)
         maps = maps_for([inst], self.bridges, self.allowed, self.hub_address) if inst else []
         if not maps and self._wants_ports(inst) and inst and \
-                str(inst.get("status", "")).lower() == "running":
+                instance_status(inst) == "running":
             # On a bridge this agent has not seen yet (made since the last
             # reconcile)?  Reconcile everything again.
             self._resync.set()

@@ -122,7 +122,7 @@ async def test_creates_starts_and_provisions(lxd, erin, store, keys, run_tag,
     assert nic["ipv4.address"] == uc.address
     assert all(nic[f"security.{k}"] == "true" for k in (
         "mac_filtering", "ipv4_filtering", "ipv6_filtering", "port_isolation"))
-    cfg = st.config
+    cfg = (await lxd.instance(uc.name))["config"]
     assert cfg[SSH_PORT_KEY] == "28000"
     assert cfg["security.idmap.base"] == str(rec.idmap_base)
     assert rec.idmap_base == IDMAP_USER_FIRST + BLOCK_FIRST * IDMAP_BLOCK
@@ -153,17 +153,19 @@ async def test_second_call_changes_nothing(lxd, erin, store, site, run_tag, logs
 async def test_jupyter_may_start_early_only_in_her_own_running_container(
         lxd, erin, store, run_tag, logs_on_failure):
     """lifecycle.runs_already, what the spawner asks before starting Jupyter
-    ahead of the checks: her container, running, her record not suspended;
-    no for another owner's instance of that name, a suspended user, a user
-    without a record, a stopped container."""
+    ahead of the checks (of what lifecycle.find read once for the whole
+    spawn): her container, running, her record not suspended; no for
+    another owner's instance of that name, a suspended user, a user
+    without a container, a stopped container."""
     uc, _ = erin
     logs_on_failure.append(uc.name)
 
-    def runs() -> bool:
-        return lifecycle.runs_already(lxd, store, USER, SERVER, prefix=run_tag)
+    async def runs(user: str = USER) -> bool:
+        found = await lifecycle.find(lxd, store, user, SERVER, prefix=run_tag)
+        return lifecycle.runs_already(found, user)
 
     assert await runs()
-    assert not await lifecycle.runs_already(lxd, store, "nobody", SERVER, prefix=run_tag)
+    assert not await runs("nobody")
     owner = f"{naming.KEY_PREFIX}owner"
     await lxd.update_config(uc.name, {owner: "mallory"})
     try:
