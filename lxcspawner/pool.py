@@ -49,6 +49,7 @@ log = logging.getLogger("lxcspawner.pool")
 
 #: ``user.lxcgpu.pool = <server>`` marks a prebuilt container (no one's).
 POOL_KEY = f"{KEY_PREFIX}pool"
+POOL_CPU_SHARE = "10%"
 #: The user a prebuilt container's configuration is rendered for, before the
 #: owner keys are taken out.
 PLACEHOLDER_USER = "prebuilt"
@@ -94,11 +95,16 @@ def member_config(settings: "Settings", server: str, idmap_base: int,
                   gpus: int) -> tuple[dict[str, str], dict[str, dict[str, str]]]:
     """The configuration and devices of a prebuilt container: a user's
     container's (the site's limits, mounts, GPUs, id map) without an owner
-    and without a network device."""
+    and without a network device, yielding the CPU to users' containers."""
     spec = settings.container_spec(PLACEHOLDER_USER, idmap_base, server=server, gpus=gpus)
     config = {k: v for k, v in spec.config().items() if k not in OWNER_KEYS}
     config[f"{KEY_PREFIX}purpose"] = "prebuilt"
     config[POOL_KEY] = server
+    # It is made while users spawn: when CPU is short, its boot and warm-up
+    # get a tenth of a user's container's share (LXD's soft CPU allowance, a
+    # cgroup weight: no cap on an idle server).  The takeover gives the
+    # user's container the user's configuration, without it.
+    config["limits.cpu.allowance"] = POOL_CPU_SHARE
     devices = spec.devices()
     devices[network.NIC] = {"type": "none"}
     return config, devices

@@ -87,6 +87,8 @@ async def test_the_keeper_makes_prebuilt_containers_that_belong_to_no_one(
         assert inst["devices"][NIC] == {"type": "none"}
         assert await lxd.file_entry(r.instance, "/root/.ssh/authorized_keys") is None
         assert cfg["limits.cpu"] == "1"
+        # Made beside users' spawns, it yields the CPU to them.
+        assert cfg["limits.cpu.allowance"] == pool.POOL_CPU_SHARE
     # A second round has nothing to do.
     assert await pool.tend(lxd, store, site, SERVER) == {
         "made": 0, "retired": 0, "forgotten": 0, "failed": 0}
@@ -125,6 +127,7 @@ async def test_a_new_users_first_container_is_a_prebuilt_one_and_theirs_alone(
     assert {k: cfg.get(k) for k in expected} == expected
     assert pool.POOL_KEY not in cfg and cfg[SSH_PORT_KEY] == str(rec.ssh_port)
     assert "limits.memory" not in cfg and "lxcgpu-mnt-old" not in inst["devices"]
+    assert "limits.cpu.allowance" not in cfg
     assert json.loads(cfg["volatile.idmap.current"])[0]["Hostid"] == rec.idmap_base
     assert inst["devices"][NIC]["ipv4.address"] == uc.address == store.address(user, SERVER)
     # Inside: the user's hostname, login and keys; nothing of the pool.
