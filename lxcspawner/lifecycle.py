@@ -396,10 +396,11 @@ async def ensure_user_container(lxd: LXD, store: Store, settings: Settings, user
     the GPUs LXD sees on the server).  ``progress`` gets a short message before
     each step.  With ``start=False`` a stopped container is left stopped and
     not provisioned.  ``found``: the user's record and instance as
-    :func:`find` read them just now (else it reads them).  With ``wait_network=False`` a container that was just
-    started is returned before its address is up (``online`` False: the
-    caller starts what needs no network meanwhile, then waits for it).  Idempotent: a running, provisioned container is left
-    alone (no restart, no rewrite).
+    :func:`find` read them just now (else it reads them).  With
+    ``wait_network=False`` a container that was just started is returned
+    before its address is up (``online`` False: the caller starts what needs
+    no network meanwhile, then waits for it).  Idempotent: a running,
+    provisioned container is left alone (no restart, no rewrite).
     """
     bad = set(overrides) - SPEC_OVERRIDES
     if bad:
