@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from .lxd import LXD, LXDError
+from .lxd import LXD, LXDError, parse_time
 
 #: The name the hub's certificate gets in each GPU server's trust store.
 HUB_CLIENT_NAME = "lxcgpu-hub"
@@ -90,11 +90,9 @@ class TrustToken:
         if not self.expires_at or self.expires_at.startswith("0001-"):
             return False
         try:
-            when = dt.datetime.fromisoformat(self.expires_at.replace("Z", "+00:00"))
+            when = parse_time(self.expires_at)
         except ValueError:
             return False
-        if when.tzinfo is None:
-            when = when.replace(tzinfo=dt.timezone.utc)
         return when < (now or dt.datetime.now(dt.timezone.utc))
 
 
