@@ -200,30 +200,38 @@ async def _keys_in_place(lxd: LXD, name: str, acct: Account, keys_text: str) -> 
             and not ak.mode & 0o022 and ak.data == keys_text.encode())
 
 
-async def write_keys(lxd: LXD, name: str, acct: Account, keys_text: str) -> None:
-    """Write ``~/.ssh/authorized_keys`` as the user (KEYS_WRITER); a failure
-    is a ProvisionError that names the container and says why."""
-    argv = [PYTHON, "-I", "-c", KEYS_WRITER, acct.home, *keys_text.splitlines()]
-    what = f"The SSH keys of {acct.name} could not be written in container {name}"
+async def _run_python(lxd: LXD, name: str, code: str, args: Sequence[str], *, what: str,
+                      then: str, uid: int = 0, gid: int = 0) -> str:
+    """Run ``code`` with the container's Python (isolated mode) as uid/gid;
+    its output.  A failure is a ProvisionError: ``what`` failed, why (the
+    code's last line of error, LXD's words, or a missing Python), ``then``."""
+    argv = [PYTHON, "-I", "-c", code, *args]
     try:
-        res = await lxd.execute(name, argv, user=acct.uid, group=acct.gid, timeout=60)
+        res = await lxd.execute(name, argv, user=uid, group=gid, timeout=60)
     except LXDError as e:
         # LXD reports an exit status of 127 as the failure "Command not found".
         if "Command not found" not in str(e):
-            raise ProvisionError(f"{what}: {e}. They stay in lxcgpu's store and are pushed "
-                                 "again at the next start.") from e
+            raise ProvisionError(f"{what}: {e}. {then}") from e
         res = None
     if res is None or res.returncode in (126, 127):
         raise ProvisionError(f"{what}: {PYTHON} is missing or broken there (reinstall it "
-                             "with `sudo apt-get install python3` in the container). The keys "
-                             "stay in lxcgpu's store and are pushed again at the next start.")
+                             f"with `sudo apt-get install python3` in the container). {then}")
     if res.returncode != 0:
         reason = (res.stderr or res.stdout).strip().splitlines()
         raise ProvisionError(f"{what}: {reason[-1][:300] if reason else f'exit {res.returncode}'}"
-                             ". They stay in lxcgpu's store and are pushed again at the next "
-                             "start.")
-    if res.stdout.strip():
-        log.warning("%s: %s", name, res.stdout.strip()[:300])
+                             f". {then}")
+    return res.stdout
+
+
+async def write_keys(lxd: LXD, name: str, acct: Account, keys_text: str) -> None:
+    """Write ``~/.ssh/authorized_keys`` as the user (KEYS_WRITER); a failure
+    is a ProvisionError that names the container and says why."""
+    out = await _run_python(
+        lxd, name, KEYS_WRITER, [acct.home, *keys_text.splitlines()], uid=acct.uid,
+        gid=acct.gid, what=f"The SSH keys of {acct.name} could not be written in container {name}",
+        then="They stay in lxcgpu's store and are pushed again at the next start.")
+    if out.strip():
+        log.warning("%s: %s", name, out.strip()[:300])
 
 
 async def _own_fresh_home(lxd: LXD, name: str, acct: Account) -> None:
@@ -283,30 +291,19 @@ async def _new_account(lxd: LXD, name: str, login: str, keys_text: str, hostname
     what failed."""
     files = [(SUDOERS_PATH, "440", _sudoers(login)), ("/etc/hostname", "644", f"{hostname}\n"),
              ("/etc/hosts", "644", hosts_text(hosts, hostname))]
-    argv = [PYTHON, "-I", "-c", NEW_ACCOUNT, login, hostname, str(len(files)),
-            *(x for f in files for x in f), *keys_text.splitlines()]
     what = f"The account of {login} could not be made in container {name}"
-    try:
-        res = await lxd.execute(name, argv, timeout=60)
-    except LXDError as e:
-        if "Command not found" not in str(e):
-            raise ProvisionError(f"{what}: {e}") from e
-        res = None
-    if res is None or res.returncode in (126, 127):
-        raise ProvisionError(f"{what}: {PYTHON} is missing or broken there (reinstall it "
-                             "with `sudo apt-get install python3` in the container).")
-    if res.returncode != 0:
-        reason = (res.stderr or res.stdout).strip().splitlines()
-        raise ProvisionError(f"{what}: {reason[-1][:300] if reason else f'exit {res.returncode}'}"
-                             ". It is tried again at the next start.")
-    out = res.stdout.strip().splitlines()
+    said = await _run_python(
+        lxd, name, NEW_ACCOUNT, [login, hostname, str(len(files)),
+                                 *(x for f in files for x in f), *keys_text.splitlines()],
+        what=what, then="It is tried again at the next start.")
+    out = said.strip().splitlines()
     for line in out[:-1]:
         log.warning("%s: %s", name, line[:300])
     try:
         uid, gid, home = out[-1].split(" ", 2)
         return Account(login, int(uid), int(gid), home)
     except (IndexError, ValueError):
-        raise ProvisionError(f"{what}: it said {res.stdout.strip()[-200:]!r}") from None
+        raise ProvisionError(f"{what}: it said {said.strip()[-200:]!r}") from None
 
 
 async def provision(lxd: LXD, name: str, *, login: str, keys: Sequence[str],

@@ -118,6 +118,29 @@ async def test_system_files_written_through_lxd_replace_links(lxd, fresh_ssh, ke
     assert await sh(lxd, spec.name, "cat /etc/hostname") == f"{spec.hostname}\n"
 
 
+async def test_a_container_without_python_gets_a_sentence_and_no_change(lxd, fresh_ssh, keys):
+    """Root inside removed python3, which provisioning runs: a key push and
+    a new account each fail in a sentence that names the container, the
+    missing Python and its fix, and what happens next; nothing changes."""
+    spec, acct = fresh_ssh
+    before = await hashes(lxd, spec.name)
+    await sh(lxd, spec.name, "mv /usr/bin/python3 /usr/bin/python3.lxcgpu-test")
+    try:
+        for login, then in ((acct.name, "pushed again at the next start"),
+                            ("newcomer", "tried again at the next start")):
+            with pytest.raises(ProvisionError) as e:
+                await provision(lxd, spec.name, login=login, keys=keys,
+                                hostname=spec.hostname)
+            msg = str(e.value)
+            assert spec.name in msg and "python3 is missing or broken" in msg, msg
+            assert "apt-get install python3" in msg and then in msg, msg
+        assert await hashes(lxd, spec.name) == before
+        assert "newcomer" not in await sh(lxd, spec.name, "cat /etc/passwd")
+    finally:
+        await sh(lxd, spec.name, "mv /usr/bin/python3.lxcgpu-test /usr/bin/python3")
+    await provision(lxd, spec.name, login=acct.name, keys=keys, hostname=spec.hostname)
+
+
 async def test_a_new_account_is_made_without_following_planted_links(lxd, fresh_ssh, keys):
     """A login with no account there yet is provisioned in one exec
     (provision.NEW_ACCOUNT): root inside linked the files it writes, and the
