@@ -514,12 +514,11 @@ class LXD:
         return instance_status(await self.instance(name))
 
     async def list_instances(self, *, config_key: str | None = None,
-                             with_state: bool = False, all_projects: bool = False) -> list[dict]:
-        """All instances (of every project, with ``all_projects``);
-        optionally only those that set ``config_key``.  ``with_state`` adds
-        each one's ``state`` (status, network) in the same single request
-        (recursion 2)."""
-        params = {"recursion": 2 if with_state else 1}
+                             all_projects: bool = False) -> list[dict]:
+        """All instances (of every project, with ``all_projects``), their
+        records with their status but not their state (recursion 1);
+        optionally only those that set ``config_key``."""
+        params = {"recursion": 1}
         if all_projects:
             params["all-projects"] = "true"
 

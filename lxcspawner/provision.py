@@ -82,7 +82,8 @@ except OSError as e:
 # followed), then the key lines.  useradd makes the account; the keys are
 # written by a child that has become the user, running KEYS_WRITER as such.
 # Prints the account as "uid gid home".
-NEW_ACCOUNT = f"KEYS_WRITER_CODE = {KEYS_WRITER!r}\nUSERADD = {USERADD!r}\n" + r"""
+NEW_ACCOUNT = (f"KEYS_WRITER_CODE = {KEYS_WRITER!r}\nUSERADD = {USERADD!r}\n"
+               f"FIRST_UID = {FIRST_UID!r}\n") + r"""
 import os, pwd, socket, subprocess, sys
 login, hostname, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
 files = [sys.argv[4 + 3 * i: 7 + 3 * i] for i in range(n)]
@@ -93,7 +94,7 @@ if res.returncode != 0:
     sys.stderr.write("useradd: " + res.stdout.strip()[-300:] + "\n")
     sys.exit(4)
 pw = pwd.getpwnam(login)
-if pw.pw_uid < 1000:
+if pw.pw_uid < FIRST_UID:
     sys.stderr.write("%s got the system uid %d\n" % (login, pw.pw_uid))
     sys.exit(5)
 for path, mode, text in files:

@@ -550,8 +550,9 @@ class LXCSpawner(Spawner):
             env = self.get_env()
             argv = [*self.singleuser_command, *self.get_args()]
             booted_now = not uc.online
-            if not (started_early and uc.online):
-                # (Started early, then restarted by the checks: once more.)
+            # Jupyter runs already unless the checks restarted the container.
+            hot = started_early and uc.online
+            if not hot:
                 self._say("starting Jupyter")
                 await jupyter.start(lxd, uc.name, unit=self._unit(), login=uc.posix_user,
                                     argv=argv, env=env, booted_now=booted_now)
@@ -586,8 +587,7 @@ class LXCSpawner(Spawner):
                                      unit=self._unit(), alive=alive)
         self.log.info("%s: Jupyter in %s on %s at %s:%d (seconds: %s%s)", self._log_name,
                       uc.name, server, address, port, self._steps_taken(),
-                      "; Jupyter started before the checks" if started_early and uc.online
-                      else "")
+                      "; Jupyter started before the checks" if hot else "")
         return url
 
     async def poll(self):

@@ -54,6 +54,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import psutil
 
+from lxcspawner.lxd import instance_status
 from lxcspawner.naming import KEY_PREFIX
 
 log = logging.getLogger("lxcgpu.collector")
@@ -553,7 +554,7 @@ class Collector:
     :param lxd_timeout: how long a sample waits for LXD; a slower answer is
         used by a later sample.
     :param cgroup_root: where the host's cgroup files are, for the
-        containers' load (None: ask LXD for every instance's state instead).
+        containers' load.
     :param clock: the wall clock (seconds since the epoch).
     """
 
@@ -562,7 +563,7 @@ class Collector:
                  nics: Sequence[str] | None = None, process_interval: float = 5.0,
                  containers_interval: float = 5.0, idle_utilization: float = 5.0,
                  idle_after: float = 1800.0, init_retry: float = 60.0,
-                 lxd_timeout: float = 5.0, cgroup_root: str | None = CGROUP_ROOT,
+                 lxd_timeout: float = 5.0, cgroup_root: str = CGROUP_ROOT,
                  clock: Callable[[], float] = time.time):
         self.node = node or platform.node()
         self.lxd = lxd
@@ -639,19 +640,17 @@ class Collector:
         self._containers = self._container_rows(instances, now)
 
     async def _list_instances(self) -> list[dict[str, Any]]:
-        """LXD's instances, each with a ``state`` of its load: from the
-        host's cgroup files (``cgroup_root``), or, with ``cgroup_root``
-        None, from LXD's state of every instance (a far costlier request:
-        LXD computes each one's disk usage and network too)."""
-        if self.cgroup_root is None:
-            return await self.lxd.list_instances(with_state=True)
+        """LXD's instances, each with a ``state`` of its load from the host's
+        cgroup files (``cgroup_root``), not LXD's state of every instance (a
+        far costlier request: LXD computes each one's disk usage and network
+        too)."""
         instances = await self.lxd.list_instances()
         project = getattr(self.lxd, "project", None)
 
         def usage() -> None:
             for inst in instances:
                 status = str(inst.get("status") or "")
-                if status.lower() == "running":
+                if instance_status(inst) == "running":
                     found = container_usage(
                         cgroup_name(inst["name"], inst.get("project") or project),
                         self.cgroup_root) or {}

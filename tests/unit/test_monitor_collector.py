@@ -51,11 +51,14 @@ def proc(tmp_path):
 
 
 def collector(nvml, proc, clock, **kw) -> Collector:
-    """A collector whose containers' load comes from LXD's state (FakeLXD);
-    the tests of the host's cgroup files pass ``cgroup_root``."""
+    """A collector reading its containers' load from a cgroup tree beside
+    ``proc``, which a FakeLXD keeps equal to its instances' load."""
     kw.setdefault("disks", ("/",))
-    kw.setdefault("cgroup_root", None)
-    return Collector("gpu1", nvml=nvml, proc=str(proc), clock=clock, **kw)
+    root = proc.parent / "cgroup"
+    if isinstance(kw.get("lxd"), FakeLXD):
+        kw["lxd"].cgroup_root = root
+    return Collector("gpu1", nvml=nvml, proc=str(proc), clock=clock, cgroup_root=str(root),
+                     **kw)
 
 
 @pytest.mark.parametrize("v2", [False, True], ids=["cgroup-v1", "cgroup-v2"])
@@ -444,7 +447,8 @@ async def test_slow_lxd_does_not_hold_the_sample(node, proc, clock):
         "LXD has not listed the containers in 0.05 s; still waiting")
     assert doc["gpus"]["devices"][0]["processes"][0]["container"] == "alice--gpu1"
     gate.set()
-    await asyncio.sleep(0)
+    # LXD answers; the list's cgroup files are read in a thread meanwhile.
+    await asyncio.sleep(0.1)
     clock.t += 1
     doc = await c.sample()
     assert doc["containers_error"] is None and len(doc["containers"]) == 6
