@@ -13,7 +13,9 @@ first (``setup/quickstart agent-stop && .venv/bin/lxcgpu-node
 --remove-rules``; ``setup/quickstart agent-start`` after): its host guard
 opens only the quickstart hub's API port to containers, not the bench hub's.  It starts its own JupyterHub with the shipped config
 and its proxy (the way ``tests/fixtures/hub.py`` does, reusing its ``Hub``),
-with a temporary store and a unique container prefix; users are made
+and the node agent of its site (``lxcgpu-node``, as every GPU server runs
+one, with chains of its own: LXCGPUSPAWN-*; its CPU time is printed at the
+end), with a temporary store and a unique container prefix; users are made
 through the hub's API with a service token, so nobody logs in and no LDAP
 is needed.  Measured, each from ``POST /hub/api/users/U/server`` until
 ``GET /user/U/lab`` answers 200 through the proxy:
@@ -46,6 +48,7 @@ import re
 import secrets
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -62,6 +65,7 @@ from lxcspawner.container import IDMAP_BLOCK, IDMAP_USER_FIRST  # noqa: E402
 from lxcspawner.lxd import LXD, LXDError  # noqa: E402
 from lxcspawner.settings import Settings  # noqa: E402
 from tests.fixtures.hub import VENV_BIN, Hub, launch_hub  # noqa: E402
+from tests.fixtures.netns import Agent  # noqa: E402
 
 BENCH_KEY = "user.lxcgpu-bench.run"
 SERVICE = "lxcgpu-bench"
@@ -90,6 +94,10 @@ name = "{SERVER}"
 [containers]
 prefix = "{{prefix}}"
 """
+
+# The chains of the bench's node agent (LXCGPUSPAWN-DNAT, ...), apart from
+# setup/quickstart's LXCGPU-* and bench/portmap.py's LXCGPUBENCH-*.
+AGENT_CHAINS = "LXCGPUSPAWN"
 
 LOG_LINE = re.compile(r"^\[\w (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}) JupyterHub \S+\] (.*)$")
 
@@ -243,6 +251,50 @@ def stop_server(hub: Hub, user: str, timeout: float = 120, server: str = "") -> 
         if time.monotonic() > deadline:
             raise TimeoutError(f"{user}'s server did not stop in {timeout}s")
         time.sleep(0.1)
+
+
+class NodeAgent:
+    """The node agent of the bench's site on this machine, as every GPU
+    server runs one: it follows LXD's events (mapping the SSH ports, letting
+    containers reach only the hub's API port) and reads the containers'
+    load, so its cost is in the spawns measured.  Chains of its own
+    (AGENT_CHAINS), removed by stop(); ``cpu``: its CPU seconds until then."""
+
+    def __init__(self, root: Path):
+        self.agent = Agent(AGENT_CHAINS, root / "node-agent.log", config=root / "lxcgpu.toml",
+                           extra=("--server", SERVER))
+        self.cpu: float | None = None
+
+    def start(self) -> None:
+        self.agent.start()
+
+    def stop(self) -> None:
+        """Its CPU time read, the agent stopped and its chains removed; an
+        agent that ended before is an error (its log says why)."""
+        proc = self.agent.proc
+        ended = proc is not None and proc.poll() is not None
+        if proc is not None and not ended:
+            with open(f"/proc/{proc.pid}/stat") as f:
+                utime, stime = f.read().rsplit(")", 1)[1].split()[11:13]
+            self.cpu = (int(utime) + int(stime)) / os.sysconf("SC_CLK_TCK")
+        self.agent.stop()
+        removed = subprocess.run(self.agent.argv("--remove-rules"), cwd=REPO, text=True,
+                                 capture_output=True, timeout=60)
+        if removed.returncode != 0:
+            raise RuntimeError(f"the node agent's chains {AGENT_CHAINS}-* were not removed: "
+                               f"{removed.stderr.strip()[-300:]}")
+        if ended:
+            raise RuntimeError(f"the node agent ended during the run (exit {proc.returncode}):"
+                               f"\n{self.said()}")
+
+    def said(self) -> str:
+        """The end of its log."""
+        log = self.agent.log
+        return log.read_text()[-3000:] if log.exists() else ""
+
+    def figure(self) -> str:
+        cpu = "its CPU time unknown" if self.cpu is None else f"{self.cpu:.2f} s of CPU"
+        return f"the node agent (chains {AGENT_CHAINS}-*): {cpu} in the run"
 
 
 # ------------------------------------------------------------------ the floor
@@ -819,18 +871,25 @@ async def main() -> None:
             shutil.rmtree(root, ignore_errors=True)
             lxd.close()
         return
-    hub = None
+    hub = agent = None
     try:
         hub = await asyncio.to_thread(start_hub, root, prefix)
+        agent = NodeAgent(root)
+        agent.start()
         await run(args, hub, lxd, prefix, root)
     except BaseException:
         if hub is not None:
             print(f"--- hub log (tail) ---\n{hub.log_tail()}", file=sys.stderr)
+        if agent is not None:
+            print(f"--- node agent log (tail) ---\n{agent.said()}", file=sys.stderr)
         raise
     finally:
         print(f"load average at the end: {os.getloadavg()[0]:.2f}")
         if hub is not None:
             hub.stop()
+        if agent is not None:
+            agent.stop()
+            print(agent.figure())
         if args.keep:
             print(f"\nkept: containers tagged {BENCH_KEY}={prefix}; hub state in {root}")
         else:

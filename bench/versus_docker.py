@@ -25,6 +25,8 @@ on a failure, SIGINT or SIGTERM (a signal during the cleanup waits for it):
   (IPv4 and IPv6) and the interfaces from before the run.
 - lxcgpu's template (``lxc image export``), its rootfs imported with ``docker
   import``: nothing is pulled from any registry.
+- lxcgpu's hub with its site's node agent, as bench/spawn.py runs them (the
+  agent's chains LXCGPUSPAWN-*, removed at the end).
 - A second hub: the same shipped config, JupyterHub, proxy and TLS as the
   lxcgpu hub's (bench/spawn.py's), with DockerSpawner instead, containers on
   the host's network, each user's server at a fixed port on 127.0.0.1,
@@ -70,8 +72,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "bench")]
 
 from spawn import (  # noqa: E402
-    BLOCK_FIRST, BLOCK_LAST, SERVER, delete_containers, floor, med, mark, parts, prepare_hub,
-    report, reserve_users, spawn_until_lab, spawner_unit, stop_server,
+    BLOCK_FIRST, BLOCK_LAST, SERVER, NodeAgent, delete_containers, floor, med, mark, parts,
+    prepare_hub, report, reserve_users, spawn_until_lab, spawner_unit, stop_server,
 )
 from lxcspawner import jupyter, naming  # noqa: E402
 from lxcspawner.lxd import LXD, LXDError, local_socket  # noqa: E402
@@ -558,7 +560,7 @@ async def run_versus_docker(args, lxd: LXD, prefix: str, root: Path) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
     users = [f"first{i}" for i in range(n)]
-    hubs, daemon, workdir, before = [], None, None, None
+    hubs, daemon, workdir, before, agent = [], None, None, None, None
     t_run = time.perf_counter()
     try:
         ensure_packages()
@@ -601,6 +603,9 @@ async def run_versus_docker(args, lxd: LXD, prefix: str, root: Path) -> None:
                              env={"PYTHONPATH": path})
         hubs.append(theirs)
         ours.start()
+        await asyncio.sleep(0.01)
+        agent = NodeAgent(root / "lxcgpu")
+        agent.start()
         await asyncio.sleep(0.01)
         theirs.start()
         reserve_users(root / "lxcgpu" / "lxcgpu.toml", users)
@@ -702,6 +707,8 @@ async def run_versus_docker(args, lxd: LXD, prefix: str, root: Path) -> None:
     except Exception:
         for hub in hubs:
             print(f"--- {hub.log_file} (tail) ---\n{hub.log_tail()}", file=sys.stderr)
+        if agent is not None:
+            print(f"--- the node agent's log (tail) ---\n{agent.said()}", file=sys.stderr)
         if daemon is not None:
             print(daemon.log_tail(), file=sys.stderr)
         raise
@@ -715,6 +722,9 @@ async def run_versus_docker(args, lxd: LXD, prefix: str, root: Path) -> None:
         for hub in hubs:
             attempt(f"stopping {hub}", hub.stop)
             shutil.rmtree(hub.proxy_dir, ignore_errors=True)
+        if agent is not None:
+            attempt("stopping the node agent", agent.stop)
+            print(agent.figure())
         steps.append(time.perf_counter())
         left = (attempt("stopping docker", daemon.stop) if daemon is not None else None) or []
         if workdir is not None:
