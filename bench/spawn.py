@@ -888,8 +888,11 @@ async def main() -> None:
         if hub is not None:
             hub.stop()
         if agent is not None:
-            agent.stop()
-            print(agent.figure())
+            try:
+                agent.stop()
+                print(agent.figure())
+            except RuntimeError as e:   # told; the containers still go
+                print(f"NODE AGENT: {e}", file=sys.stderr)
         if args.keep:
             print(f"\nkept: containers tagged {BENCH_KEY}={prefix}; hub state in {root}")
         else:
