@@ -64,6 +64,7 @@ from lxcspawner import jupyter, naming, pool  # noqa: E402
 from lxcspawner.container import IDMAP_BLOCK, IDMAP_USER_FIRST  # noqa: E402
 from lxcspawner.lxd import LXD, LXDError  # noqa: E402
 from lxcspawner.settings import Settings  # noqa: E402
+from portmap import proc_stat  # noqa: E402  (bench/: a process's CPU time)
 from tests.fixtures.hub import VENV_BIN, Hub, launch_hub  # noqa: E402
 from tests.fixtures.netns import Agent  # noqa: E402
 
@@ -274,9 +275,7 @@ class NodeAgent:
         proc = self.agent.proc
         ended = proc is not None and proc.poll() is not None
         if proc is not None and not ended:
-            with open(f"/proc/{proc.pid}/stat") as f:
-                utime, stime = f.read().rsplit(")", 1)[1].split()[11:13]
-            self.cpu = (int(utime) + int(stime)) / os.sysconf("SC_CLK_TCK")
+            self.cpu = proc_stat(proc.pid)[1]
         self.agent.stop()
         removed = subprocess.run(self.agent.argv("--remove-rules"), cwd=REPO, text=True,
                                  capture_output=True, timeout=60)
